@@ -1,0 +1,82 @@
+"""The request object that targets map: a userspace ``struct bio``.
+
+Sectors are 512 bytes.  ``data`` is the payload of a write; a read's data is what
+``submit`` returns.  Only this module converts between sectors and bytes
+(:func:`to_bytes` / :func:`to_sectors`).
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, replace
+
+SECTOR_SHIFT = 9
+SECTOR_SIZE = 1 << SECTOR_SHIFT
+PAGE_SIZE = 4096
+PAGE_SECTORS = PAGE_SIZE >> SECTOR_SHIFT
+
+
+def to_bytes(sectors: int) -> int:
+    return sectors << SECTOR_SHIFT
+
+
+def to_sectors(nbytes: int) -> int:
+    return nbytes >> SECTOR_SHIFT
+
+
+class Op(enum.Enum):
+    READ = "read"
+    WRITE = "write"
+    FLUSH = "flush"
+    DISCARD = "discard"
+    WRITE_ZEROES = "write_zeroes"
+
+    @property
+    def is_write(self) -> bool:
+        return self is not Op.READ
+
+
+@dataclass
+class Bio:
+    """One request: ``op`` over ``sectors`` sectors from ``sector``.
+
+    ``data`` (bytes-like, ``sectors * 512`` long) is set for writes only.
+    ``fua`` asks for the write to be durable on completion; an empty FLUSH carries no
+    sectors.
+    """
+
+    op: Op
+    sector: int = 0
+    sectors: int = 0
+    data: bytes | bytearray | memoryview | None = None
+    fua: bool = False
+    #: free-form per-request context a target may set (like bi_private)
+    private: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def end_sector(self) -> int:
+        return self.sector + self.sectors
+
+    def remap(self, sector: int) -> "Bio":
+        """The same request at another sector (a target's remap)."""
+        return replace(self, sector=sector, private={})
+
+    def slice(self, offset_sectors: int, sectors: int, sector: int | None = None) -> "Bio":
+        """The part ``[offset, offset+sectors)`` of this request, placed at ``sector``."""
+        data = None
+        if self.data is not None:
+            mv = memoryview(self.data)
+            data = mv[to_bytes(offset_sectors):to_bytes(offset_sectors + sectors)]
+        start = self.sector + offset_sectors if sector is None else sector
+        return Bio(self.op, start, sectors, data, self.fua)
+
+    @classmethod
+    def read(cls, sector: int, sectors: int) -> "Bio":
+        return cls(Op.READ, sector, sectors)
+
+    @classmethod
+    def write(cls, sector: int, data, fua: bool = False) -> "Bio":
+        return cls(Op.WRITE, sector, to_sectors(len(data)), data, fua)
+
+    @classmethod
+    def flush(cls) -> "Bio":
+        return cls(Op.FLUSH)

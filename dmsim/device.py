@@ -1,0 +1,163 @@
+"""A mapped device: two table slots, suspend state, open and event counters.
+
+``submit`` is dm core's I/O path: it holds new requests while the device is suspended,
+counts in-flight requests so that suspend can drain them, splits a request at target
+boundaries (and at a target's ``max_io_len``) and sends each piece to its target with
+target-relative sectors.
+"""
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING
+
+import trio
+
+from .bio import Bio, Op, SECTOR_SIZE, to_bytes
+from .blockdev import BlockDevice
+from .errors import DMError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .manager import Manager
+    from .table import Table
+
+DM_MAJOR = 253
+
+
+class Requeue(Exception):
+    """Raised by a target's ``map`` to push a request back to dm core
+    (``DM_MAPIO_REQUEUE``): held until resume during a noflush suspend, else EIO."""
+
+
+class MappedDevice(BlockDevice):
+    def __init__(self, manager: "Manager", name: str, uuid: str, minor: int):
+        self.manager = manager
+        self.name = name
+        self.uuid = uuid
+        self.minor = minor
+        self.devno = (DM_MAJOR, minor)
+        self.kname = "dm-%d" % minor
+        self.live: "Table | None" = None
+        self.inactive: "Table | None" = None
+        self.suspended = False
+        self.noflush_suspending = False
+        self.deferred_remove = False
+        self.removed = False
+        self.open_count = 0
+        self.event_nr = 0
+        self._event = trio.Event()
+        self._resumed = trio.Event()
+        self._resumed.set()
+        self._inflight = 0
+        self._drained = trio.Event()
+        self._drained.set()
+
+    @property
+    def mm(self) -> str:
+        return "%d:%d" % self.devno
+
+    @property
+    def size_sectors(self) -> int:
+        return self.live.size_sectors if self.live else 0
+
+    @property
+    def logical_block_size(self) -> int:
+        return self.live.logical_block_size if self.live else SECTOR_SIZE
+
+    @property
+    def read_only(self) -> bool:
+        return bool(self.live and self.live.read_only)
+
+    # -- events --------------------------------------------------------------------------
+    def raise_event(self) -> None:
+        self.event_nr = (self.event_nr + 1) & 0xFFFFFFFF
+        self._event.set()
+        self._event = trio.Event()
+
+    async def wait_event(self, event_nr: int) -> None:
+        while self.event_nr == event_nr and not self.removed:
+            await self._event.wait()
+        if self.removed:
+            raise DMError(errno.ENXIO)
+
+    # -- suspend / resume (the I/O side; the ioctl logic is in the manager) ----------------
+    def block_io(self) -> None:
+        self.suspended = True
+        self._resumed = trio.Event()
+
+    def unblock_io(self) -> None:
+        self.suspended = False
+        self._resumed.set()
+
+    async def wait_drained(self) -> None:
+        while self._inflight:
+            await self._drained.wait()
+
+    # -- I/O -------------------------------------------------------------------------------
+    async def submit(self, bio: Bio):
+        while True:
+            while self.suspended:
+                await self._resumed.wait()
+            if self.removed:
+                raise DMError(errno.ENXIO)
+            self._inflight += 1
+            if self._inflight == 1:
+                self._drained = trio.Event()
+            try:
+                return await self._map(bio)
+            except Requeue:
+                if not self.noflush_suspending and not self.suspended:
+                    raise DMError(errno.EIO) from None
+            finally:
+                self._inflight -= 1
+                if not self._inflight:
+                    self._drained.set()
+
+    async def _map(self, bio: Bio):
+        table = self.live
+        if table is None:
+            raise DMError(errno.EIO)
+        if bio.op.is_write and bio.op is not Op.FLUSH and table.read_only:
+            raise DMError(errno.EPERM)
+        if bio.op is Op.FLUSH and not bio.sectors:
+            for t in table.targets:
+                await t.map(Bio(Op.FLUSH))
+            return None
+        if bio.sector < 0 or bio.end_sector > table.size_sectors:
+            raise DMError(errno.EIO)
+        if len(table.targets) == 1 and not table.targets[0].max_io_len:
+            t = table.targets[0]
+            return await t.map(bio if t.begin == 0 else bio.remap(bio.sector - t.begin))
+        pieces = []
+        done = 0
+        while done < bio.sectors:
+            sector = bio.sector + done
+            t = table.find_target(sector)
+            rel = sector - t.begin
+            n = min(bio.sectors - done, t.len - rel)
+            if t.max_io_len:
+                n = min(n, t.max_io_len - rel % t.max_io_len)
+            result = await t.map(bio.slice(done, n, rel))
+            if bio.op is Op.READ:
+                pieces.append(result)
+            done += n
+        if bio.op is Op.READ:
+            return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        return None
+
+    # -- convenience for in-process users (byte offsets, any alignment) ----------------------
+    async def pread(self, offset_bytes: int, length_bytes: int) -> bytes:
+        first = offset_bytes // SECTOR_SIZE
+        last = -(-(offset_bytes + length_bytes) // SECTOR_SIZE)
+        data = await self.read(first, last - first)
+        skip = offset_bytes - to_bytes(first)
+        return data[skip:skip + length_bytes]
+
+    async def pwrite(self, offset_bytes: int, data) -> None:
+        first = offset_bytes // SECTOR_SIZE
+        last = -(-(offset_bytes + len(data)) // SECTOR_SIZE)
+        skip = offset_bytes - to_bytes(first)
+        if skip or len(data) != to_bytes(last - first):
+            buf = bytearray(await self.read(first, last - first))
+            buf[skip:skip + len(data)] = data
+            data = buf
+        await self.write(first, data)

@@ -1,0 +1,412 @@
+"""The device manager: dm core's ioctl interface, in-process.
+
+Every method is one ``DM_*`` ioctl with the kernel's semantics and errnos (see
+``shared/spec/tables.md``).  It owns the devices, the shared backing files, the kernel
+log, and a nursery for targets' background work.  Formatting as dmsetup prints is
+:mod:`dmsim.dmsetup`'s job, not this module's.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+from dataclasses import dataclass
+from typing import Sequence
+
+import trio
+
+from .blockdev import BlockDevice, FileDevice
+from .device import DM_MAJOR, MappedDevice
+from .errors import DMError
+from .table import Table, TableLine, build_table, check_limits, split_args
+
+DRIVER_VERSION = (4, 47, 0)
+MAX_NAME = 127
+MAX_UUID = 128
+
+
+@dataclass
+class DeviceInfo:
+    """What ``DM_DEV_STATUS`` returns (plus the table-slot facts dmsetup shows)."""
+
+    name: str
+    uuid: str
+    major: int
+    minor: int
+    open_count: int
+    event_nr: int
+    suspended: bool
+    read_only: bool
+    live_table: bool
+    inactive_table: bool
+    deferred_remove: bool
+    target_count: int
+
+
+class Manager:
+    """All mapped devices of one daemon or one test.
+
+    Use :func:`open_manager` (it provides the nursery); ``mount_dir`` lets tables name a
+    device by its FUSE path, as ``/dev/mapper/NAME`` and ``253:N`` always can.
+    """
+
+    def __init__(self, nursery: trio.Nursery, mount_dir: str | None = None, io_mode: str = "inline"):
+        self.nursery = nursery
+        self.mount_dir = os.path.abspath(mount_dir) if mount_dir else None
+        self.io_mode = io_mode
+        self.devices: dict[str, MappedDevice] = {}
+        self._files: dict[tuple[str, bool], list] = {}   # (realpath, write) -> [dev, refs]
+        self._log: list[str] = []
+        self.log_listeners: list = []
+        self.closed = False
+
+    # -- kernel log ---------------------------------------------------------------------------
+    def log(self, message: str) -> None:
+        line = "device-mapper: " + message
+        self._log.append(line)
+        del self._log[:-10000]
+        for fn in self.log_listeners:
+            fn(line)
+
+    def read_log(self) -> list[str]:
+        """The log lines since the last call (the dialect's ``klog``)."""
+        lines, self._log = self._log, []
+        return lines
+
+    # -- lookups ------------------------------------------------------------------------------
+    def find(self, name: str) -> MappedDevice:
+        md = self.devices.get(name)
+        if md is None:
+            raise DMError(errno.ENXIO)
+        return md
+
+    def find_by_minor(self, minor: int) -> MappedDevice | None:
+        for md in self.devices.values():
+            if md.minor == minor:
+                return md
+        return None
+
+    def resolve_dm(self, name: str) -> MappedDevice | None:
+        """A dm device named by ``253:N``, ``/dev/mapper/NAME`` or ``<mount>/NAME``."""
+        if ":" in name and "/" not in name:
+            major, _, minor = name.partition(":")
+            if major.isdigit() and minor.isdigit() and int(major) == DM_MAJOR:
+                md = self.find_by_minor(int(minor))
+                if md is None:
+                    raise DMError(errno.ENXIO)
+                return md
+            return None
+        path = os.path.abspath(name)
+        parent, base = os.path.split(path)
+        dirs = ["/dev/mapper"]
+        if self.mount_dir:
+            dirs.append(self.mount_dir)
+        if parent in dirs and (self.mount_dir is None or parent != "/dev/mapper" or not os.path.exists(path)):
+            md = self.devices.get(base)
+            if md is None:
+                raise DMError(errno.ENODEV)
+            return md
+        if parent.startswith("/dev/dm-") or (parent == "/dev" and base.startswith("dm-") and base[3:].isdigit()):
+            return self.find_by_minor(int(base[3:]))
+        return None
+
+    def get_device(self, name: str, write: bool = True) -> BlockDevice:
+        """``dm_get_device``: open (and hold) an underlying device by path or number."""
+        md = self.resolve_dm(name)
+        if md is not None:
+            md.open_count += 1
+            return md
+        path = name
+        if ":" in name and "/" not in name:
+            major, _, minor = name.partition(":")
+            if not (major.isdigit() and minor.isdigit()):
+                raise DMError(errno.ENODEV)
+            link = "/sys/dev/block/%s:%s" % (int(major), int(minor))
+            if not os.path.exists(link):
+                raise DMError(errno.ENODEV)
+            path = "/dev/" + os.path.basename(os.path.realpath(link))
+        try:
+            real = os.path.realpath(path)
+            st = os.stat(real)
+        except OSError:
+            raise DMError(errno.ENODEV) from None
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise DMError(errno.ENOTBLK)
+        key = (real, write)
+        entry = self._files.get(key)
+        if entry is None:
+            dev = FileDevice(real, read_only=not write, io_mode=self.io_mode)
+            entry = self._files[key] = [dev, 0]
+        entry[1] += 1
+        return entry[0]
+
+    def put_device(self, dev: BlockDevice) -> None:
+        if isinstance(dev, MappedDevice):
+            dev.open_count -= 1
+            self._maybe_deferred_remove(dev)
+            return
+        for key, entry in list(self._files.items()):
+            if entry[0] is dev:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del self._files[key]
+                    dev.close()
+                return
+
+    async def kcopyd_client(self, num_pages: int | None = None):
+        """A kcopyd client whose worker runs in this manager's nursery."""
+        from .kcopyd import KcopydClient
+
+        kc = KcopydClient(num_pages)
+        await self.nursery.start(kc.run)
+        return kc
+
+    # -- DM_DEV_CREATE ----------------------------------------------------------------------
+    def create(self, name: str, uuid: str = "") -> MappedDevice:
+        if not name or len(name) > MAX_NAME or "/" in name:
+            raise DMError(errno.EINVAL)
+        if uuid and len(uuid) > MAX_UUID:
+            raise DMError(errno.EINVAL)
+        if name in self.devices or (uuid and any(md.uuid == uuid for md in self.devices.values())):
+            raise DMError(errno.EBUSY)
+        used = {md.minor for md in self.devices.values()}
+        minor = next(i for i in range(len(used) + 1) if i not in used)
+        md = MappedDevice(self, name, uuid, minor)
+        self.devices[name] = md
+        return md
+
+    def peek_minor(self) -> int:
+        used = {md.minor for md in self.devices.values()}
+        return next(i for i in range(len(used) + 1) if i not in used)
+
+    # -- DM_TABLE_LOAD / DM_TABLE_CLEAR --------------------------------------------------------
+    async def load(self, name: str, lines: Sequence[TableLine], read_only: bool = False) -> None:
+        md = self.find(name)
+        table = await build_table(md, lines, read_only)
+        if md.live is None:
+            try:
+                check_limits(table)
+            except DMError:
+                self.log("core: Cannot calculate initial queue limits")
+                self.log("ioctl: unable to set up device queue for new table.")
+                await table.destroy()
+                raise
+        old, md.inactive = md.inactive, table
+        if old is not None:
+            await old.destroy()
+
+    async def clear(self, name: str) -> None:
+        md = self.find(name)
+        old, md.inactive = md.inactive, None
+        if old is not None:
+            await old.destroy()
+
+    # -- DM_DEV_SUSPEND ---------------------------------------------------------------------
+    async def suspend(self, name: str, noflush: bool = False) -> None:
+        await self._suspend(self.find(name), noflush)
+
+    async def _suspend(self, md: MappedDevice, noflush: bool) -> None:
+        if md.suspended:
+            return
+        targets = md.live.targets if md.live else []
+        for t in targets:
+            await t.presuspend(noflush)
+        md.noflush_suspending = noflush
+        md.block_io()
+        try:
+            await md.wait_drained()
+        finally:
+            md.noflush_suspending = False
+        for t in targets:
+            await t.postsuspend()
+
+    async def resume(self, name: str, noflush: bool = False) -> None:
+        md = self.find(name)
+        new, md.inactive = md.inactive, None
+        if new is not None:
+            if not md.suspended:
+                await self._suspend(md, noflush)
+            try:
+                check_limits(new)
+            except DMError:
+                await new.destroy()
+                raise
+            old, md.live = md.live, new
+            if old is not None:
+                await old.destroy()
+        elif not md.suspended:
+            return
+        if md.live is None:
+            raise DMError(errno.EINVAL)
+        for t in md.live.targets:
+            await t.preresume()
+        md.unblock_io()
+        for t in md.live.targets:
+            await t.resume()
+
+    # -- DM_DEV_REMOVE / DM_REMOVE_ALL ------------------------------------------------------------
+    async def remove(self, name: str, deferred: bool = False) -> None:
+        md = self.find(name)
+        if md.open_count > 0:
+            if deferred:
+                md.deferred_remove = True
+                return
+            raise DMError(errno.EBUSY)
+        await self._destroy(md)
+
+    def _maybe_deferred_remove(self, md: MappedDevice) -> None:
+        if md.deferred_remove and md.open_count == 0 and not md.removed:
+            self.nursery.start_soon(self._destroy, md)
+
+    async def _destroy(self, md: MappedDevice) -> None:
+        if md.removed:
+            return
+        md.removed = True
+        del self.devices[md.name]
+        for table in (md.inactive, md.live):
+            if table is not None:
+                await table.destroy()
+        md.inactive = md.live = None
+        md.raise_event()
+        md.unblock_io()
+
+    async def remove_all(self) -> int:
+        """Remove every unopened device, repeating while that frees more; return the number
+        of devices left open."""
+        while True:
+            idle = [md for md in self.devices.values() if md.open_count == 0]
+            if not idle:
+                break
+            for md in idle:
+                await self._destroy(md)
+        left = len(self.devices)
+        if left:
+            self.log("ioctl: remove_all left %d open device(s)" % left)
+        return left
+
+    # -- DM_DEV_RENAME --------------------------------------------------------------------------
+    def rename(self, name: str, new_name: str | None = None, new_uuid: str | None = None) -> None:
+        md = self.find(name)
+        if new_uuid is not None:
+            if not new_uuid or len(new_uuid) > MAX_UUID:
+                raise DMError(errno.EINVAL)
+            if md.uuid:
+                self.log("ioctl: Unable to change uuid of mapped device %s to %s because uuid is already set to %s"
+                         % (md.name, new_uuid, md.uuid))
+                raise DMError(errno.EINVAL)
+            if any(o.uuid == new_uuid for o in self.devices.values()):
+                raise DMError(errno.EBUSY)
+            md.uuid = new_uuid
+        else:
+            if not new_name or len(new_name) > MAX_NAME or "/" in new_name:
+                raise DMError(errno.EINVAL)
+            if new_name in self.devices:
+                self.log("ioctl: Unable to change name on mapped device %s to one that already exists: %s"
+                         % (md.name, new_name))
+                raise DMError(errno.EBUSY)
+            del self.devices[md.name]
+            md.name = new_name
+            self.devices[new_name] = md
+        md.raise_event()
+
+    # -- DM_TARGET_MSG ------------------------------------------------------------------------
+    async def message(self, name: str, sector: int, message: str) -> str:
+        md = self.find(name)
+        argv = split_args(message)
+        if not argv:
+            self.log("ioctl: Empty message received.")
+            raise DMError(errno.EINVAL)
+        if argv[0].lower() == "@cancel_deferred_remove":
+            if not md.deferred_remove:
+                raise DMError(errno.ENXIO)
+            md.deferred_remove = False
+            return ""
+        if argv[0].startswith("@"):
+            self.log("ioctl: Unsupported message '%s'" % argv[0])
+            raise DMError(errno.EINVAL)
+        table = md.live
+        if table is None:
+            return ""
+        if sector < 0 or sector >= table.size_sectors:
+            self.log("ioctl: Target message sector outside device.")
+            raise DMError(errno.EINVAL)
+        target = table.find_target(sector)
+        if not target.has_messages():
+            self.log("ioctl: Target type does not support messages")
+            raise DMError(errno.EINVAL)
+        reply = await target.message(argv)
+        return reply or ""
+
+    # -- DM_DEV_STATUS / DM_TABLE_STATUS / DM_TABLE_DEPS / DM_LIST_DEVICES ---------------------
+    def info(self, name: str, inactive: bool = False) -> DeviceInfo:
+        md = self.find(name)
+        table = md.inactive if inactive else md.live
+        return DeviceInfo(
+            name=md.name, uuid=md.uuid, major=md.devno[0], minor=md.minor,
+            open_count=md.open_count, event_nr=md.event_nr, suspended=md.suspended,
+            read_only=bool(table and table.read_only),
+            live_table=md.live is not None, inactive_table=md.inactive is not None,
+            deferred_remove=md.deferred_remove,
+            target_count=len(table.targets) if table else 0,
+        )
+
+    def names(self) -> list[str]:
+        return sorted(self.devices, key=lambda n: n.encode())
+
+    def table_lines(self, name: str, kind: str = "table", inactive: bool = False,
+                    noflush: bool = False) -> list[TableLine] | None:
+        """The live (or inactive) table as status or table text; None without a table."""
+        md = self.find(name)
+        table = md.inactive if inactive else md.live
+        return None if table is None else table.lines(kind, noflush)
+
+    def deps(self, name: str, inactive: bool = False) -> list[BlockDevice]:
+        md = self.find(name)
+        table = md.inactive if inactive else md.live
+        return list(table.devices) if table else []
+
+    async def wait(self, name: str, event_nr: int = 0) -> DeviceInfo:
+        md = self.find(name)
+        await md.wait_event(event_nr)
+        return self.info(md.name)
+
+    @staticmethod
+    def versions() -> list[tuple[str, tuple[int, int, int]]]:
+        from .targets.base import registered
+
+        return [(cls.name, cls.version) for cls in registered()]
+
+    # -- opens (FUSE files, API handles) ----------------------------------------------------------
+    def open(self, name: str) -> MappedDevice:
+        md = self.find(name)
+        md.open_count += 1
+        return md
+
+    def close(self, md: MappedDevice) -> None:
+        md.open_count -= 1
+        self._maybe_deferred_remove(md)
+
+    async def shutdown(self) -> None:
+        """Fail held I/O, destroy every table (stacks top-down), close the files."""
+        self.closed = True
+        for md in list(self.devices.values()):
+            md.unblock_io()
+        while self.devices:
+            idle = [md for md in self.devices.values() if md.open_count == 0] or list(self.devices.values())
+            for md in idle:
+                md.open_count = 0
+                await self._destroy(md)
+
+
+@contextlib.asynccontextmanager
+async def open_manager(mount_dir: str | None = None, io_mode: str = "inline"):
+    """``async with open_manager() as m:`` -- a manager and the nursery it owns."""
+    async with trio.open_nursery() as nursery:
+        m = Manager(nursery, mount_dir, io_mode)
+        try:
+            yield m
+        finally:
+            with trio.CancelScope(shield=True):
+                await m.shutdown()
+            nursery.cancel_scope.cancel()

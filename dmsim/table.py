@@ -1,0 +1,284 @@
+"""Tables: parsing table text and building a validated ``dm_table``.
+
+Two sides, as in the real system:
+
+* :func:`parse_table_text` is dmsetup's side: comments, blank lines, ``Invalid format``.
+* :func:`build_table` is the kernel's ``table_load``: the per-line checks in the kernel's
+  order with its log lines, the target constructors, then the queue-limit checks
+  (:func:`check_limits`), which the caller runs at load or at resume as the kernel does.
+"""
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+from .bio import SECTOR_SIZE
+from .errors import DMError, errno_name
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .blockdev import BlockDevice
+    from .device import MappedDevice
+
+MAX_U64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class TableLine:
+    start: int
+    length: int
+    type: str
+    params: str = ""
+
+    def __str__(self):
+        return "%d %d %s %s" % (self.start, self.length, self.type, self.params)
+
+
+def parse_table_text(text: str, source: str = "") -> list[TableLine]:
+    """dmsetup's reading of table text.
+
+    ``source`` names the input in the error (``""`` for ``--table``, ``"on stdin"``, or
+    a file name), as in ``Invalid format on line 1 of table .``.
+    """
+    lines = []
+    for n, raw in enumerate(text.split("\n"), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        words = line.split(None, 3)
+        if len(words) < 3 or not _is_u64(words[0]) or not _is_u64(words[1]):
+            raise DMError(errno.EINVAL, "Invalid format on line %d of table %s." % (n, source))
+        params = words[3].strip() if len(words) > 3 else ""
+        lines.append(TableLine(int(words[0]), int(words[1]), words[2], params))
+    return lines
+
+
+def _is_u64(word: str) -> bool:
+    return word.isascii() and word.isdigit() and int(word) <= MAX_U64
+
+
+def split_args(params: str) -> list[str]:
+    """The kernel's ``dm_split_args``: whitespace separates, backslash escapes."""
+    args, cur, have, esc = [], [], False, False
+    for ch in params:
+        if esc:
+            cur.append(ch)
+            esc = False
+        elif ch == "\\":
+            esc, have = True, True
+        elif ch.isspace():
+            if have:
+                args.append("".join(cur))
+                cur, have = [], False
+        else:
+            cur.append(ch)
+            have = True
+    if have:
+        args.append("".join(cur))
+    return args
+
+
+class Table:
+    """A constructed table: targets in order, the devices they hold, its mode."""
+
+    def __init__(self, md: "MappedDevice", read_only: bool):
+        self.md = md
+        self.read_only = read_only
+        self.targets: list = []
+        self.devices: list["BlockDevice"] = []   # most recently first-used first
+        self._holds: list["BlockDevice"] = []    # every get_device, to release at dtr
+        self.scope = None                        # cancel scope of background tasks
+        self.destroyed = False
+
+    @property
+    def size_sectors(self) -> int:
+        if not self.targets:
+            return 0
+        last = self.targets[-1]
+        return last.begin + last.len
+
+    @property
+    def logical_block_size(self) -> int:
+        sizes = [dev.logical_block_size for t in self.targets for dev, _, _ in t.iterate_devices()]
+        return max(sizes, default=SECTOR_SIZE)
+
+    def lines(self, kind: str, noflush: bool = False) -> list[TableLine]:
+        return [TableLine(t.begin, t.len, t.name, t.status(kind, noflush)) for t in self.targets]
+
+    def find_target(self, sector: int):
+        """The target holding ``sector`` (binary search over begin)."""
+        lo, hi = 0, len(self.targets) - 1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.targets[mid].begin <= sector:
+                lo = mid
+            else:
+                hi = mid - 1
+        return self.targets[lo]
+
+    def hold(self, dev: "BlockDevice") -> None:
+        self._holds.append(dev)
+        if dev in self.devices:
+            self.devices.remove(dev)
+        self.devices.insert(0, dev)
+
+    async def destroy(self) -> None:
+        """Run every destructor and release the devices (``dm_table_destroy``)."""
+        if self.destroyed:
+            return
+        self.destroyed = True
+        for t in reversed(self.targets):
+            await t.dtr()
+        if self.scope is not None:
+            self.scope.cancel()
+        for dev in self._holds:
+            self.md.manager.put_device(dev)
+        self._holds.clear()
+
+
+class _Context:
+    """The :class:`~dmsim.targets.base.TargetContext` of one table."""
+
+    def __init__(self, table: Table):
+        self.table = table
+        self.manager = table.md.manager
+
+    @property
+    def mm(self) -> str:
+        return self.table.md.mm
+
+    @property
+    def read_only(self) -> bool:
+        return self.table.read_only
+
+    @property
+    def md(self):
+        return self.table.md
+
+    def get_device(self, name: str, write: bool = True):
+        dev = self.manager.get_device(name, write and not self.table.read_only)
+        self.table.hold(dev)
+        return dev
+
+    def log(self, message: str) -> None:
+        self.manager.log(message)
+
+    def event(self) -> None:
+        self.table.md.raise_event()
+
+    def kcopyd_client(self, num_pages: int | None = None):
+        return self.manager.kcopyd_client(num_pages)
+
+    def start_task(self, async_fn, *args, name: str | None = None) -> None:
+        import trio
+
+        if self.table.scope is None:
+            self.table.scope = trio.CancelScope()
+        scope = self.table.scope
+
+        async def runner():
+            with scope:
+                await async_fn(*args)
+
+        self.manager.nursery.start_soon(runner, name=name or getattr(async_fn, "__name__", None))
+
+    def noflush_suspending(self) -> bool:
+        return self.table.md.noflush_suspending
+
+
+async def build_table(md: "MappedDevice", lines: Sequence[TableLine], read_only: bool) -> Table:
+    """Construct every line with the kernel's checks (``populate_table``).
+
+    Raises DMError with the errno the ioctl returns; the kernel's log lines go to the
+    manager's log.  A failed table is destroyed again before the error leaves.
+    """
+    from .targets.base import lookup
+
+    log = md.manager.log
+    mm = md.mm
+    table = Table(md, read_only)
+    ctx = _Context(table)
+    if not lines:
+        log("ioctl: populate_table: no targets specified")
+        raise DMError(errno.EINVAL)
+    immutable = None
+    try:
+        for line in lines:
+            if table.targets and table.targets[0].singleton:
+                log("table: %s: target type %s must appear alone in table" % (mm, table.targets[0].name))
+                raise DMError(errno.EINVAL)
+            if line.length == 0:
+                log("table: %s: zero-length target" % mm)
+                raise DMError(errno.EINVAL)
+            cls = lookup(line.type)
+            if cls is None:
+                log("table: %s: %s: unknown target type" % (mm, line.type))
+                raise DMError(errno.EINVAL)
+            target = cls(ctx, line.start, line.length)
+            try:
+                if cls.singleton and table.targets:
+                    raise DMError(errno.EINVAL, "singleton target type must appear alone in table")
+                if cls.always_writeable and read_only:
+                    raise DMError(errno.EINVAL, "target type may not be included in a read-only table")
+                if immutable is not None:
+                    if immutable is not cls:
+                        raise DMError(errno.EINVAL, "immutable target type cannot be mixed with other target types")
+                elif cls.immutable:
+                    if table.targets:
+                        raise DMError(errno.EINVAL, "immutable target type cannot be mixed with other target types")
+                    immutable = cls
+                expect = table.size_sectors
+                if line.start != expect:
+                    raise DMError(errno.EINVAL, "Gap in table")
+                await target.ctr(split_args(line.params))
+            except DMError as e:
+                log("table: %s: %s: %s (%s)" % (mm, line.type, e.message or target.error, errno_name(e.errno)))
+                log("ioctl: error adding target to table")
+                raise DMError(e.errno) from None
+            table.targets.append(target)
+    except BaseException:
+        await table.destroy()
+        raise
+    return table
+
+
+def check_limits(table: Table) -> None:
+    """The queue-limit checks (``dm_calculate_queue_limits``): device areas inside their
+    devices, aligned to the logical block size; raise DMError(EINVAL) after logging."""
+    log = table.md.manager.log
+    mm = table.md.mm
+    for t in table.targets:
+        areas = t.iterate_devices()
+        lt = max((dev.logical_block_size for dev, _, _ in areas), default=SECTOR_SIZE) // SECTOR_SIZE
+        for dev, start, length in areas:
+            size = dev.size_sectors
+            if not size:
+                continue
+            if start >= size or start + length > size:
+                log("table: %s: %s too small for target: start=%d, len=%d, dev_size=%d"
+                    % (mm, dev.kname, start, length, size))
+                raise DMError(errno.EINVAL)
+            if start % lt:
+                log("table: %s: start=%d not aligned to h/w logical block size %d of %s"
+                    % (mm, start, lt * SECTOR_SIZE, dev.kname))
+                raise DMError(errno.EINVAL)
+            if length % lt:
+                log("table: %s: len=%d not aligned to h/w logical block size %d of %s"
+                    % (mm, length, lt * SECTOR_SIZE, dev.kname))
+                raise DMError(errno.EINVAL)
+    big = table.logical_block_size // SECTOR_SIZE
+    pos = rem = 0
+    for i, t in enumerate(table.targets):
+        lt = max((dev.logical_block_size for dev, _, _ in t.iterate_devices()), default=SECTOR_SIZE) // SECTOR_SIZE
+        if rem < t.len and rem % lt:
+            _misaligned(table, i, t, big)
+        pos = (pos + t.len) % big
+        rem = big - pos if pos else 0
+    if rem:
+        _misaligned(table, len(table.targets), table.targets[-1], big)
+
+
+def _misaligned(table: Table, i: int, t, big: int) -> None:
+    table.md.manager.log("table: %s: table line %d (start sect %d len %d) not aligned to h/w logical block size %d"
+                         % (table.md.mm, i, t.begin, t.len, big * SECTOR_SIZE))
+    raise DMError(errno.EINVAL)
