@@ -116,11 +116,14 @@ class Table:
                 hi = mid - 1
         return self.targets[lo]
 
-    def hold(self, dev: "BlockDevice") -> None:
+    def hold(self, dev: "BlockDevice") -> bool:
+        """Record a device the table uses; False when it already held it (the kernel
+        opens each device once per table; later lines just share it)."""
+        if any(d is dev for d in self.devices):
+            return False
         self._holds.append(dev)
-        if dev in self.devices:
-            self.devices.remove(dev)
         self.devices.insert(0, dev)
+        return True
 
     async def destroy(self) -> None:
         """Run every destructor and release the devices (``dm_table_destroy``)."""
@@ -157,7 +160,8 @@ class _Context:
 
     def get_device(self, name: str, write: bool = True):
         dev = self.manager.get_device(name, write and not self.table.read_only)
-        self.table.hold(dev)
+        if not self.table.hold(dev):
+            self.manager.put_device(dev)
         return dev
 
     def log(self, message: str) -> None:
@@ -192,8 +196,6 @@ async def build_table(md: "MappedDevice", lines: Sequence[TableLine], read_only:
     Raises DMError with the errno the ioctl returns; the kernel's log lines go to the
     manager's log.  A failed table is destroyed again before the error leaves.
     """
-    from .targets.base import lookup
-
     log = md.manager.log
     mm = md.mm
     table = Table(md, read_only)
@@ -204,42 +206,52 @@ async def build_table(md: "MappedDevice", lines: Sequence[TableLine], read_only:
     immutable = None
     try:
         for line in lines:
-            if table.targets and table.targets[0].singleton:
-                log("table: %s: target type %s must appear alone in table" % (mm, table.targets[0].name))
-                raise DMError(errno.EINVAL)
-            if line.length == 0:
-                log("table: %s: zero-length target" % mm)
-                raise DMError(errno.EINVAL)
-            cls = lookup(line.type)
-            if cls is None:
-                log("table: %s: %s: unknown target type" % (mm, line.type))
-                raise DMError(errno.EINVAL)
-            target = cls(ctx, line.start, line.length)
             try:
-                if cls.singleton and table.targets:
-                    raise DMError(errno.EINVAL, "singleton target type must appear alone in table")
-                if cls.always_writeable and read_only:
-                    raise DMError(errno.EINVAL, "target type may not be included in a read-only table")
-                if immutable is not None:
-                    if immutable is not cls:
-                        raise DMError(errno.EINVAL, "immutable target type cannot be mixed with other target types")
-                elif cls.immutable:
-                    if table.targets:
-                        raise DMError(errno.EINVAL, "immutable target type cannot be mixed with other target types")
-                    immutable = cls
-                expect = table.size_sectors
-                if line.start != expect:
-                    raise DMError(errno.EINVAL, "Gap in table")
-                await target.ctr(split_args(line.params))
-            except DMError as e:
-                log("table: %s: %s: %s (%s)" % (mm, line.type, e.message or target.error, errno_name(e.errno)))
+                target = await _add_target(ctx, table, line, immutable)
+            except DMError:
                 log("ioctl: error adding target to table")
-                raise DMError(e.errno) from None
+                raise
+            if target.immutable and immutable is None:
+                immutable = type(target)
             table.targets.append(target)
     except BaseException:
         await table.destroy()
         raise
     return table
+
+
+async def _add_target(ctx: _Context, table: Table, line: TableLine, immutable):
+    """``dm_table_add_target``: one line's checks, in the kernel's order, and its ctr."""
+    from .targets.base import lookup
+
+    log, mm = ctx.manager.log, ctx.mm
+    if table.targets and table.targets[0].singleton:
+        log("table: %s: target type %s must appear alone in table" % (mm, table.targets[0].name))
+        raise DMError(errno.EINVAL)
+    if line.length == 0:
+        log("table: %s: zero-length target" % mm)
+        raise DMError(errno.EINVAL)
+    cls = lookup(line.type)
+    if cls is None:
+        log("table: %s: %s: unknown target type" % (mm, line.type))
+        raise DMError(errno.EINVAL)
+    target = cls(ctx, line.start, line.length)
+    try:
+        if cls.singleton and table.targets:
+            raise DMError(errno.EINVAL, "singleton target type must appear alone in table")
+        if cls.always_writeable and table.read_only:
+            raise DMError(errno.EINVAL, "target type may not be included in a read-only table")
+        if (immutable is not None and immutable is not cls) or \
+                (immutable is None and cls.immutable and table.targets):
+            raise DMError(errno.EINVAL, "immutable target type cannot be mixed with other target types")
+        if line.start != table.size_sectors:
+            raise DMError(errno.EINVAL, "Gap in table")
+        await target.ctr(split_args(line.params))
+    except DMError as e:
+        # a failed ctr cleans up after itself (its devices go with the table)
+        log("table: %s: %s: %s (%s)" % (mm, line.type, e.message or target.error, errno_name(e.errno)))
+        raise DMError(e.errno) from None
+    return target
 
 
 def check_limits(table: Table) -> None:
