@@ -247,7 +247,7 @@ class _Job:
 
     __slots__ = ("source", "dests", "flags", "notify", "context", "count_sectors",
                  "chunk_sectors", "progress_sectors", "read_err", "write_err",
-                 "write_offset", "seq_hole", "seq_lot")
+                 "issue_offset", "issue_lot", "write_offset", "seq_hole", "seq_lot")
 
     def __init__(self, source, dests, flags, notify, context, count_sectors):
         self.source: Region | None = source
@@ -260,6 +260,9 @@ class _Job:
         self.progress_sectors = 0
         self.read_err = 0
         self.write_err = 0
+        # chunks issue their first I/O in claim (ascending) order
+        self.issue_offset = 0
+        self.issue_lot: trio.lowlevel.ParkingLot | None = None
         # WRITE_SEQ: next offset allowed to write, first offset whose read failed
         self.write_offset = 0
         self.seq_hole: int | None = None
@@ -529,13 +532,10 @@ class KcopydClient:
         else:
             async with trio.open_nursery() as nursery:
                 for off, n, grant in first:
-                    # start() returns once the slot is about to issue its I/O, so
-                    # first I/Os are issued in ascending chunk order
-                    await nursery.start(self._slot, job, off, n, grant)
+                    nursery.start_soon(self._slot, job, off, n, grant)
         self._queue_completion(job)
 
-    async def _slot(self, job: _Job, off: int, n: int, grant: _Grant | None,
-                    task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def _slot(self, job: _Job, off: int, n: int, grant: _Grant | None) -> None:
         """One of the 8 sub-job slots: run a chunk, release pages, claim the next."""
         pool = self.pages
         while True:
@@ -548,8 +548,6 @@ class KcopydClient:
             else:
                 # fairness: devices completing inline never yield otherwise
                 await trio.lowlevel.checkpoint()
-            task_status.started()
-            task_status = trio.TASK_STATUS_IGNORED
             try:
                 await self._run_chunk(job, off, n)
             finally:
@@ -566,6 +564,16 @@ class KcopydClient:
         """Read once (unless zeroing), then write every destination; errors go to job."""
         seq = job.seq_lot is not None
         data = None
+        if job.issue_offset != off:
+            # the kernel issues dispatched sub-jobs in queue (claim) order; Trio may run
+            # the slot tasks in any order, so wait for the chunks claimed before this one
+            if job.issue_lot is None:
+                job.issue_lot = trio.lowlevel.ParkingLot()
+            while job.issue_offset != off:
+                await job.issue_lot.park()
+        job.issue_offset += n
+        if job.issue_lot is not None:
+            job.issue_lot.unpark_all()
         if job.source is not None:
             if seq and job.write_err:
                 job.read_err = 1              # cancelled before its read (kernel -EIO)
