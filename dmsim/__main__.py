@@ -1,4 +1,4 @@
 """``python -m dmsim`` is the ``dmsim`` command."""
 from .cli import main
 
-main()
+raise SystemExit(main())

@@ -1,0 +1,117 @@
+"""The ``dmsim`` command.
+
+::
+
+    dmsim daemon --mount DIR [--socket PATH] [--state-dir DIR] [--background]
+                 [--page-cache] [--io-mode inline|thread] [--debug]
+    dmsim [--socket PATH] dmsetup <dmsetup arguments>...
+    dmsim [--socket PATH] <dmsetup command> <arguments>...     (create, ls, table, ...)
+    dmsim [--socket PATH] klog        print and clear the kernel-log lines
+
+The socket is ``--socket``, else ``$DMSIM_SOCKET``, else ``$XDG_RUNTIME_DIR/dmsim/control``,
+else ``/run/dmsim/control`` for root (``/tmp/dmsim-<uid>/control`` otherwise).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import trio
+
+from .errors import DMError
+
+USAGE = __doc__.split("::", 1)[1].split("The socket is", 1)[0].strip("\n")
+
+#: dmsetup's command words (a plain ``dmsim WORD`` runs dmsetup with them)
+DMSETUP_VERBS = frozenset((
+    "create", "load", "reload", "suspend", "resume", "clear", "remove", "remove_all",
+    "rename", "message", "wait", "info", "ls", "status", "table", "deps", "version",
+    "targets", "mknodes", "udevcomplete_all", "help", "splitname", "setgeometry",
+    "udevcookies", "udevcreatecookie", "udevreleasecookie", "udevflags", "wipe_table",
+))
+
+
+def _needs_stdin(argv: list[str]) -> bool:
+    from . import dmsetup
+
+    return dmsetup.needs_stdin(argv)
+
+
+async def _dmsetup(socket: str | None, argv: list[str], stdin: str | None):
+    from . import dmsetup
+    from .client import RemoteControl
+
+    async with RemoteControl(socket) as ctl:
+        return await dmsetup.run(ctl, argv, stdin=stdin)
+
+
+async def _klog(socket: str | None) -> list[str]:
+    from .client import RemoteControl
+
+    async with RemoteControl(socket) as ctl:
+        return await ctl.read_log()
+
+
+def _daemon(argv: list[str]) -> int:
+    from .daemon import DaemonOptions, run_daemon
+
+    p = argparse.ArgumentParser(prog="dmsim daemon", description="Serve dm devices as FUSE files.")
+    p.add_argument("--mount", required=True, help="directory where each device appears as a file")
+    p.add_argument("--socket", help="control socket path")
+    p.add_argument("--state-dir", help="pid, lock and klog files (default: the socket's directory)")
+    p.add_argument("--background", action="store_true", help="return once mount and socket are ready")
+    p.add_argument("--page-cache", action="store_true",
+                   help="let the kernel cache the FUSE files (default: direct I/O)")
+    p.add_argument("--io-mode", choices=["inline", "thread"], default="inline",
+                   help="image file I/O on the Trio thread or in worker threads")
+    p.add_argument("--debug", action="store_true")
+    a = p.parse_args(argv)
+    return run_daemon(DaemonOptions(mount=a.mount, socket=a.socket, state_dir=a.state_dir,
+                                    background=a.background, direct_io=not a.page_cache,
+                                    io_mode=a.io_mode, debug=a.debug))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    socket = None
+    while argv and argv[0].startswith("--socket"):
+        if argv[0] == "--socket" and len(argv) > 1:
+            socket = argv[1]
+            del argv[:2]
+        elif argv[0].startswith("--socket="):
+            socket = argv.pop(0).split("=", 1)[1]
+        else:
+            break
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage:\n" + USAGE)
+        return 0 if argv else 2
+    cmd = argv[0]
+    try:
+        if cmd == "daemon":
+            return _daemon(argv[1:])
+        if cmd == "klog":
+            for line in trio.run(_klog, socket):
+                print(line)
+            return 0
+        if cmd == "dmsetup":
+            dm_argv = argv[1:]
+        elif cmd in DMSETUP_VERBS or cmd.startswith("-"):
+            dm_argv = argv
+        else:
+            print("dmsim: unknown command %r\nusage:\n%s" % (cmd, USAGE), file=sys.stderr)
+            return 2
+        stdin = sys.stdin.read() if _needs_stdin(dm_argv) else None
+        out, err, rc = trio.run(_dmsetup, socket, dm_argv, stdin)
+        sys.stdout.write(out)
+        sys.stdout.flush()
+        sys.stderr.write(err)
+        return rc
+    except DMError as e:
+        print("dmsim: %s" % (e.message or e.strerror), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
