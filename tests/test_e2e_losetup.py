@@ -1,0 +1,117 @@
+"""End to end: daemon, linear device, loop device on its FUSE file, ext4, files back.
+
+Needs root (losetup, mount) and /dev/fuse; CI runs as root.  Everything is undone in
+the fixture's finalizer, whatever failed: umount, losetup -d, the device, the daemon
+(by pid), the FUSE mount.
+"""
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+if os.geteuid() != 0:
+    pytest.skip("needs root: losetup and mount are privileged (CI runs this as root)",
+                allow_module_level=True)
+if not os.path.exists("/dev/fuse"):
+    pytest.fail("/dev/fuse is missing: the FUSE daemon cannot run here", pytrace=False)
+
+pytest.importorskip("pyfuse3", reason="pyfuse3 is an optional dependency (dmsim[fuse])")
+
+TIMEOUT_SECONDS = 60
+MiB = 1 << 20
+
+
+def sh(*cmd, check=True, input=None, env=None):
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_SECONDS, input=input, env=env)
+    if check and r.returncode:
+        raise AssertionError("%s failed (%d): %s%s" % (" ".join(cmd), r.returncode, r.stdout, r.stderr))
+    return r
+
+
+def mounted(path):
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == path for line in f)
+
+
+@pytest.fixture
+def world(tmp_path):
+    w = {"mnt": str(tmp_path / "mnt"), "fs": str(tmp_path / "fs"), "img": str(tmp_path / "disk.img"),
+         "loop": None, "pid": None}
+    os.mkdir(w["mnt"])
+    os.mkdir(w["fs"])
+    w["env"] = dict(os.environ, DMSIM_SOCKET=str(tmp_path / "state" / "control"))
+    try:
+        yield w
+    finally:
+        if mounted(w["fs"]):
+            subprocess.run(["umount", "-l", w["fs"]], capture_output=True)
+        if w["loop"]:
+            subprocess.run(["losetup", "-d", w["loop"]], capture_output=True)
+        if w["pid"]:
+            try:
+                os.kill(w["pid"], signal.SIGTERM)
+                for _ in range(100):
+                    os.kill(w["pid"], 0)
+                    time.sleep(0.1)
+                os.kill(w["pid"], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if mounted(w["mnt"]):
+            subprocess.run(["fusermount3", "-u", "-z", w["mnt"]], capture_output=True)
+
+
+def dmsim(w, *args):
+    return sh(sys.executable, "-m", "dmsim", *args, env=w["env"])
+
+
+@pytest.mark.parametrize("loop_direct_io", ["off", "on"])
+def test_ext4_on_loop_on_fuse_file(world, loop_direct_io):
+    w = world
+    assert shutil.which("mkfs.ext4") and shutil.which("losetup"), "e2fsprogs and util-linux are needed"
+    with open(w["img"], "wb") as f:
+        f.truncate(64 * MiB)
+    out = dmsim(w, "daemon", "--mount", w["mnt"], "--background").stdout
+    w["pid"] = int(out.split()[1].split("=")[1])
+    # the device covers the image from 1 MiB on: the filesystem sits at an offset in it
+    dmsim(w, "create", "e2e", "--table", "0 %d linear %s 2048" % (63 * 2048, w["img"]))
+    dev = os.path.join(w["mnt"], "e2e")
+    assert os.path.getsize(dev) == 63 * MiB
+    w["loop"] = sh("losetup", "--direct-io=" + loop_direct_io, "--show", "-f", dev).stdout.strip()
+    sh("mkfs.ext4", "-q", "-F", w["loop"])
+    sh("mount", w["loop"], w["fs"])
+    payload = os.urandom(3 * MiB + 123)
+    with open(os.path.join(w["fs"], "data.bin"), "wb") as f:
+        f.write(payload)
+    with open(os.path.join(w["fs"], "hello.txt"), "w") as f:
+        f.write("hello\n")
+    sh("sync")
+    sh("umount", w["fs"])
+    sh("mount", w["loop"], w["fs"])
+    with open(os.path.join(w["fs"], "data.bin"), "rb") as f:
+        assert hashlib.sha256(f.read()).digest() == hashlib.sha256(payload).digest()
+    assert open(os.path.join(w["fs"], "hello.txt")).read() == "hello\n"
+    assert dmsim(w, "info", "-c", "--noheadings", "-o", "open", "e2e").stdout.strip() == "1"  # the loop
+    sh("umount", w["fs"])
+    sh("losetup", "-d", w["loop"])
+    w["loop"] = None
+    for _ in range(50):  # loop detach lets go of the file asynchronously
+        if dmsim(w, "info", "-c", "--noheadings", "-o", "open", "e2e").stdout.strip() == "0":
+            break
+        time.sleep(0.1)
+    dmsim(w, "remove", "e2e")
+    # the filesystem is on the image at the linear offset, and it is clean
+    part = os.path.join(os.path.dirname(w["img"]), "part.img")
+    sh("dd", "if=" + w["img"], "of=" + part, "bs=1M", "skip=1", "status=none")
+    sh("fsck.ext4", "-fn", part)
+    os.kill(w["pid"], signal.SIGTERM)
+    for _ in range(100):
+        if not mounted(w["mnt"]):
+            break
+        time.sleep(0.1)
+    assert not mounted(w["mnt"])
+    w["pid"] = None
