@@ -42,7 +42,7 @@ async def _dmsetup(socket: str | None, argv: list[str], stdin: str | None):
     from .client import RemoteControl
 
     async with RemoteControl(socket) as ctl:
-        return await dmsetup.run(ctl, argv, stdin=stdin)
+        return await dmsetup.run_chunks(ctl, argv, stdin=stdin)
 
 
 async def _klog(socket: str | None) -> list[str]:
@@ -101,10 +101,11 @@ def main(argv: list[str] | None = None) -> int:
             print("dmsim: unknown command %r\nusage:\n%s" % (cmd, USAGE), file=sys.stderr)
             return 2
         stdin = sys.stdin.read() if _needs_stdin(dm_argv) else None
-        out, err, rc = trio.run(_dmsetup, socket, dm_argv, stdin)
-        sys.stdout.write(out)
-        sys.stdout.flush()
-        sys.stderr.write(err)
+        chunks, rc = trio.run(_dmsetup, socket, dm_argv, stdin)
+        for fd, text in chunks:  # in the order dmsetup wrote them: scenarios merge 2>&1
+            stream = sys.stdout if fd == 1 else sys.stderr
+            stream.write(text)
+            stream.flush()
         return rc
     except DMError as e:
         print("dmsim: %s" % (e.message or e.strerror), file=sys.stderr)
