@@ -216,6 +216,13 @@ class Manager:
         md.block_io()
         try:
             await md.wait_drained()
+        except BaseException:
+            # interrupted (the kernel's EINTR): undo everything, as __dm_suspend does
+            md.unblock_io()
+            with trio.CancelScope(shield=True):
+                for t in targets:
+                    await t.presuspend_undo()
+            raise
         finally:
             md.noflush_suspending = False
         for t in targets:
