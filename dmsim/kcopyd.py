@@ -275,10 +275,10 @@ class _Job:
         remaining = self.count_sectors - self.progress_sectors
         if remaining <= 0:
             return None
-        n = min(self.chunk_sectors, remaining)
-        off = self.progress_sectors
-        self.progress_sectors += n
-        return off, n
+        sectors = min(self.chunk_sectors, remaining)
+        offset = self.progress_sectors
+        self.progress_sectors += sectors
+        return offset, sectors
 
 
 class _PreparedCallback:
@@ -531,132 +531,127 @@ class KcopydClient:
             await self._slot(job, *first[0])
         else:
             async with trio.open_nursery() as nursery:
-                for off, n, grant in first:
-                    nursery.start_soon(self._slot, job, off, n, grant)
+                for offset, sectors, grant in first:
+                    nursery.start_soon(self._slot, job, offset, sectors, grant)
         self._queue_completion(job)
 
-    async def _slot(self, job: _Job, off: int, n: int, grant: _Grant | None) -> None:
+    async def _slot(self, job: _Job, offset: int, sectors: int, grant: _Grant | None) -> None:
         """One of the 8 sub-job slots: run a chunk, release pages, claim the next."""
         pool = self.pages
         while True:
-            if grant is not None and not grant.granted:
-                try:
-                    await grant.wait()
-                except BaseException:
-                    pool.cancel(grant)
-                    raise
-            else:
-                # fairness: devices completing inline never yield otherwise
-                await trio.lowlevel.checkpoint()
             try:
-                await self._run_chunk(job, off, n)
+                if grant is not None and not grant.granted:
+                    await grant.wait()
+                else:
+                    # fairness: devices completing inline never yield otherwise
+                    await trio.lowlevel.checkpoint()
+                await self._run_chunk(job, offset, sectors)
             finally:
                 if grant is not None:
-                    grant.granted = False
-                    pool.give(grant.pages)
+                    pool.cancel(grant)    # returns granted pages, or leaves the queue
             chunk = job.claim()
             if chunk is None:
                 return
-            off, n = chunk
-            grant = pool.request(pages_for(n)) if job.source is not None else None
+            offset, sectors = chunk
+            grant = pool.request(pages_for(sectors)) if job.source is not None else None
 
-    async def _run_chunk(self, job: _Job, off: int, n: int) -> None:
+    async def _run_chunk(self, job: _Job, offset: int, sectors: int) -> None:
         """Read once (unless zeroing), then write every destination; errors go to job."""
         seq = job.seq_lot is not None
         data = None
-        if job.issue_offset != off:
+        if job.issue_offset != offset:
             # the kernel issues dispatched sub-jobs in queue (claim) order; Trio may run
             # the slot tasks in any order, so wait for the chunks claimed before this one
             if job.issue_lot is None:
                 job.issue_lot = trio.lowlevel.ParkingLot()
-            while job.issue_offset != off:
+            while job.issue_offset != offset:
                 await job.issue_lot.park()
-        job.issue_offset += n
+        job.issue_offset += sectors
         if job.issue_lot is not None:
             job.issue_lot.unpark_all()
         if job.source is not None:
             if seq and job.write_err:
                 job.read_err = 1              # cancelled before its read (kernel -EIO)
                 return
-            data = await self._read(job.source, off, n)
+            data = await self._read(job.source, offset, sectors)
             if data is None:
                 job.read_err = 1
                 if not job.flags & FLAG_IGNORE_ERROR:
                     if seq:
-                        if job.seq_hole is None or off < job.seq_hole:
-                            job.seq_hole = off
+                        if job.seq_hole is None or offset < job.seq_hole:
+                            job.seq_hole = offset
                         job.seq_lot.unpark_all()
                     return
-                data = self._zeros(n)         # dm-io zero-fills failed reads
+                data = self._zeros(sectors)         # dm-io zero-fills failed reads
         if seq:
-            while not (job.write_offset == off or job.write_err
-                       or (job.seq_hole is not None and off > job.seq_hole)):
+            while not (job.write_offset == offset or job.write_err
+                       or (job.seq_hole is not None and offset > job.seq_hole)):
                 await job.seq_lot.park()
             if job.write_err:
                 job.write_err |= WRITE_ERR_ALL  # cancelled sequential chunk
                 job.seq_lot.unpark_all()
                 return
-            if job.write_offset != off:
+            if job.write_offset != offset:
                 return                        # after a read hole: not writable in order
-            job.write_offset += n
+            job.write_offset += sectors
             job.seq_lot.unpark_all()
-        await self._write(job, off, n, data)
+        await self._write(job, offset, sectors, data)
 
-    async def _read(self, src: Region, off: int, n: int):
+    async def _read(self, src: Region, offset: int, sectors: int):
         throttle = self.throttle
         if throttle is not None:
             await throttle.io_start()
         try:
-            data = await src.dev.submit(Bio(Op.READ, src.sector + off, n))
+            data = await src.dev.submit(Bio(Op.READ, src.sector + offset, sectors))
         except (DMError, OSError):
             return None
         finally:
             if throttle is not None:
                 throttle.io_finish()
-        if data is None or len(data) != to_bytes(n):
+        if data is None or len(data) != to_bytes(sectors):
             return None
         return data
 
-    async def _write(self, job: _Job, off: int, n: int, data) -> None:
+    async def _write(self, job: _Job, offset: int, sectors: int, data) -> None:
         throttle = self.throttle
         if throttle is not None:
             await throttle.io_start()
         try:
             dests = job.dests
             if len(dests) == 1:
-                await self._write_dest(job, 0, off, n, data)
+                await self._write_dest(job, 0, offset, sectors, data)
             else:
                 async with trio.open_nursery() as nursery:
                     for i in range(len(dests)):
-                        nursery.start_soon(self._write_dest, job, i, off, n, data)
+                        nursery.start_soon(self._write_dest, job, i, offset, sectors, data)
         finally:
             if throttle is not None:
                 throttle.io_finish()
 
-    async def _write_dest(self, job: _Job, i: int, off: int, n: int, data) -> None:
+    async def _write_dest(self, job: _Job, i: int, offset: int, sectors: int, data) -> None:
         """Write one destination; its failure sets only bit ``i``."""
         dest = job.dests[i]
-        sector = dest.sector + off
+        sector = dest.sector + offset
         try:
             if data is not None:
-                await dest.dev.submit(Bio(Op.WRITE, sector, n, data))
+                await dest.dev.submit(Bio(Op.WRITE, sector, sectors, data))
             elif getattr(dest.dev, "supports_write_zeroes", True):
                 try:
-                    await dest.dev.submit(Bio(Op.WRITE_ZEROES, sector, n))
+                    await dest.dev.submit(Bio(Op.WRITE_ZEROES, sector, sectors))
                 except DMError as e:
                     if e.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS):
                         raise
-                    await dest.dev.submit(Bio(Op.WRITE, sector, n, self._zeros(n)))
+                    await dest.dev.submit(Bio(Op.WRITE, sector, sectors, self._zeros(sectors)))
             else:
-                await dest.dev.submit(Bio(Op.WRITE, sector, n, self._zeros(n)))
+                await dest.dev.submit(Bio(Op.WRITE, sector, sectors, self._zeros(sectors)))
         except (DMError, OSError):
             job.write_err |= 1 << i
             if job.seq_lot is not None:
                 job.seq_lot.unpark_all()
 
-    def _zeros(self, n: int) -> memoryview:
-        """A read-only view of ``n`` sectors of one shared zero buffer."""
-        nbytes = to_bytes(n)
+    def _zeros(self, sectors: int) -> memoryview:
+        """A read-only view of ``sectors`` sectors of one shared zero buffer."""
+        nbytes = to_bytes(sectors)
         if self._zero_buf is None or len(self._zero_buf) < nbytes:
             self._zero_buf = memoryview(bytes(max(nbytes, to_bytes(self.sub_job_sectors))))
         return self._zero_buf[:nbytes]

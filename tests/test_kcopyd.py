@@ -384,6 +384,20 @@ async def test_modern_pages_bounded(autojump_clock):
     assert same(src, d0, 0, 8192)
 
 
+async def test_fixed_pool_with_modern_splitting():
+    """``legacy=False`` with ``num_pages``: modern split rule, chunks clamped to the pool."""
+    log = []
+    src, (d0,) = make(log)
+    async with open_kcopyd_client(4, legacy=False) as kc:
+        assert not kc.legacy and kc.copy_chunk_sectors == 32
+        with pytest.raises(DMError):     # unsplit (<= 1024 sectors) needs 128 pages
+            kc.copy(Region(src, 0, 1024), [Region(d0, 0, 1024)], 0, None, None)
+        assert await kc.copy_async(Region(src, 0, 2048), [Region(d0, 0, 2048)]) == (0, 0)
+    assert reads(log) == [(s, 32) for s in range(0, 2048, 32)]
+    assert kc.pages.peak_in_use == 4
+    assert same(src, d0, 0, 2048)
+
+
 class GeneratedDevice(BlockDevice):
     """A 1 GiB device that holds nothing: reads return a sector-numbered pattern, writes
     check that pattern (after ``shift_sectors``) and count coverage per 8-sector page."""
@@ -634,6 +648,7 @@ async def test_exception_in_body_cancels_jobs(autojump_clock):
             kc.copy(Region(src, 0, 64), [Region(d0, 0, 64)], 0, cb, None)
             raise RuntimeError("boom")
     assert cb.calls == []
+    assert kc.pages.in_use == 0
 
 
 # --------------------------------------------------------------------------- property
