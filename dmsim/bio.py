@@ -58,7 +58,8 @@ class Bio:
 
     def remap(self, sector: int) -> "Bio":
         """The same request at another sector (a target's remap)."""
-        return replace(self, sector=sector, private={})
+        # the constructor directly: dataclasses.replace costs ~5 us, a third of a 4 KiB remap
+        return Bio(self.op, sector, self.sectors, self.data, self.fua)
 
     def slice(self, offset_sectors: int, sectors: int, sector: int | None = None) -> "Bio":
         """The part ``[offset, offset+sectors)`` of this request, placed at ``sector``."""

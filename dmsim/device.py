@@ -76,7 +76,8 @@ class MappedDevice(BlockDevice):
     async def wait_event(self, event_nr: int) -> None:
         while self.event_nr == event_nr and not self.removed:
             await self._event.wait()
-        if self.removed:
+        if self.removed and self.event_nr == event_nr:
+            # the kernel would sleep on forever (no table, no removal event): fail instead
             raise DMError(errno.ENXIO)
 
     # -- suspend / resume (the I/O side; the ioctl logic is in the manager) ----------------

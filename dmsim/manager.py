@@ -271,11 +271,12 @@ class Manager:
             return
         md.removed = True
         del self.devices[md.name]
+        if md.live is not None:   # __hash_remove: dm_table_event on the live table
+            md.raise_event()
         for table in (md.inactive, md.live):
             if table is not None:
                 await table.destroy()
         md.inactive = md.live = None
-        md.raise_event()
         md.unblock_io()
 
     async def remove_all(self) -> int:
@@ -347,7 +348,10 @@ class Manager:
 
     # -- DM_DEV_STATUS / DM_TABLE_STATUS / DM_TABLE_DEPS / DM_LIST_DEVICES ---------------------
     def info(self, name: str, inactive: bool = False) -> DeviceInfo:
-        md = self.find(name)
+        return self._info(self.find(name), inactive)
+
+    @staticmethod
+    def _info(md: MappedDevice, inactive: bool = False) -> DeviceInfo:
         table = md.inactive if inactive else md.live
         return DeviceInfo(
             name=md.name, uuid=md.uuid, major=md.devno[0], minor=md.minor,
@@ -376,7 +380,7 @@ class Manager:
     async def wait(self, name: str, event_nr: int = 0) -> DeviceInfo:
         md = self.find(name)
         await md.wait_event(event_nr)
-        return self.info(md.name)
+        return self._info(md)
 
     @staticmethod
     def versions() -> list[tuple[str, tuple[int, int, int]]]:
