@@ -273,6 +273,8 @@ class Manager:
         del self.devices[md.name]
         if md.live is not None:   # __hash_remove: dm_table_event on the live table
             md.raise_event()
+        else:                     # no event, but waiters must notice the removal
+            md._event.set()
         for table in (md.inactive, md.live):
             if table is not None:
                 await table.destroy()
