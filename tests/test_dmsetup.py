@@ -460,6 +460,23 @@ async def test_wait_released_by_remove(env, autojump_clock):
         n.start_soon(waiter)
         await trio.sleep(1)
         await env.ok("remove", "ev")
+    # the kernel raises a table event at removal: the waiter returns success (oracle)
+    assert results == [("", "", 0)]
+
+
+async def test_wait_on_removed_device_without_table_fails(env, autojump_clock):
+    """No live table, so removal raises no event: the kernel waiter sleeps on; dmsim fails
+    it with ENXIO instead of leaving it hanging."""
+    await env.ok("create", "ev", "--notable")
+    results = []
+
+    async def waiter():
+        results.append(await env.sh("wait", "ev", "0"))
+
+    async with trio.open_nursery() as n:
+        n.start_soon(waiter)
+        await trio.sleep(1)
+        await env.ok("remove", "ev")
     assert results == [("", "device-mapper: waitevent ioctl on ev  failed: No such device or address\n"
                             "Command failed.\n", 1)]
 
