@@ -139,6 +139,27 @@ class Table:
         self._holds.clear()
 
 
+class _TaskScopes:
+    """The cancel scopes of a table's background tasks (cancelled together)."""
+
+    def __init__(self):
+        self.scopes: set = set()
+        self.cancelled = False
+
+    def add(self, scope) -> None:
+        if self.cancelled:
+            scope.cancel()
+        self.scopes.add(scope)
+
+    def discard(self, scope) -> None:
+        self.scopes.discard(scope)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        for scope in list(self.scopes):
+            scope.cancel()
+
+
 class _Context:
     """The :class:`~dmsim.targets.base.TargetContext` of one table."""
 
@@ -177,12 +198,17 @@ class _Context:
         import trio
 
         if self.table.scope is None:
-            self.table.scope = trio.CancelScope()
-        scope = self.table.scope
+            self.table.scope = _TaskScopes()
+        group = self.table.scope
+        scope = trio.CancelScope()       # one scope per task: a CancelScope is single-use
+        group.add(scope)
 
         async def runner():
-            with scope:
-                await async_fn(*args)
+            try:
+                with scope:
+                    await async_fn(*args)
+            finally:
+                group.discard(scope)
 
         self.manager.nursery.start_soon(runner, name=name or getattr(async_fn, "__name__", None))
 

@@ -1,0 +1,717 @@
+"""snapshot, snapshot-origin, snapshot-merge: copy-on-write snapshots of a device.
+
+Tables::
+
+    snapshot        <origin> <COW device> <P|PO|N> <chunk size> [<#features> <feature>...]
+    snapshot-merge  <origin> <COW device> <P|PO|N> <chunk size> [<#features> <feature>...]
+    snapshot-origin <origin>
+
+Features: ``discard_zeroes_cow``, ``discard_passdown_origin`` (needs the first).
+
+A *snapshot* shows the origin as it was when the snapshot was activated: a read comes
+from the COW device if its chunk was copied there, else from the origin; a write to the
+snapshot copies the chunk to the COW first (kcopyd) unless it covers the chunk whole.
+A *snapshot-origin* is the origin itself: before a write reaches the origin, every
+snapshot of that origin without an exception for the chunk gets the old data copied out
+(writes to the same chunk wait on the pending copy).  A *snapshot-merge* puts the
+snapshot's chunks back into the origin in the background while staying usable.
+
+Snapshots and origins find each other through the underlying origin device, as the
+kernel's ``_origins`` hash does: here a module-level registry keyed by the device
+(its real path for image files, the object for other devices) and the manager.
+
+Exceptions are committed in allocation order through the exception store
+(:mod:`dmsim.exception_store`), which keeps the kernel's persistent COW format.
+Status (info): ``Invalid`` | ``Merge failed`` | ``Overflow`` |
+``<sectors allocated>/<COW sectors> <metadata sectors>``; origin: empty.
+Kernel: drivers/md/dm-snap.c (snapshot 1.16.0, snapshot-origin 1.9.0, snapshot-merge 1.5.0).
+"""
+from __future__ import annotations
+
+import errno
+
+import trio
+
+from dmsim.bio import Bio, Op, to_bytes
+from dmsim.errors import DMError, TargetError
+from dmsim.exception_store import StoreError, TransientStore, create_store
+from dmsim.kcopyd import Region
+
+from .base import STATUSTYPE_INFO, STATUSTYPE_TABLE, Target, passthrough, register
+
+#: ``snapshot_cow_threshold``: copies in flight per snapshot before writes wait
+COW_THRESHOLD = 2048
+
+# -- the origin registry (``_origins`` / ``_dm_origins``) -------------------------------------
+_origins: dict[tuple, list["Snapshot"]] = {}
+_dm_origins: dict[tuple, "Origin"] = {}
+_pending_done_count = 0
+_pending_done_event: "trio.Event | None" = None    # created lazily inside Trio
+
+
+def dev_key(ctx, dev) -> tuple:
+    """The identity of an underlying device: one origin however it was opened."""
+    manager = getattr(ctx, "manager", None)
+    path = getattr(dev, "path", None)
+    return (id(manager), path if path else ("obj", id(dev)))
+
+
+def _pending_done() -> None:
+    """``increment_pending_exceptions_done_count``: wake merges waiting on copies."""
+    global _pending_done_count, _pending_done_event
+    _pending_done_count += 1
+    if _pending_done_event is not None:
+        _pending_done_event.set()
+        _pending_done_event = None
+
+
+async def _wait_pending_done(previous: int) -> None:
+    global _pending_done_event
+    while _pending_done_count == previous:
+        if _pending_done_event is None:
+            _pending_done_event = trio.Event()
+        await _pending_done_event.wait()
+
+
+def minimum_chunk_size(key) -> int:
+    """``__minimum_chunk_size``: smallest chunk among an origin's snapshots (0: none)."""
+    sizes = [s.store.chunk_sectors for s in _origins.get(key, ()) if s.store.chunk_sectors]
+    return min(sizes, default=0)
+
+
+class _Pending:
+    """``dm_snap_pending_exception``: a chunk being copied to the COW."""
+
+    __slots__ = ("snap", "old_chunk", "new_chunk", "seq", "started", "copy_error", "ok", "done")
+
+    def __init__(self, snap, old_chunk, new_chunk, seq):
+        self.snap = snap
+        self.old_chunk = old_chunk
+        self.new_chunk = new_chunk
+        self.seq = seq
+        self.started = False
+        self.copy_error = False
+        self.ok = False
+        self.done = trio.Event()
+
+
+async def _origin_write(snapshots, sector: int, with_bio: bool):
+    """``__origin_write``: make every snapshot copy the chunk holding ``sector``.
+
+    Returns ``(needed, pe)``: whether any copy is pending, and the exception a write
+    must wait for (the first one needed; it is started last).
+    """
+    needed = False
+    wait_pe = None
+    start_last = None
+    for snap in list(snapshots):
+        if snap.merging:
+            continue
+        if sector >= snap.table_size:
+            continue
+        if not snap.valid or not snap.active:
+            continue
+        chunk = sector >> snap.store.chunk_shift
+        pe = snap.pending.get(chunk)
+        if pe is None:
+            if chunk in snap.complete:
+                continue
+            pe = snap.insert_pending(chunk)
+            if pe is None:
+                await snap.invalidate(errno.ENOMEM)
+                continue
+        needed = True
+        if with_bio:
+            with_bio = False
+            wait_pe = pe
+            if not pe.started:
+                pe.started = True
+                start_last = pe
+        if not pe.started:
+            pe.started = True
+            snap.start_copy(pe)
+    if start_last is not None:
+        start_last.snap.start_copy(start_last)
+    return needed, wait_pe
+
+
+async def do_origin(key, bio: Bio, limit: bool) -> None:
+    """``do_origin``: hold an origin write until every snapshot has its chunk copied."""
+    while True:
+        snaps = _origins.get(key, [])
+        if limit:
+            for s in list(snaps):
+                await s.wait_for_in_progress()
+        _, pe = await _origin_write(snaps, bio.sector, True)
+        if pe is None:
+            return
+        await pe.done.wait()
+        limit = False      # retry_origin_bios re-evaluates without the throttle
+
+
+@register
+class Snapshot(Target):
+    name = "snapshot"
+    version = (1, 16, 0)
+    merging = False
+
+    async def ctr(self, args):
+        if len(args) < 4:
+            raise TargetError("requires 4 or more arguments")
+        self.discard_zeroes_cow = False
+        self.discard_passdown_origin = False
+        self._parse_features(args[4:])
+        try:
+            self.origin = self.ctx.get_device(args[0], write=self.merging)
+        except DMError as e:
+            raise TargetError("Cannot get origin device", e.errno) from None
+        try:
+            self.cow = self.ctx.get_device(args[1])
+        except DMError as e:
+            raise TargetError("Cannot get COW device", e.errno) from None
+        self.key = dev_key(self.ctx, self.origin)
+        if dev_key(self.ctx, self.cow) == self.key:
+            raise TargetError("COW device cannot be the same as origin device")
+        try:
+            self.store = create_store(args[2:4], self.cow, self.origin, self.ctx.log)
+        except StoreError:
+            raise TargetError("Couldn't create exception store") from None
+        self.valid = True
+        self.active = False
+        self.snapshot_overflowed = False
+        self.merge_failed = False
+        self.complete: dict[int, int] = {}
+        self.pending: dict[int, _Pending] = {}
+        self.pending_exceptions_count = 0
+        self._start_seq = 0
+        self._complete_seq = 0
+        self._copied: dict[int, _Pending] = {}
+        self._commit_lock = trio.Lock()
+        self._tracked: dict[int, int] = {}
+        self._untracked: dict[int, trio.Event] = {}
+        self.in_progress = 0
+        self._in_progress_event = trio.Event()
+        self._idle = trio.Event()
+        self._idle.set()
+        # merge state
+        self.first_merging_chunk = 0
+        self.num_merging_chunks = 0
+        self._merge_release = trio.Event()
+        self._merge_release_ok = True
+        self._merge_running = False
+        self._merge_shutdown = False
+        self._merge_stopped = trio.Event()
+        self._merge_stopped.set()
+        if self.merging and isinstance(self.store, TransientStore):
+            raise TargetError("Snapshot exception store does not support snapshot-merge.")
+        self.kc = await self.ctx.kcopyd_client()
+        try:
+            handover = self._register()
+            if handover:
+                self.store.chunk_sectors = 0
+                return
+            try:
+                r = await self.store.read_metadata(self._add_exceptions)
+            except DMError as e:
+                self._unregister()
+                raise TargetError("Failed to read snapshot metadata", e.errno) from None
+            if r > 0:
+                self.valid = False
+                self.ctx.log("snapshots: Snapshot is marked invalid.")
+            if not self.store.chunk_sectors:
+                self._unregister()
+                raise TargetError("Chunk size not set")
+            self.max_io_len = self.store.chunk_sectors
+        except BaseException:
+            await self.kc.destroy()
+            raise
+
+    def _parse_features(self, rest):
+        if not rest:
+            return
+        word = rest[0]
+        if not word.isdigit() or int(word) > 2 or int(word) > len(rest) - 1:
+            raise TargetError("Invalid number of feature arguments")
+        for arg in rest[1:1 + int(word)]:
+            if arg.lower() == "discard_zeroes_cow":
+                self.discard_zeroes_cow = True
+            elif arg.lower() == "discard_passdown_origin":
+                self.discard_passdown_origin = True
+            else:
+                raise TargetError("Unrecognised feature requested")
+        if self.discard_passdown_origin and not self.discard_zeroes_cow:
+            raise TargetError("discard_passdown_origin feature depends on discard_zeroes_cow")
+
+    def _add_exceptions(self, olds, news) -> None:
+        self.complete.update(zip(olds, news))
+
+    # -- registry ------------------------------------------------------------------------------
+    def _sharing_cow(self):
+        """``__find_snapshots_sharing_cow``: (count, src, dest, merging snapshot)."""
+        count, src, dest, merge = 0, None, None, None
+        cow = dev_key(self.ctx, self.cow)
+        for s in _origins.get(self.key, ()):
+            if s.merging:
+                merge = s
+            if dev_key(s.ctx, s.cow) != cow:
+                continue
+            if s.active:
+                src = s
+            else:
+                dest = s
+            count += 1
+        return count, src, dest, merge
+
+    def _register(self) -> bool:
+        """``register_snapshot``: True when this snapshot awaits an exception handover."""
+        count, src, dest, merge = self._sharing_cow()
+        if count == 2 or dest is not None:
+            raise TargetError("Snapshot cow pairing for exception table handover failed")
+        handover = False
+        if src is not None:
+            if self.merging:
+                if merge is not None:
+                    raise TargetError("A snapshot is already merging.")
+                if not src.store.can_merge:
+                    raise TargetError("Snapshot exception store does not support snapshot-merge.")
+            handover = True
+        self._insert()
+        return handover
+
+    def _insert(self) -> None:
+        snaps = _origins.setdefault(self.key, [])
+        i = 0
+        while i < len(snaps) and snaps[i].store.chunk_sectors >= self.store.chunk_sectors:
+            i += 1
+        snaps.insert(i, self)
+
+    def _unregister(self) -> None:
+        snaps = _origins.get(self.key)
+        if snaps and self in snaps:
+            snaps.remove(self)
+            if not snaps:
+                del _origins[self.key]
+
+    @property
+    def table_size(self) -> int:
+        table = getattr(self.ctx, "table", None)
+        return table.size_sectors if table is not None else self.begin + self.len
+
+    # -- pending exceptions ------------------------------------------------------------------------
+    def insert_pending(self, chunk: int) -> _Pending | None:
+        """``__insert_pending_exception``: allocate a COW chunk (None: no space)."""
+        new_chunk = self.store.prepare_exception()
+        if new_chunk is None:
+            return None
+        pe = _Pending(self, chunk, new_chunk, self._start_seq)
+        self._start_seq += 1
+        self.pending[chunk] = pe
+        self.pending_exceptions_count += 1
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        return pe
+
+    def start_copy(self, pe: _Pending) -> None:
+        """``start_copy``: kcopyd the origin chunk (trimmed at the origin end) to the COW."""
+        self.in_progress += 1
+        self.ctx.start_task(self._copy_task, pe, name="snapshot-copy")
+
+    async def _copy_task(self, pe: _Pending) -> None:
+        cs = self.store.chunk_sectors
+        src = pe.old_chunk * cs
+        count = min(cs, self.origin.size_sectors - src)
+        read_err, write_err = await self.kc.copy_async(
+            Region(self.origin, src, count), [Region(self.cow, pe.new_chunk * cs, count)])
+        await self._copy_done(pe, bool(read_err or write_err))
+
+    async def _full_write(self, pe: _Pending, bio: Bio) -> None:
+        """``start_full_bio``: a whole-chunk write goes straight to its new COW chunk."""
+        self.in_progress += 1
+        err = False
+        try:
+            await self.cow.submit(bio.remap(pe.new_chunk * self.store.chunk_sectors))
+        except DMError:
+            err = True
+        await self._copy_done(pe, err)
+
+    async def _copy_done(self, pe: _Pending, err: bool) -> None:
+        """``copy_callback``: commit exceptions strictly in allocation order."""
+        pe.copy_error = err
+        self._copied[pe.seq] = pe
+        async with self._commit_lock:
+            while self._complete_seq in self._copied:
+                nxt = self._copied.pop(self._complete_seq)
+                self._complete_seq += 1
+                await self.store.commit_exception(
+                    nxt.old_chunk, nxt.new_chunk, not nxt.copy_error,
+                    lambda ok, nxt=nxt: self._pending_complete(nxt, ok))
+        self.in_progress -= 1
+        self._in_progress_event.set()
+        self._in_progress_event = trio.Event()
+
+    async def _pending_complete(self, pe: _Pending, success: bool) -> None:
+        error = False
+        if not success:
+            await self.invalidate(errno.EIO)
+            error = True
+        elif not self.valid:
+            error = True
+        else:
+            self.complete[pe.old_chunk] = pe.new_chunk
+            await self._wait_untracked(pe.old_chunk)
+        self.pending.pop(pe.old_chunk, None)
+        pe.ok = not error
+        _pending_done()
+        pe.done.set()
+        self.pending_exceptions_count -= 1
+        if not self.pending_exceptions_count:
+            self._idle.set()
+
+    async def wait_for_in_progress(self) -> None:
+        while self.in_progress > COW_THRESHOLD:
+            await self._in_progress_event.wait()
+
+    async def invalidate(self, err: int) -> None:
+        """``__invalidate_snapshot``: unusable forever; recorded in the COW header."""
+        if not self.valid:
+            return
+        if err == errno.EIO:
+            self.ctx.log("snapshots: Invalidating snapshot: Error reading/writing.")
+        elif err == errno.ENOMEM:
+            self.ctx.log("snapshots: Invalidating snapshot: Unable to allocate exception.")
+        self.valid = False
+        self.ctx.event()
+        await self.store.drop_snapshot()
+
+    # -- tracked chunks (reads of the origin that a copy must not overtake) -----------------------
+    def _track(self, chunk: int) -> None:
+        self._tracked[chunk] = self._tracked.get(chunk, 0) + 1
+
+    def _untrack(self, chunk: int) -> None:
+        n = self._tracked[chunk] - 1
+        if n:
+            self._tracked[chunk] = n
+            return
+        del self._tracked[chunk]
+        ev = self._untracked.pop(chunk, None)
+        if ev is not None:
+            ev.set()
+
+    async def _wait_untracked(self, chunk: int) -> None:
+        while chunk in self._tracked:
+            ev = self._untracked.setdefault(chunk, trio.Event())
+            await ev.wait()
+
+    async def _tracked_io(self, dev, bio: Bio, chunk: int):
+        self._track(chunk)
+        try:
+            return await dev.submit(bio)
+        finally:
+            self._untrack(chunk)
+
+    # -- I/O ---------------------------------------------------------------------------------------
+    def _remap(self, new_chunk: int, bio: Bio) -> Bio:
+        cs = self.store.chunk_sectors
+        return bio.remap(new_chunk * cs + (bio.sector & (cs - 1)))
+
+    async def map(self, bio: Bio):
+        if bio.op is Op.FLUSH and not bio.sectors:
+            return await self.cow.submit(bio)
+        if bio.op is Op.WRITE_ZEROES:
+            bio = Bio(Op.WRITE, bio.sector, bio.sectors, bytes(to_bytes(bio.sectors)), bio.fua)
+        if bio.op is Op.DISCARD and not self.discard_zeroes_cow:
+            raise DMError(errno.EOPNOTSUPP)
+        cs = self.store.chunk_sectors
+        chunk = bio.sector >> self.store.chunk_shift
+        if not self.valid:
+            raise DMError(errno.EIO)
+        write = bio.op.is_write
+        if write:
+            await self.wait_for_in_progress()
+        if not self.valid or (self.snapshot_overflowed and write):
+            raise DMError(errno.EIO)
+        if bio.op is Op.DISCARD:
+            if self.discard_passdown_origin:
+                await self._tracked_io(self.origin, bio, chunk)
+            new = self.complete.get(chunk)
+            if new is None:
+                return None      # no exception: nothing to discard, no copy-out
+            if bio.sectors == cs:
+                self.in_progress += 1
+                try:
+                    _, write_err = await self.kc.zero_async([Region(self.cow, new * cs, cs)])
+                finally:
+                    self.in_progress -= 1
+                if write_err:
+                    raise DMError(errno.EIO)
+                return None
+            return await self.cow.submit(self._remap(new, bio))
+        new = self.complete.get(chunk)
+        if new is not None:
+            return await self.cow.submit(self._remap(new, bio))
+        if not write:
+            return await self._tracked_io(self.origin, bio, chunk)
+        pe = self.pending.get(chunk)
+        if pe is None:
+            pe = self.insert_pending(chunk)
+            if pe is None:
+                if self.store.userspace_supports_overflow:
+                    if self.valid and not self.snapshot_overflowed:
+                        self.snapshot_overflowed = True
+                        self.ctx.log("snapshots: Snapshot overflowed: Unable to allocate exception.")
+                else:
+                    await self.invalidate(errno.ENOMEM)
+                raise DMError(errno.EIO)
+        if not pe.started and bio.sectors == cs:
+            pe.started = True
+            await self._full_write(pe, bio)
+            await pe.done.wait()
+            if not pe.ok:
+                raise DMError(errno.EIO)
+            return None
+        if not pe.started:
+            pe.started = True
+            self.start_copy(pe)
+        await pe.done.wait()
+        if not pe.ok:
+            raise DMError(errno.EIO)
+        return await self.cow.submit(self._remap(pe.new_chunk, bio))
+
+    # -- suspend / resume / handover ------------------------------------------------------------
+    async def preresume(self):
+        _, src, dest, _ = self._sharing_cow()
+        if src is not None and dest is not None:
+            if self is src:
+                self.ctx.log("snapshots: Unable to resume snapshot source until handover completes.")
+                raise DMError(errno.EINVAL)
+            md = getattr(src.ctx, "md", None)
+            if md is not None and not md.suspended:
+                self.ctx.log("snapshots: Unable to perform snapshot handover until source is suspended.")
+                raise DMError(errno.EINVAL)
+
+    async def resume(self):
+        _, src, dest, _ = self._sharing_cow()
+        if src is not None and dest is not None:
+            dest._take_over(src)
+        self._unregister()
+        self._insert()
+        self.active = True
+
+    def _take_over(self, src: "Snapshot") -> None:
+        """``__handover_exceptions``: move the table and store from the live instance."""
+        overflow = self.store.userspace_supports_overflow
+        self.complete, src.complete = src.complete, self.complete
+        self.store, src.store = src.store, self.store
+        self.store.userspace_supports_overflow = overflow
+        self.store.cow, self.store.origin, self.store.log = self.cow, self.origin, self.ctx.log
+        self.max_io_len = self.store.chunk_sectors
+        self.valid = src.valid
+        self.snapshot_overflowed = src.snapshot_overflowed
+        src.valid = False
+
+    async def dtr(self):
+        if getattr(self, "kc", None) is None:
+            return
+        _, src, dest, _ = self._sharing_cow()
+        if src is self and dest is not None:
+            dest.valid = False
+            self.ctx.log("snapshots: Cancelling snapshot handover.")
+        await self.stop_merge()
+        self._unregister()
+        await self._idle.wait()
+        await self.kc.destroy()
+
+    async def stop_merge(self) -> None:
+        pass
+
+    # -- status ----------------------------------------------------------------------------------
+    def status(self, kind, noflush=False):
+        if kind == STATUSTYPE_INFO:
+            if not self.valid:
+                return "Invalid"
+            if self.merge_failed:
+                return "Merge failed"
+            if self.snapshot_overflowed:
+                return "Overflow"
+            total, allocated, metadata = self.store.usage()
+            return "%d/%d %d" % (allocated, total, metadata)
+        if kind == STATUSTYPE_TABLE:
+            text = "%s %s %s" % (self.origin.ref, self.cow.ref, self.store.table())
+            n = self.discard_zeroes_cow + self.discard_passdown_origin
+            if n:
+                text += " %d" % n
+                if self.discard_zeroes_cow:
+                    text += " discard_zeroes_cow"
+                if self.discard_passdown_origin:
+                    text += " discard_passdown_origin"
+            return text
+        return ""
+
+    def iterate_devices(self):
+        return [(self.origin, 0, self.len), (self.cow, 0, self.cow.size_sectors)]
+
+
+@register
+class SnapshotMerge(Snapshot):
+    name = "snapshot-merge"
+    version = (1, 5, 0)
+    merging = True
+
+    async def map(self, bio: Bio):
+        if bio.op is Op.FLUSH and not bio.sectors:
+            await self.origin.submit(Bio(Op.FLUSH))
+            return await self.cow.submit(Bio(Op.FLUSH))
+        if bio.op is Op.DISCARD:
+            return None              # once merging, discards no longer effect change
+        chunk = bio.sector >> self.store.chunk_shift
+        write = bio.op.is_write
+        if self.valid:
+            new = self.complete.get(chunk)
+            if new is not None:
+                if write and self.first_merging_chunk <= chunk < self.first_merging_chunk + self.num_merging_chunks:
+                    release = self._merge_release
+                    await release.wait()
+                    if not self._merge_release_ok:
+                        raise DMError(errno.EIO)
+                    return await self.origin.submit(bio)
+                if write:
+                    return await self._tracked_io(self.cow, self._remap(new, bio), chunk)
+                return await self.cow.submit(self._remap(new, bio))
+        if write:
+            await do_origin(self.key, bio, False)
+        return await self.origin.submit(bio)
+
+    async def presuspend(self, noflush=False):
+        await self.stop_merge()
+
+    async def resume(self):
+        await super().resume()
+        self.max_io_len = minimum_chunk_size(self.key)
+        self.start_merge()
+
+    def start_merge(self) -> None:
+        if self._merge_running:
+            return
+        self._merge_running = True
+        self._merge_stopped = trio.Event()
+        self.ctx.start_task(self._merge_loop, name="snapshot-merge")
+
+    async def stop_merge(self) -> None:
+        """``stop_merge``: let the current step finish, then wait for the merge to stop."""
+        self._merge_shutdown = True
+        await self._merge_stopped.wait()
+        self._merge_shutdown = False
+
+    async def _origin_write_extent(self, sector: int, size: int) -> bool:
+        step = self.max_io_len or self.store.chunk_sectors
+        must_wait = False
+        for n in range(0, size, step):
+            needed, _ = await _origin_write(_origins.get(self.key, []), sector + n, False)
+            must_wait = must_wait or needed
+        return must_wait
+
+    def _release_queued(self, ok: bool) -> None:
+        self.first_merging_chunk = 0
+        self.num_merging_chunks = 0
+        self._merge_release_ok = ok
+        self._merge_release.set()
+        self._merge_release = trio.Event()
+
+    async def _merge_loop(self) -> None:
+        """``snapshot_merge_next_chunks`` / ``merge_callback`` as one loop."""
+        log = self.ctx.log
+        try:
+            while not self._merge_shutdown:
+                if not self.valid:
+                    log("snapshots: Snapshot is invalid: can't merge")
+                    break
+                try:
+                    n, last_old, last_new = await self.store.prepare_merge()
+                except DMError:
+                    log("snapshots: Read error in exception store: shutting down merge")
+                    self.merge_failed = True
+                    break
+                if n <= 0:
+                    break
+                cs = self.store.chunk_sectors
+                old, new = last_old + 1 - n, last_new + 1 - n
+                io_sectors = n * cs
+                dest = old * cs
+                count = min(io_sectors, self.origin.size_sectors - dest)
+                while True:
+                    previous = _pending_done_count
+                    if not await self._origin_write_extent(dest, io_sectors):
+                        break
+                    await _wait_pending_done(previous)
+                self.first_merging_chunk, self.num_merging_chunks = old, n
+                for i in range(n):
+                    await self._wait_untracked(old + i)
+                read_err, write_err = await self.kc.copy_async(
+                    Region(self.cow, new * cs, count), [Region(self.origin, dest, count)])
+                failure = None
+                if read_err or write_err:
+                    failure = ("snapshots: Read error: shutting down merge." if read_err
+                               else "snapshots: Write error: shutting down merge.")
+                else:
+                    try:
+                        await self.origin.flush()
+                    except DMError:
+                        failure = "snapshots: Flush after merge failed: shutting down merge"
+                if failure is None:
+                    try:
+                        await self.store.commit_merge(n)
+                    except DMError:
+                        failure = "snapshots: Write error in exception store: shutting down merge"
+                if failure is not None:
+                    log(failure)
+                    self.merge_failed = True
+                    self._release_queued(False)
+                    break
+                for c in range(old, old + n):
+                    self.complete.pop(c, None)
+                self._release_queued(True)
+        finally:
+            self._merge_running = False
+            self._merge_stopped.set()
+
+
+@register
+class Origin(Target):
+    name = "snapshot-origin"
+    version = (1, 9, 0)
+
+    async def ctr(self, args):
+        if len(args) != 1:
+            raise TargetError("origin: incorrect number of arguments")
+        try:
+            self.dev = self.ctx.get_device(args[0])
+        except DMError as e:
+            raise TargetError("Cannot get target device", e.errno) from None
+        self.key = dev_key(self.ctx, self.dev)
+        self.split_boundary = 0
+
+    async def map(self, bio: Bio):
+        if bio.op is Op.READ or (bio.op is Op.FLUSH and not bio.sectors):
+            return await passthrough(self.dev, bio)
+        await do_origin(self.key, bio, True)
+        return await self.dev.submit(bio)
+
+    async def resume(self):
+        # the kernel trims writes at split_boundary; core's max_io_len does the same here
+        self.split_boundary = minimum_chunk_size(self.key)
+        self.max_io_len = self.split_boundary
+        _dm_origins[self.key] = self
+
+    async def postsuspend(self):
+        if _dm_origins.get(self.key) is self:
+            del _dm_origins[self.key]
+
+    async def dtr(self):
+        await self.postsuspend()
+
+    def status(self, kind, noflush=False):
+        if kind == STATUSTYPE_TABLE:
+            return self.dev.ref
+        return ""
+
+    def iterate_devices(self):
+        return [(self.dev, 0, self.len)]
