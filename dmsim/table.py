@@ -57,8 +57,15 @@ def _is_u64(word: str) -> bool:
     return word.isascii() and word.isdigit() and int(word) <= MAX_U64
 
 
+_KERNEL_SPACE = frozenset(" \t\n\v\f\r")
+
+
 def split_args(params: str) -> list[str]:
-    """The kernel's ``dm_split_args``: whitespace separates, backslash escapes."""
+    """The kernel's ``dm_split_args``: whitespace separates, backslash escapes.
+
+    Whitespace is the kernel's ``isspace`` (ASCII only: Python's ``str.isspace`` would
+    also split on U+001C-U+001F and Unicode spaces); a backslash at the very end has
+    nothing to quote and stays literal."""
     args, cur, have, esc = [], [], False, False
     for ch in params:
         if esc:
@@ -66,13 +73,15 @@ def split_args(params: str) -> list[str]:
             esc = False
         elif ch == "\\":
             esc, have = True, True
-        elif ch.isspace():
+        elif ch in _KERNEL_SPACE:
             if have:
                 args.append("".join(cur))
                 cur, have = [], False
         else:
             cur.append(ch)
             have = True
+    if esc:
+        cur.append("\\")
     if have:
         args.append("".join(cur))
     return args
