@@ -1,0 +1,114 @@
+"""Backing devices: image files and memory, in sectors, with the kernel's errnos."""
+import errno
+import os
+
+import pytest
+
+from dmsim.bio import Bio, Op
+from dmsim.blockdev import FileDevice, MemoryDevice
+from dmsim.errors import DMError
+
+
+@pytest.fixture
+def img(tmp_path):
+    path = tmp_path / "vda"
+    path.write_bytes(b"".join(bytes([s]) * 512 for s in range(64)))
+    return str(path)
+
+
+def errno_of(excinfo):
+    return excinfo.value.errno
+
+
+@pytest.mark.parametrize("io_mode", ["inline", "thread"])
+async def test_file_device_read_write_flush(img, io_mode):
+    dev = FileDevice(img, io_mode=io_mode)
+    try:
+        assert (dev.size_sectors, dev.kname, dev.ref, dev.devno) == (64, "vda", img, None)
+        assert await dev.read(3, 2) == bytes([3]) * 512 + bytes([4]) * 512
+        await dev.write(10, b"\xaa" * 1024, fua=True)
+        await dev.flush()
+        assert await dev.read(10, 2) == b"\xaa" * 1024
+    finally:
+        dev.close()
+    with open(img, "rb") as f:
+        f.seek(10 * 512)
+        assert f.read(1024) == b"\xaa" * 1024
+
+
+async def test_file_device_bounds_and_length(img):
+    dev = FileDevice(img)
+    try:
+        for bio in (Bio.read(63, 2), Bio.read(64, 1), Bio.read(-1, 1), Bio.write(64, bytes(512))):
+            with pytest.raises(DMError) as ei:
+                await dev.submit(bio)
+            assert errno_of(ei) == errno.EIO
+        with pytest.raises(DMError) as ei:
+            await dev.submit(Bio(Op.WRITE, 0, 2, bytes(512)))
+        assert errno_of(ei) == errno.EINVAL
+        assert await dev.submit(Bio.read(64, 0)) == b""
+    finally:
+        dev.close()
+
+
+async def test_file_device_read_only(img):
+    dev = FileDevice(img, read_only=True)
+    try:
+        for bio in (Bio.write(0, bytes(512)), Bio(Op.DISCARD, 0, 1), Bio(Op.WRITE_ZEROES, 0, 1)):
+            with pytest.raises(DMError) as ei:
+                await dev.submit(bio)
+            assert errno_of(ei) == errno.EPERM
+        assert await dev.read(1, 1) == bytes([1]) * 512
+    finally:
+        dev.close()
+
+
+@pytest.mark.parametrize("op", [Op.DISCARD, Op.WRITE_ZEROES])
+async def test_file_device_discard_and_write_zeroes_read_back_zero(img, op):
+    dev = FileDevice(img)
+    try:
+        await dev.submit(Bio(op, 8, 16))
+        assert await dev.read(8, 16) == bytes(16 * 512)
+        assert await dev.read(7, 1) == bytes([7]) * 512
+        assert await dev.read(24, 1) == bytes([24]) * 512
+        assert os.path.getsize(img) == 64 * 512
+    finally:
+        dev.close()
+
+
+async def test_file_shorter_than_whole_sector(tmp_path):
+    path = tmp_path / "odd"
+    path.write_bytes(b"\x01" * 1000)
+    dev = FileDevice(str(path))
+    try:
+        assert dev.size_sectors == 1
+        assert await dev.read(0, 1) == b"\x01" * 512
+    finally:
+        dev.close()
+
+
+def test_file_device_open_errors(tmp_path):
+    with pytest.raises(DMError) as ei:
+        FileDevice(str(tmp_path / "missing"))
+    assert errno_of(ei) == errno.ENOENT
+    with pytest.raises(DMError) as ei:
+        FileDevice(str(tmp_path))
+    assert errno_of(ei) in (errno.ENOTBLK, errno.EISDIR)
+
+
+async def test_memory_device():
+    dev = MemoryDevice(16, data=b"\x05" * 600, name="m0")
+    assert dev.ref == "mem:m0" and dev.kname == "m0"
+    assert await dev.read(0, 2) == b"\x05" * 600 + bytes(424)
+    await dev.write(15, b"\x09" * 512)
+    assert await dev.read(15, 1) == b"\x09" * 512
+    await dev.discard(15, 1)
+    assert await dev.read(15, 1) == bytes(512)
+    await dev.flush()
+    with pytest.raises(DMError) as ei:
+        await dev.read(16, 1)
+    assert errno_of(ei) == errno.EIO
+    dev.read_only = True
+    with pytest.raises(DMError) as ei:
+        await dev.write(0, bytes(512))
+    assert errno_of(ei) == errno.EPERM
