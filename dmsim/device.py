@@ -47,6 +47,7 @@ class MappedDevice(BlockDevice):
         self._event = trio.Event()
         self._resumed = trio.Event()
         self._resumed.set()
+        self._blocked = trio.Event()     # set while I/O is blocked (suspended)
         self._inflight = 0
         self._drained = trio.Event()
         self._drained.set()
@@ -84,10 +85,12 @@ class MappedDevice(BlockDevice):
     def block_io(self) -> None:
         self.suspended = True
         self._resumed = trio.Event()
+        self._blocked.set()
 
     def unblock_io(self) -> None:
         self.suspended = False
         self._resumed.set()
+        self._blocked = trio.Event()
 
     async def wait_drained(self) -> None:
         while self._inflight:
@@ -108,6 +111,8 @@ class MappedDevice(BlockDevice):
             except Requeue:
                 if not self.noflush_suspending and not self.suspended:
                     raise DMError(errno.EIO) from None
+                if not self.suspended:   # requeued from presuspend: held until resume
+                    await self._blocked.wait()
             finally:
                 self._inflight -= 1
                 if not self._inflight:

@@ -210,11 +210,12 @@ class Manager:
         if md.suspended:
             return
         targets = md.live.targets if md.live else []
-        for t in targets:
-            await t.presuspend(noflush)
+        # DMF_NOFLUSH_SUSPENDING is set before presuspend (targets requeue from there)
         md.noflush_suspending = noflush
-        md.block_io()
         try:
+            for t in targets:
+                await t.presuspend(noflush)
+            md.block_io()
             await md.wait_drained()
         except BaseException:
             # interrupted (the kernel's EINTR): undo everything, as __dm_suspend does
