@@ -513,8 +513,13 @@ class Snapshot(Target):
             return
         _, src, dest, _ = self._sharing_cow()
         if src is self and dest is not None:
-            dest.valid = False
-            self.ctx.log("snapshots: Cancelling snapshot handover.")
+            if getattr(dest.ctx, "md", None) is getattr(self.ctx, "md", 0) and self.ctx.md.suspended:
+                # this table is being replaced by the destination on the same device (the
+                # manager destroys the old table before resuming the new one): hand over now
+                dest._take_over(self)
+            else:
+                dest.valid = False
+                self.ctx.log("snapshots: Cancelling snapshot handover.")
         await self.stop_merge()
         self._unregister()
         await self._idle.wait()

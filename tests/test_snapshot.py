@@ -128,3 +128,362 @@ async def test_case_02_snapshot_matches_kernel(disks):
                      + [(16383, 21), (256, 22), (0, 0)])
     assert md5_file(O) == "cfe1335a4fa0bfcd16146f4dd4b3a301"
     assert hashlib.md5(cow).hexdigest() == "a3e38f890643d98fddc8c301cfbd71aa"
+
+
+# -- smaller fixtures for the rest ------------------------------------------------------------
+@pytest.fixture
+def small(tmp_path):
+    """8 MiB random origin, 16 MiB zero COW, 1 MiB zero COW."""
+    o, c, l = str(tmp_path / "o.img"), str(tmp_path / "c.img"), str(tmp_path / "l.img")
+    make_random(o, 8, 7)
+    make_zero(c, 16)
+    make_zero(l, 1)
+    return o, c, l
+
+
+def read_at(path, offset, n):
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(n)
+
+
+SZ8 = 16384
+
+
+@pytest.mark.parametrize("params, error", [
+    ("{O} {C} P", "requires 4 or more arguments"),
+    ("{O} {C} N 0", "Chunk size not set"),
+    ("{O} {C} P 12", "Couldn't create exception store"),
+    ("{O} {C} X 8", "Couldn't create exception store"),
+    ("{O} {C} P abc", "Couldn't create exception store"),
+    ("{O} {C} P 4194304", "Couldn't create exception store"),
+    ("{O} {C} PX 8", "Couldn't create exception store"),
+    ("{O} {O} P 8", "COW device cannot be the same as origin device"),
+    ("{O} {C} P 8 1 discard_passdown_origin", "discard_passdown_origin feature depends on discard_zeroes_cow"),
+    ("{O} {C} P 8 1 foo", "Unrecognised feature requested"),
+    ("{O} {C} P 8 3 a b c", "Invalid number of feature arguments"),
+    ("/nonexistent {C} P 8", "Cannot get origin device"),
+    ("{O} /nonexistent P 8", "Cannot get COW device"),
+])
+async def test_constructor_errors(small, params, error):
+    O, C, _ = small
+    async with dmsim.open_manager() as m:
+        with pytest.raises(DMError):
+            await mk(m, "s", "0 %d snapshot %s" % (SZ8, params.format(O=O, C=C)))
+        log = m.read_log()
+        assert any(line.startswith("device-mapper: table: 253:0: snapshot: %s (-" % error) for line in log), log
+    assert read_at(C, 0, 4096) == bytes(4096)
+
+
+async def test_persistent_store_option_logged(small):
+    O, C, _ = small
+    async with dmsim.open_manager() as m:
+        with pytest.raises(DMError):
+            await mk(m, "s", "0 %d snapshot %s %s PX 8" % (SZ8, O, C))
+        assert m.read_log()[0] == "device-mapper: persistent snapshot: Unsupported persistent store option: X"
+
+
+async def test_origin_errors(small):
+    O, _, _ = small
+    async with dmsim.open_manager() as m:
+        with pytest.raises(DMError):
+            await mk(m, "o", "0 %d snapshot-origin %s extra" % (SZ8, O))
+        assert "snapshot-origin: origin: incorrect number of arguments (-EINVAL)" in m.read_log()[0]
+
+
+async def test_table_forms_and_default_chunk(small):
+    O, C, _ = small
+    async with dmsim.open_manager() as m:
+        await mk(m, "s", "0 %d snapshot %s %s P 0" % (SZ8, O, C))
+        assert st(m, "s") == "0 16384 snapshot 64/32768 64"
+        assert tb(m, "s") == "0 16384 snapshot %s %s P 32" % (O, C)
+        await m.remove("s")
+        assert read_at(C, 12, 4) == b"\x20\x00\x00\x00"
+        make_zero(C, 16)
+        await mk(m, "s", "0 %d snapshot %s %s po 8 2 discard_zeroes_cow discard_passdown_origin" % (SZ8, O, C))
+        assert tb(m, "s") == "0 16384 snapshot %s %s PO 8 2 discard_zeroes_cow discard_passdown_origin" % (O, C)
+
+
+async def test_transient_store(small):
+    O, C, _ = small
+    async with dmsim.open_manager() as m:
+        s = await mk(m, "s", "0 %d snapshot %s %s N 8" % (SZ8, O, C))
+        o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, O))
+        assert st(m, "s") == "0 16384 snapshot 0/32768 0"
+        assert tb(m, "s") == "0 16384 snapshot %s %s N 8" % (O, C)
+        old = read_at(O, 0, 4096)
+        await o.write(0, fill(1, 8))
+        assert st(m, "s") == "0 16384 snapshot 8/32768 0"
+        assert read_at(C, 0, 4096) == old
+        assert await s.read(0, 8) == old
+        with pytest.raises(DMError):
+            await mk(m, "m", "0 %d snapshot-merge %s %s N 8" % (SZ8, O, C))
+        assert "Snapshot exception store does not support snapshot-merge." in m.read_log()[-2]
+
+
+async def test_partial_snapshot_write_copies_then_overlays(small):
+    O, C, _ = small
+    async with dmsim.open_manager() as m:
+        s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, C))
+        before = read_at(O, 0, SZ8 * 512)
+        await s.write(9, fill(0xAB, 1))
+        data = await s.read(8, 8)
+        assert data[512:1024] == fill(0xAB, 1)
+        assert data[:512] == before[8 * 512:9 * 512] and data[1024:] == before[10 * 512:16 * 512]
+        assert read_at(O, 0, SZ8 * 512) == before
+        assert read_at(C, 4096, 16) == struct.pack("<QQ", 1, 2)
+        assert st(m, "s") == "0 16384 snapshot 24/32768 16"
+
+
+async def test_concurrent_origin_writes_share_one_copy(small):
+    O, C, _ = small
+    async with dmsim.open_manager() as m:
+        s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, C))
+        o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, O))
+        old = read_at(O, 0, 4096)
+        async with trio.open_nursery() as n:
+            for i in range(8):
+                n.start_soon(o.write, i, fill(0x10 + i, 1))
+        assert st(m, "s") == "0 16384 snapshot 24/32768 16"
+        assert await s.read(0, 8) == old
+        assert await o.read(0, 8) == b"".join(fill(0x10 + i, 1) for i in range(8))
+
+
+async def test_full_cow_invalidates(small):
+    O, _, L = small
+    async with dmsim.open_manager() as m:
+        s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, L))
+        o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, O))
+        assert st(m, "s") == "0 16384 snapshot 16/2048 16"
+        for c in range(254):
+            await o.write(c * 8, fill(1, 8))
+        assert st(m, "s") == "0 16384 snapshot 2048/2048 16"
+        events = m.info("s").event_nr
+        m.read_log()
+        await o.write(254 * 8, fill(2, 8))            # the origin keeps working
+        assert await o.read(254 * 8, 1) == fill(2, 1)
+        assert st(m, "s") == "0 16384 snapshot Invalid"
+        assert m.read_log() == ["device-mapper: snapshots: Invalidating snapshot: Unable to allocate exception."]
+        assert m.info("s").event_nr == events + 1
+        assert read_at(L, 4, 4) == bytes(4)
+        with pytest.raises(DMError):
+            await s.read(0, 8)
+        await m.remove("o")
+        await m.remove("s")
+        await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, L))
+        assert st(m, "s") == "0 16384 snapshot Invalid"
+        assert m.read_log() == ["device-mapper: snapshots: Snapshot is marked invalid."]
+
+
+@pytest.mark.parametrize("store", ["P", "PO"])
+async def test_full_cow_snapshot_write(small, store):
+    O, _, L = small
+    async with dmsim.open_manager() as m:
+        s = await mk(m, "s", "0 %d snapshot %s %s %s 8" % (SZ8, O, L, store))
+        for c in range(254):
+            await s.write(c * 8, fill(3, 8))
+        with pytest.raises(DMError):
+            await s.write(254 * 8, fill(3, 8))
+        if store == "P":
+            assert st(m, "s") == "0 16384 snapshot Invalid"
+            assert read_at(L, 4, 4) == bytes(4)
+        else:
+            assert st(m, "s") == "0 16384 snapshot Overflow"
+            assert m.read_log()[-1] == "device-mapper: snapshots: Snapshot overflowed: Unable to allocate exception."
+            assert await s.read(0, 1) == fill(3, 1)
+            assert read_at(L, 4, 4) == b"\x01\x00\x00\x00"
+            with pytest.raises(DMError):
+                await s.write(0, fill(4, 8))
+
+
+async def test_second_area_and_reload(small):
+    O, C, _ = small
+    async with dmsim.open_manager() as m:
+        s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, C))
+        o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, O))
+        for c in range(300):
+            await o.write(c * 8, fill(5, 8))
+        assert st(m, "s") == "0 16384 snapshot %d/32768 24" % ((2 + 300 + 1) * 8)
+        view = await md5_dev(s)
+        await m.remove("o")
+        await m.remove("s")
+        s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, C))
+        assert st(m, "s") == "0 16384 snapshot %d/32768 24" % ((2 + 300 + 1) * 8)
+        assert await md5_dev(s) == view
+    assert read_at(C, 258 * 4096, 16) == struct.pack("<QQ", 256, 259)
+    assert read_at(C, 258 * 4096 + 44 * 16, 16) == bytes(16)
+
+
+async def test_256_exceptions_zero_next_area(small):
+    O, C, _ = small
+    with open(C, "r+b") as f:                 # junk where area 1 will be: it must be zeroed
+        f.seek(258 * 4096)
+        f.write(b"\xff" * 4096)
+    async with dmsim.open_manager() as m:
+        await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, C))
+        o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, O))
+        for c in range(256):
+            await o.write(c * 8, fill(6, 8))
+        assert st(m, "s") == "0 16384 snapshot 2072/32768 24"
+    assert read_at(C, 258 * 4096, 4096) == bytes(4096)
+
+
+@pytest.mark.parametrize("header, log", [
+    (b"\xef\xbe\xad\xde", "device-mapper: persistent snapshot: Invalid or corrupt snapshot"),
+    (struct.pack("<4I", 0x70416E53, 1, 2, 8), "device-mapper: persistent snapshot: unable to handle snapshot disk version 2"),
+])
+async def test_bad_header_refuses_and_writes_nothing(small, header, log):
+    O, C, _ = small
+    with open(C, "r+b") as f:
+        f.write(header)
+    before = md5_file(C)
+    async with dmsim.open_manager() as m:
+        with pytest.raises(DMError):
+            await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, C))
+        lines = m.read_log()
+        assert lines[0] == log
+        assert "snapshot: Failed to read snapshot metadata (-" in lines[1]
+    assert md5_file(C) == before
+
+
+async def test_corrupt_area_refuses(small):
+    O, C, _ = small
+    with open(C, "r+b") as f:
+        f.write(struct.pack("<4I", 0x70416E53, 1, 1, 8))
+        f.seek(4096)
+        f.write(struct.pack("<QQ", 0, 99999999))
+    before = md5_file(C)
+    async with dmsim.open_manager() as m:
+        with pytest.raises(DMError):
+            await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, C))
+        assert any("Failed to read snapshot metadata" in line for line in m.read_log())
+    assert md5_file(C) == before
+
+
+async def test_merge_puts_snapshot_back(small):
+    O, C, _ = small
+    async with dmsim.open_manager() as m:
+        s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, C))
+        o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, O))
+        for c in list(range(40)) + [100, 7, 2047]:
+            await o.write(c * 8 + 1, fill(7, 3))
+        await s.write(50 * 8, fill(8, 8))
+        await s.write(60 * 8 + 2, fill(9, 1))
+        view = await md5_dev(s)
+        await m.remove("o")
+        await m.remove("s")
+        mg = await mk(m, "m", "0 %d snapshot-merge %s %s P 8" % (SZ8, O, C))
+        assert await md5_dev(mg) == view            # usable during the merge
+        seen = []
+        while True:
+            line = st(m, "m")
+            seen.append(line)
+            if line == "0 16384 snapshot-merge 16/32768 16":
+                break
+            await trio.sleep(0.001)
+        assert await md5_dev(mg) == view
+        await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, O))
+    assert hashlib.md5(read_at(O, 0, SZ8 * 512)).hexdigest() == view
+    assert read_at(C, 4096, 4096) == bytes(4096)
+    assert read_at(C, 4, 4) == b"\x01\x00\x00\x00"
+
+
+async def test_merge_with_writes_during_merge(small):
+    O, C, _ = small
+    async with dmsim.open_manager() as m:
+        s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, C))
+        o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, O))
+        for c in range(600):
+            await o.write(c * 8, fill(1, 8))
+        expect = bytearray(await md5_raw(s))
+        await m.remove("o")
+        await m.remove("s")
+        mg = await mk(m, "m", "0 %d snapshot-merge %s %s P 8" % (SZ8, O, C))
+        for c in range(0, 600, 7):
+            await mg.write(c * 8 + 1, fill(0xEE, 2))
+            expect[(c * 8 + 1) * 512:(c * 8 + 3) * 512] = fill(0xEE, 2)
+        while st(m, "m") != "0 16384 snapshot-merge 16/32768 16":
+            await trio.sleep(0.001)
+        assert await mg.read(0, SZ8) == bytes(expect)
+    assert read_at(O, 0, SZ8 * 512) == bytes(expect)
+
+
+async def md5_raw(dev):
+    return await dev.read(0, dev.size_sectors)
+
+
+async def test_handover_to_new_table(small):
+    O, C, _ = small
+    async with dmsim.open_manager() as m:
+        s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, C))
+        o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, O))
+        await o.write(0, fill(1, 8))
+        view = await md5_dev(s)
+        await m.load("s", parse_table_text("0 %d snapshot %s %s P 8" % (SZ8, O, C)))
+        await m.suspend("s")
+        await m.resume("s")
+        assert st(m, "s") == "0 16384 snapshot 24/32768 16"
+        assert await md5_dev(s) == view
+        await o.write(8, fill(2, 8))
+        assert st(m, "s") == "0 16384 snapshot 32/32768 16"
+
+
+# -- interop with COWs written by the 6.1 kernel (tests/fixtures/snapshot-kernel/record.sh) --------
+KFIX = os.path.join(HERE, "fixtures", "snapshot-kernel")
+
+
+def kernel_pattern_origin(path):
+    with open(path, "wb") as f:
+        for b in range(2048):
+            f.write(struct.pack("<Q", b) * 512)
+
+
+def gunzip(name, dest):
+    with gzip.open(os.path.join(KFIX, name)) as f, open(dest, "wb") as out:
+        out.write(f.read())
+
+
+def kernel_record():
+    with open(os.path.join(KFIX, "kernel.txt")) as f:
+        status, md5line = f.read().splitlines()[:2]
+    return status, md5line.split()[-1]
+
+
+async def test_kernel_made_cow_activates(tmp_path):
+    """A COW written by the kernel (3 exception areas) gives the kernel's status and the
+    kernel's snapshot contents on dmsim."""
+    o, c = str(tmp_path / "o.img"), str(tmp_path / "c.img")
+    gunzip("kernel-origin.img.gz", o)
+    gunzip("kernel-cow.img.gz", c)
+    status, md5 = kernel_record()
+    async with dmsim.open_manager() as m:
+        s = await mk(m, "snap", "0 16384 snapshot %s %s P 8" % (o, c))
+        assert st(m, "snap") == status
+        assert await md5_dev(s) == md5
+
+
+async def test_same_workload_writes_the_kernels_cow_bytes(tmp_path):
+    """guest.sh replayed in-process (page-cache writeback turns its 512-byte snapshot
+    writes into whole 4 KiB pages) leaves the very COW image the kernel left."""
+    o, c = str(tmp_path / "o.img"), str(tmp_path / "c.img")
+    kernel_pattern_origin(o)
+    make_zero(c, 4)
+    async with dmsim.open_manager() as m:
+        s = await mk(m, "snap", "0 16384 snapshot %s %s P 8" % (o, c))
+        org = await mk(m, "origin", "0 16384 snapshot-origin %s" % o)
+        for i in range(600):
+            await org.write(i * 37 % 2048 * 8, fill(i % 250 + 1, 8))
+        for i in range(40):
+            page = (i * 53 + 1) % 2048 * 8
+            data = bytearray(await s.read(page, 8))
+            data[3 * 512:4 * 512] = fill(0o252, 1)
+            await s.write(page, bytes(data))
+        status, md5 = kernel_record()
+        assert st(m, "snap") == status
+        assert await md5_dev(s) == md5
+    with gzip.open(os.path.join(KFIX, "kernel-cow.img.gz")) as f:
+        kernel_cow = f.read()
+    with open(c, "rb") as f:
+        assert f.read() == kernel_cow
+    with gzip.open(os.path.join(KFIX, "kernel-origin.img.gz")) as f:
+        assert md5_file(o) == hashlib.md5(f.read()).hexdigest()
