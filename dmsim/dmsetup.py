@@ -302,7 +302,7 @@ class Dmsetup:
                 with open(file_arg) as f:
                     text = f.read()
             except OSError as e:
-                self.o.error("Couldn't open '%s' for reading" % file_arg)
+                self.o.error("Couldn't open '%s' for reading." % file_arg)
                 raise CommandFailed() from e
             return parse_table_text(text, file_arg)
         return parse_table_text(self.stdin or "", "on stdin")
@@ -400,17 +400,12 @@ class Dmsetup:
         return args
 
     async def remove(self, args):
-        failed = False
         for name in await self._require(args, "remove [--deferred] [-f|--force] [--retry] <device>..."):
-            try:
-                if self.a.force:
-                    await self._force_error_table(name)
-                await self._ioctl("remove", name, self._remove_retry(name))
-            except CommandFailed:
-                self.o.error("Command failed.")
-                failed = True
-        if failed:
-            raise _AlreadyReported()
+            # dmsetup stops at the first device that fails (oracle: 'remove nosuch t'
+            # leaves t in place)
+            if self.a.force:
+                await self._force_error_table(name)
+            await self._ioctl("remove", name, self._remove_retry(name))
 
     async def _remove_retry(self, name):
         tries = 25 if self.a.retry else 1
@@ -506,19 +501,16 @@ class Dmsetup:
 
     async def ls(self, args):
         names = await self.ctl.names()
+        if not names:
+            self.o.print("No devices found")
+            return
         if self.a.target:
-            shown = False
+            # devices exist but none has such a target: no output at all (oracle)
             for name in names:
                 lines = await self.ctl.table_lines(name, "table") or []
                 if any(ln.type == self.a.target for ln in lines):
                     info = await self.ctl.info(name)
                     self.o.print("%s\t(%d, %d)" % (name, info.major, info.minor))
-                    shown = True
-            if not shown:
-                self.o.print("No devices found")
-            return
-        if not names:
-            self.o.print("No devices found")
             return
         if self.a.tree:
             await self._tree(names)

@@ -694,3 +694,40 @@ async def test_targets_lists_builtin_types_newest_first(env):
     lines = out.splitlines()
     for name, ver in (("linear", "v1.4.0"), ("zero", "v1.1.0"), ("error", "v1.5.0")):
         assert "%-16s %s" % (name, ver) in lines
+
+
+# -- recorded on the oracle (6.1, dmsetup 1.02.185) ------------------------------------------------
+async def test_oracle_missing_table_file(env):
+    assert await env.sh("create", "g", "/nonexist") == \
+        ("", "Couldn't open '/nonexist' for reading.\nCommand failed.\n", 1)
+
+
+async def test_oracle_ls_target_without_match_prints_nothing(env):
+    assert await env.sh("ls", "--target", "zero") == ("No devices found\n", "", 0)
+    await env.ok("create", "e1", "--table", "0 100 error")
+    assert await env.sh("ls", "--target", "nosuch") == ("", "", 0)
+
+
+async def test_oracle_remove_stops_at_first_failure(env):
+    await env.ok("create", "t", "--table", "0 8 zero")
+    await env.ok("create", "u", "--table", "0 8 zero")
+    assert await env.sh("remove", "nosuch", "t") == \
+        ("", "device-mapper: remove ioctl on nosuch  failed: No such device or address\nCommand failed.\n", 1)
+    assert await env.ok("ls") == "t\t(253:0)\nu\t(253:1)\n"
+    await env.ok("remove", "t", "u")
+    assert await env.ok("ls") == "No devices found\n"
+
+
+async def test_oracle_inactive_info_reports_inactive_table(env):
+    await env.ok("create", "e1", "--table", "0 100 error")
+    await env.ok("load", "e1", "-r", "--table", "0 16 zero")
+    assert await env.ok("info", "--inactive", "e1") == (
+        "Name:              e1\n"
+        "State:             ACTIVE (READ-ONLY)\n"
+        "Read Ahead:        256\n"
+        "Tables present:    LIVE & INACTIVE\n"
+        "Open count:        0\n"
+        "Event number:      0\n"
+        "Major, minor:      253, 0\n"
+        "Number of targets: 1\n\n")
+    assert await env.ok("info", "-c", "-o", "name,open", "e1") == "Name             Open\ne1                  0\n"
