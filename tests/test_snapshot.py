@@ -487,3 +487,25 @@ async def test_same_workload_writes_the_kernels_cow_bytes(tmp_path):
         assert f.read() == kernel_cow
     with gzip.open(os.path.join(KFIX, "kernel-origin.img.gz")) as f:
         assert md5_file(o) == hashlib.md5(f.read()).hexdigest()
+
+
+async def test_python_api_take_and_merge(small):
+    from dmsim.snapshots import merge_snapshot, take_snapshot
+
+    O, C, L = small
+    original = read_at(O, 0, SZ8 * 512)
+    async with dmsim.open_manager() as m:
+        origin, snap = await take_snapshot(m, O, C, name="s1")
+        await origin.write(0, fill(1, 64))
+        _, snap2 = await take_snapshot(m, O, L, name="s2", origin_name="s1-origin", chunk_sectors=16)
+        await origin.write(64, fill(2, 64))
+        assert await snap.read(0, SZ8) == original
+        assert (await snap2.read(0, 128))[:64 * 512] == fill(1, 64)
+        await snap.write(0, fill(3, 8))
+        expect = fill(3, 8) + original[8 * 512:]
+        await merge_snapshot(m, "s1")
+        assert st(m, "s1-origin") == "0 16384 snapshot-origin "
+        assert await origin.read(0, SZ8) == expect
+        # the other snapshot kept its view through the merge
+        assert (await snap2.read(0, 128)) == fill(1, 64) + original[64 * 512:128 * 512]
+    assert read_at(O, 0, SZ8 * 512) == expect
