@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import trio
 
 from .client import default_socket_path
-from .errors import DMError
+from .errors import DMError, collapse_groups
 
 log = logging.getLogger("dmsim.daemon")
 
@@ -213,12 +213,18 @@ def run_daemon(opts: DaemonOptions) -> int:
     return _run(opts, ready)
 
 
+def _serve(opts: DaemonOptions, state, ready) -> None:
+    """Run the daemon; a lone error leaves as itself, not inside an ExceptionGroup."""
+    with collapse_groups():
+        trio.run(serve_daemon, opts, state, ready)
+
+
 def _run(opts: DaemonOptions, ready) -> int:
     state = StateDir(opts.state_dir)
     try:
         state.acquire()
-        trio.run(serve_daemon, opts, state, ready)
-    except DaemonError as e:
+        _serve(opts, state, ready)
+    except (DaemonError, DMError) as e:
         print("dmsim daemon: %s" % e, file=sys.stderr, flush=True)
         return 1
     finally:
@@ -258,7 +264,7 @@ def _background(opts: DaemonOptions) -> int:
             rc = 1
             try:
                 state.acquire()
-                trio.run(serve_daemon, opts, state, ready)
+                _serve(opts, state, ready)
                 rc = 0
             except DaemonError as e:
                 print("dmsim daemon: %s" % e, file=sys.stderr, flush=True)

@@ -34,3 +34,27 @@ class TargetError(DMError):
 def errno_name(err: int) -> str:
     """``-EINVAL`` style suffix used in kernel log lines."""
     return "-" + _errno.errorcode.get(err, str(err))
+
+
+def collapse(exc: BaseException) -> BaseException:
+    """The one error inside nested single-member exception groups (Trio's strict
+    nurseries wrap every error that crosses them), or ``exc`` itself."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+class collapse_groups:
+    """Context manager for API edges: a lone error leaves as itself, not wrapped in
+    an ExceptionGroup, so callers can ``except DMError`` (several stay a group)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, typ, exc, tb):
+        if exc is None or not isinstance(exc, BaseExceptionGroup):
+            return False
+        inner = collapse(exc)
+        if inner is exc:
+            return False
+        raise inner

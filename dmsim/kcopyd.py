@@ -48,7 +48,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import trio
 
 from .bio import Bio, Op, PAGE_SECTORS, to_bytes
-from .errors import DMError
+from .errors import DMError, collapse_groups
 
 __all__ = [
     "Region", "KcopydClient", "open_kcopyd_client", "PagePool", "Throttle",
@@ -665,11 +665,12 @@ async def open_kcopyd_client(num_pages: int | None = None, **kwargs):
     in the body cancels outstanding jobs instead of waiting for them.
     """
     kc = KcopydClient(num_pages, **kwargs)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(kc.run)
-        try:
-            yield kc
-        except BaseException:
-            nursery.cancel_scope.cancel()
-            raise
-        await kc.destroy()
+    with collapse_groups():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(kc.run)
+            try:
+                yield kc
+            except BaseException:
+                nursery.cancel_scope.cancel()
+                raise
+            await kc.destroy()
