@@ -18,7 +18,7 @@ import trio
 
 from .blockdev import BlockDevice, FileDevice
 from .device import DM_MAJOR, MappedDevice
-from .errors import DMError
+from .errors import DMError, collapse_groups
 from .table import Table, TableLine, build_table, check_limits, split_args
 
 DRIVER_VERSION = (4, 47, 0)
@@ -416,11 +416,12 @@ class Manager:
 @contextlib.asynccontextmanager
 async def open_manager(mount_dir: str | None = None, io_mode: str = "inline"):
     """``async with open_manager() as m:`` -- a manager and the nursery it owns."""
-    async with trio.open_nursery() as nursery:
-        m = Manager(nursery, mount_dir, io_mode)
-        try:
-            yield m
-        finally:
-            with trio.CancelScope(shield=True):
-                await m.shutdown()
-            nursery.cancel_scope.cancel()
+    with collapse_groups():
+        async with trio.open_nursery() as nursery:
+            m = Manager(nursery, mount_dir, io_mode)
+            try:
+                yield m
+            finally:
+                with trio.CancelScope(shield=True):
+                    await m.shutdown()
+                nursery.cancel_scope.cancel()
