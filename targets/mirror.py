@@ -212,7 +212,9 @@ class Mirror(Target):
         self.recovered: dict[int, _Region] = {}
         self.failed_recovered: dict[int, _Region] = {}
         self.flush_failure = False
-        self.recovery_count = 0            # semaphore: recovery slots (0 until resume)
+        # recovery slots (0 until resume); trio's semaphore hands a released slot to a
+        # waiting stop_recovery first, like the kernel's FIFO down()
+        self.recovery_count = trio.Semaphore(0)
         self.recovery_in_flight = 0
         self._recovery_changed = trio.Event()
         # worker queues
@@ -406,7 +408,7 @@ class Mirror(Target):
         for req in delayed:
             self._queue(self.writes, req)
         self.recovery_in_flight -= 1
-        self.recovery_count += 1
+        self.recovery_count.release()
         self._recovery_changed.set()
         self._recovery_changed = trio.Event()
 
@@ -429,13 +431,16 @@ class Mirror(Target):
 
     def _recovery_prepare(self) -> None:
         self.recovery_in_flight += 1
-        while self.recovery_count > 0:
-            self.recovery_count -= 1
+        while True:
+            try:
+                self.recovery_count.acquire_nowait()
+            except trio.WouldBlock:
+                break
             self.recovery_in_flight += 1
             region = self.log.get_resync_work()
             if region is None:
                 self.recovery_in_flight -= 1
-                self.recovery_count += 1
+                self.recovery_count.release()
                 break
             reg = self._rh_find(region)
             reg.state = RECOVERING
@@ -694,9 +699,7 @@ class Mirror(Target):
             self._hold(req)
         # dm_rh_stop_recovery: take every recovery slot, then wait for in-flight copies
         for _ in range(MAX_RECOVERY):
-            while self.recovery_count <= 0:
-                await self._recovery_changed.wait()
-            self.recovery_count -= 1
+            await self.recovery_count.acquire()
         while self.recovery_in_flight:
             await self._recovery_changed.wait()
         await self._flush_worker()
@@ -716,9 +719,8 @@ class Mirror(Target):
         self._live = True
         if self._log_resume_failed:
             self._log("log resume failed")
-        self.recovery_count += MAX_RECOVERY
-        self._recovery_changed.set()
-        self._recovery_changed = trio.Event()
+        for _ in range(MAX_RECOVERY):
+            self.recovery_count.release()
         self._wake()
 
     # -- status -----------------------------------------------------------------------------------
