@@ -133,6 +133,10 @@ class Manager:
             raise DMError(errno.ENODEV) from None
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             raise DMError(errno.ENOTBLK)
+        md = self._loop_onto_mount(st)
+        if md is not None:
+            md.open_count += 1
+            return md
         key = (real, write)
         entry = self._files.get(key)
         if entry is None:
@@ -140,6 +144,35 @@ class Manager:
             entry = self._files[key] = [dev, 0]
         entry[1] += 1
         return entry[0]
+
+    def _loop_onto_mount(self, st: os.stat_result) -> MappedDevice | None:
+        """A loop device whose backing file is one of our FUSE files is that dm device.
+
+        Its I/O would otherwise leave the daemon through the loop driver and come back
+        through FUSE to the same daemon, which is busy waiting for it: a deadlock.  A loop
+        with an offset or size limit cannot be mapped that simply and is refused.
+        """
+        if not stat.S_ISBLK(st.st_mode) or os.major(st.st_rdev) != 7 or not self.mount_dir:
+            return None
+        sysdir = "/sys/dev/block/%d:%d/loop" % (os.major(st.st_rdev), os.minor(st.st_rdev))
+        try:
+            with open(os.path.join(sysdir, "backing_file")) as f:
+                backing = f.read().strip()
+            with open(os.path.join(sysdir, "offset")) as f:
+                offset = int(f.read())
+            with open(os.path.join(sysdir, "sizelimit")) as f:
+                sizelimit = int(f.read())
+        except (OSError, ValueError):
+            return None
+        parent, name = os.path.split(backing)
+        if parent != self.mount_dir:
+            return None
+        if offset or sizelimit:
+            raise DMError(errno.EBUSY, "loop device over a dmsim file with an offset")
+        md = self.devices.get(name)
+        if md is None:
+            raise DMError(errno.ENODEV)
+        return md
 
     def put_device(self, dev: BlockDevice) -> None:
         if isinstance(dev, MappedDevice):

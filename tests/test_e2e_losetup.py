@@ -115,3 +115,33 @@ def test_ext4_on_loop_on_fuse_file(world, loop_direct_io):
         time.sleep(0.1)
     assert not mounted(w["mnt"])
     w["pid"] = None
+
+
+def test_table_naming_a_loop_over_our_own_file(world):
+    """A table that names a loop device backed by one of our FUSE files must not send its
+    I/O out through the loop and back into the same daemon (a deadlock): the manager
+    maps that loop device to the dm device itself."""
+    w = world
+    with open(w["img"], "wb") as f:
+        f.write(os.urandom(4 * MiB))
+    out = dmsim(w, "daemon", "--mount", w["mnt"], "--background").stdout
+    w["pid"] = int(out.split()[1].split("=")[1])
+    dmsim(w, "create", "base", "--table", "0 8192 linear %s 0" % w["img"])
+    w["loop"] = sh("losetup", "-f", "--show", os.path.join(w["mnt"], "base")).stdout.strip()
+    dmsim(w, "create", "top", "--table", "0 4096 linear %s 2048" % w["loop"])
+    assert dmsim(w, "table", "top").stdout == "0 4096 linear 253:0 2048\n"
+    assert dmsim(w, "deps", "-o", "devname", "top").stdout == "1 dependencies\t: (base)\n"
+    data = os.urandom(4096)
+    fd = os.open(os.path.join(w["mnt"], "top"), os.O_RDWR)
+    try:
+        os.pwrite(fd, data, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    with open(w["img"], "rb") as f:
+        f.seek(2048 * 512)
+        assert f.read(4096) == data
+    dmsim(w, "remove", "top")
+    sh("losetup", "-d", w["loop"])
+    w["loop"] = None
+    dmsim(w, "remove", "base")
