@@ -697,13 +697,32 @@ class Origin(Target):
     async def map(self, bio: Bio):
         if bio.op is Op.READ or (bio.op is Op.FLUSH and not bio.sectors):
             return await passthrough(self.dev, bio)
-        await do_origin(self.key, bio, True)
+        split = self.split_boundary
+        if not split or (bio.sector // split == (bio.end_sector - 1) // split):
+            await do_origin(self.key, bio, True)
+        else:
+            # the kernel trims at split_boundary and dm core maps the remainder at once:
+            # exceptions are allocated piece by piece in order, their copies run
+            # concurrently (so commits batch), and the write goes to the origin when all
+            # pieces' copies are done (each piece re-checked as retry_origin_bios does)
+            snaps = _origins.get(self.key, [])
+            for snap in list(snaps):
+                await snap.wait_for_in_progress()
+            held = []
+            start = bio.sector
+            while start < bio.end_sector:
+                end = min(bio.end_sector, (start // split + 1) * split)
+                _, pe = await _origin_write(snaps, start, True)
+                if pe is not None:
+                    held.append((start, end, pe))
+                start = end
+            for start, end, pe in held:
+                await pe.done.wait()
+                await do_origin(self.key, Bio(bio.op, start, end - start), False)
         return await self.dev.submit(bio)
 
     async def resume(self):
-        # the kernel trims writes at split_boundary; core's max_io_len does the same here
         self.split_boundary = minimum_chunk_size(self.key)
-        self.max_io_len = self.split_boundary
         _dm_origins[self.key] = self
 
     async def postsuspend(self):
