@@ -77,52 +77,68 @@ class Args:
 
 
 def parse_args(argv: list[str]) -> Args:
-    """getopt_long with permutation: options may come before or after the verb."""
+    """getopt_long with permutation: options may come before or after the verb, short
+    options cluster (``-cv``), and anything else starting with ``-`` is refused the way
+    getopt refuses it (``dmsetup: invalid option -- '1'``)."""
     a = Args()
     rest = []
     i = 0
+
+    def flag(attr):
+        if attr == "verbose":
+            a.verbose += 1
+        elif attr:
+            setattr(a, attr, True)
+
     while i < len(argv):
         word = argv[i]
         i += 1
         if word == "--":
             rest.extend(argv[i:])
             break
-        if word.startswith("-") and word != "-" and not _is_number(word):
+        if word.startswith("--"):
             name, eq, value = word.partition("=")
-            if name in _FLAGS:
-                attr = _FLAGS[name]
-                if attr == "verbose":
-                    a.verbose += 1
-                elif attr:
-                    setattr(a, attr, True)
-                continue
-            if name in _VALUED:
+            if name in _FLAGS and not eq:
+                flag(_FLAGS[name])
+            elif name in _VALUED:
                 if not eq:
                     if i >= len(argv):
-                        raise UsageError("dmsetup: option '%s' requires an argument" % name)
+                        raise _bad_usage("dmsetup: option '%s' requires an argument" % name)
                     value = argv[i]
                     i += 1
-                attr = _VALUED[name]
-                if attr:
-                    setattr(a, attr, value)
-                continue
-            if len(name) > 2 and name[1] != "-" and all(("-" + c) in _FLAGS for c in name[1:]):
-                for c in name[1:]:
-                    attr = _FLAGS["-" + c]
-                    if attr == "verbose":
-                        a.verbose += 1
-                    elif attr:
-                        setattr(a, attr, True)
-                continue
-            raise UsageError("dmsetup: unrecognized option '%s'" % word)
-        rest.append(word)
+                if _VALUED[name]:
+                    setattr(a, _VALUED[name], value)
+            else:
+                raise _bad_usage("dmsetup: unrecognized option '%s'" % word)
+        elif word.startswith("-") and word != "-":
+            k = 1
+            while k < len(word):
+                opt = "-" + word[k]
+                k += 1
+                if opt in _FLAGS:
+                    flag(_FLAGS[opt])
+                elif opt in _VALUED:
+                    if k < len(word):
+                        value = word[k:]
+                    elif i < len(argv):
+                        value = argv[i]
+                        i += 1
+                    else:
+                        raise _bad_usage("dmsetup: option requires an argument -- '%s'" % opt[1])
+                    if _VALUED[opt]:
+                        setattr(a, _VALUED[opt], value)
+                    break
+                else:
+                    raise _bad_usage("dmsetup: invalid option -- '%s'" % opt[1])
+        else:
+            rest.append(word)
     if rest:
         a.command, a.args = rest[0], rest[1:]
     return a
 
 
-def _is_number(word: str) -> bool:
-    return word[1:].isdigit()
+def _bad_usage(message: str) -> "UsageError":
+    return UsageError(message + "\nCouldn't process command line.")
 
 
 def needs_stdin(argv: list[str]) -> bool:

@@ -731,3 +731,15 @@ async def test_oracle_inactive_info_reports_inactive_table(env):
         "Major, minor:      253, 0\n"
         "Number of targets: 1\n\n")
     assert await env.ok("info", "-c", "-o", "name,open", "e1") == "Name             Open\ne1                  0\n"
+
+
+async def test_getopt_errors_like_dmsetup():
+    """Recorded on the oracle (tests/conformance/11-dust): a negative number is an option."""
+    async with dmsim.open_manager() as m:
+        ctl = LocalControl(m)
+        assert await dmsetup.run(ctl, ["message", "du", "0", "addbadblock", "-1"]) == (
+            "", "dmsetup: invalid option -- '1'\nCouldn't process command line.\n", 1)
+        out, err, rc = await dmsetup.run(ctl, ["ls", "--nosuch"])
+        assert (err, rc) == ("dmsetup: unrecognized option '--nosuch'\nCouldn't process command line.\n", 1)
+        out, err, rc = await dmsetup.run(ctl, ["info", "-co", "name", "--noheadings"])
+        assert (out, rc) == ("No devices found\n", 0)
