@@ -7,6 +7,8 @@
     dmsim [--socket PATH] dmsetup <dmsetup arguments>...
     dmsim [--socket PATH] <dmsetup command> <arguments>...     (create, ls, table, ...)
     dmsim [--socket PATH] klog        print and clear the kernel-log lines
+    dmsim [--socket PATH] progress NAME [--interval S]
+                                      follow a mirror resync or snapshot merge (a bar on a tty)
 
 The socket is ``--socket``, else ``$DMSIM_SOCKET``, else ``$XDG_RUNTIME_DIR/dmsim/control``,
 else ``/run/dmsim/control`` for root (``/tmp/dmsim-<uid>/control`` otherwise).
@@ -43,6 +45,14 @@ async def _dmsetup(socket: str | None, argv: list[str], stdin: str | None):
 
     async with RemoteControl(socket) as ctl:
         return await dmsetup.run_chunks(ctl, argv, stdin=stdin)
+
+
+async def _progress(socket: str | None, name: str, interval: float) -> int:
+    from .client import RemoteControl
+    from .progress import follow
+
+    async with RemoteControl(socket) as ctl:
+        return await follow(ctl, name, interval)
 
 
 async def _klog(socket: str | None) -> list[str]:
@@ -93,6 +103,13 @@ def main(argv: list[str] | None = None) -> int:
             for line in trio.run(_klog, socket):
                 print(line)
             return 0
+        if cmd == "progress":
+            p = argparse.ArgumentParser(prog="dmsim progress",
+                                        description="Follow a mirror resync or a snapshot merge until it completes.")
+            p.add_argument("name")
+            p.add_argument("--interval", type=float, default=0.5)
+            a = p.parse_args(argv[1:])
+            return trio.run(_progress, socket, a.name, a.interval)
         if cmd == "dmsetup":
             dm_argv = argv[1:]
         elif cmd in DMSETUP_VERBS or cmd.startswith("-"):
