@@ -569,6 +569,8 @@ class KcopydClient:
         job.issue_offset += sectors
         if job.issue_lot is not None:
             job.issue_lot.unpark_all()
+        if job.source is not None and not seq and self._copy_in_kernel(job, offset, sectors):
+            return
         if job.source is not None:
             if seq and job.write_err:
                 job.read_err = 1              # cancelled before its read (kernel -EIO)
@@ -596,6 +598,26 @@ class KcopydClient:
             job.write_offset += sectors
             job.seq_lot.unpark_all()
         await self._write(job, offset, sectors, data)
+
+    def _copy_in_kernel(self, job: _Job, offset: int, sectors: int) -> bool:
+        """File to file: one ``copy_file_range`` instead of a read and a write.
+
+        Only for one destination (several must be fed by one read), when both devices
+        are plain image files doing inline I/O and no throttle is set.  Any failure
+        returns False and the chunk runs the ordinary way, so read_err and write_err
+        stay exact.
+        """
+        src = job.source.dev
+        if len(job.dests) != 1 or self.throttle is not None or not hasattr(src, "can_copy_to"):
+            return False
+        dest = job.dests[0]
+        if not src.can_copy_to(dest.dev):
+            return False
+        try:
+            src.copy_to(dest.dev, job.source.sector + offset, dest.sector + offset, sectors)
+        except DMError:
+            return False
+        return True
 
     async def _read(self, src: Region, offset: int, sectors: int):
         throttle = self.throttle
