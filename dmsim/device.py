@@ -28,6 +28,27 @@ class Requeue(Exception):
     (``DM_MAPIO_REQUEUE``): held until resume during a noflush suspend, else EIO."""
 
 
+async def _map_clones(clones) -> list:
+    """Map the pieces of a split request concurrently, as dm core submits its clones:
+    targets that commit in batches (snapshot exceptions) see them together.  The request
+    fails with the first piece's error; a requeue wins over errors (core resubmits)."""
+    results = [None] * len(clones)
+    failures: list[BaseException] = []
+
+    async def one(i, target, clone):
+        try:
+            results[i] = await target.map(clone)
+        except (DMError, Requeue) as e:
+            failures.append(e)
+
+    async with trio.open_nursery() as nursery:
+        for i, (target, clone) in enumerate(clones):
+            nursery.start_soon(one, i, target, clone)
+    if failures:
+        raise next((e for e in failures if isinstance(e, Requeue)), failures[0])
+    return results
+
+
 class MappedDevice(BlockDevice):
     def __init__(self, manager: "Manager", name: str, uuid: str, minor: int):
         self.manager = manager
@@ -133,7 +154,7 @@ class MappedDevice(BlockDevice):
         if len(table.targets) == 1 and not table.targets[0].max_io_len:
             t = table.targets[0]
             return await t.map(bio if t.begin == 0 else bio.remap(bio.sector - t.begin))
-        pieces = []
+        clones = []
         done = 0
         while done < bio.sectors:
             sector = bio.sector + done
@@ -142,12 +163,14 @@ class MappedDevice(BlockDevice):
             n = min(bio.sectors - done, t.len - rel)
             if t.max_io_len:
                 n = min(n, t.max_io_len - rel % t.max_io_len)
-            result = await t.map(bio.slice(done, n, rel))
-            if bio.op is Op.READ:
-                pieces.append(result)
+            clones.append((t, bio.slice(done, n, rel)))
             done += n
+        if len(clones) == 1:
+            t, clone = clones[0]
+            return await t.map(clone)
+        results = await _map_clones(clones)
         if bio.op is Op.READ:
-            return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            return b"".join(results)
         return None
 
     # -- convenience for in-process users (byte offsets, any alignment) ----------------------

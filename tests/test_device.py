@@ -365,10 +365,11 @@ async def test_split_at_target_boundaries_and_max_io_len(m, img):
         md = await mk(m, "r", "0 10 test-rec 0\n10 20 test-rec 8\n30 2 test-rec 0")
         assert await md.read(5, 27) == bytes(27 * 512)
         # relative sectors; the middle target is cut at multiples of 8 of its own sectors
-        assert seen == [(0, 5, 5), (10, 0, 8), (10, 8, 8), (10, 16, 4), (30, 0, 2)]
+        # (the pieces are mapped concurrently, so only the set is defined)
+        assert sorted(seen) == [(0, 5, 5), (10, 0, 8), (10, 8, 8), (10, 16, 4), (30, 0, 2)]
         seen.clear()
         await md.write(12, b"\x07" * 512 * 7)
-        assert seen == [(10, 2, 6), (10, 8, 1)]
+        assert sorted(seen) == [(10, 2, 6), (10, 8, 1)]
     finally:
         tbase._registry.pop(Rec.name)
         tbase._order.remove(Rec.name)
