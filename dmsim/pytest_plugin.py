@@ -11,6 +11,9 @@ Fixtures:
     a factory of image files in the test's tmp_path: ``images.zero(mib=1)``,
     ``images.random(mib=1, seed=0)`` (the conformance cases' generator),
     ``images.of(data)``; sizes may also be given as ``sectors=``.
+``snapshot_stack``
+    an async factory of snapshot stacks (origin + snapshot devices over image files,
+    persistent COW), with ``merge()``.
 """
 from __future__ import annotations
 
@@ -84,3 +87,31 @@ def dm_sync():
 
     with DM() as d:
         yield d
+
+
+@pytest.fixture
+async def snapshot_stack(dm, images):
+    """Factory of snapshot stacks over image files (``dmsim.snapshots.take_snapshot``)::
+
+        stack = await snapshot_stack(origin_mib=8, cow_mib=4)
+        await dm.write(stack.origin_name, 0, b"new")   # the snapshot keeps the old data
+        await stack.merge()                             # and merging puts it back
+    """
+    from types import SimpleNamespace
+
+    from .snapshots import merge_snapshot, take_snapshot
+
+    async def make(origin: str | None = None, origin_mib: float = 8, cow_mib: float = 4,
+                   chunk_sectors: int = 8, store: str = "P", name: str = "snap"):
+        origin = origin or images.random(mib=origin_mib, seed=1)
+        cow = images.zero(mib=cow_mib)
+        origin_md, snap_md = await take_snapshot(dm.manager, origin, cow, name=name,
+                                                 chunk_sectors=chunk_sectors, store=store)
+
+        async def merge():
+            return await merge_snapshot(dm.manager, name)
+
+        return SimpleNamespace(origin=origin_md, snapshot=snap_md, origin_name=origin_md.name,
+                               snapshot_name=name, origin_path=origin, cow_path=cow, merge=merge)
+
+    yield make
