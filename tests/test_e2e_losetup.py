@@ -8,65 +8,18 @@ import hashlib
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
-if os.geteuid() != 0:
-    pytest.skip("needs root: losetup and mount are privileged (CI runs this as root)",
-                allow_module_level=True)
-if not os.path.exists("/dev/fuse"):
-    pytest.fail("/dev/fuse is missing: the FUSE daemon cannot run here", pytrace=False)
+from e2e_support import MiB, mounted, require_root_and_fuse, sh, world  # noqa: F401
 
+require_root_and_fuse()
 pytest.importorskip("pyfuse3", reason="pyfuse3 is an optional dependency (dmsim[fuse])")
-
-TIMEOUT_SECONDS = 60
-MiB = 1 << 20
-
-
-def sh(*cmd, check=True, input=None, env=None):
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_SECONDS, input=input, env=env)
-    if check and r.returncode:
-        raise AssertionError("%s failed (%d): %s%s" % (" ".join(cmd), r.returncode, r.stdout, r.stderr))
-    return r
-
-
-def mounted(path):
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == path for line in f)
-
-
-@pytest.fixture
-def world(tmp_path):
-    w = {"mnt": str(tmp_path / "mnt"), "fs": str(tmp_path / "fs"), "img": str(tmp_path / "disk.img"),
-         "loop": None, "pid": None}
-    os.mkdir(w["mnt"])
-    os.mkdir(w["fs"])
-    w["env"] = dict(os.environ, DMSIM_SOCKET=str(tmp_path / "state" / "control"))
-    try:
-        yield w
-    finally:
-        if mounted(w["fs"]):
-            subprocess.run(["umount", "-l", w["fs"]], capture_output=True)
-        if w["loop"]:
-            subprocess.run(["losetup", "-d", w["loop"]], capture_output=True)
-        if w["pid"]:
-            try:
-                os.kill(w["pid"], signal.SIGTERM)
-                for _ in range(100):
-                    os.kill(w["pid"], 0)
-                    time.sleep(0.1)
-                os.kill(w["pid"], signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        if mounted(w["mnt"]):
-            subprocess.run(["fusermount3", "-u", "-z", w["mnt"]], capture_output=True)
 
 
 def dmsim(w, *args):
-    return sh(sys.executable, "-m", "dmsim", *args, env=w["env"])
+    return w.dmsim(*args)
 
 
 @pytest.mark.parametrize("loop_direct_io", ["off", "on"])

@@ -8,74 +8,25 @@ everything whatever failed: umount, losetup -d, the daemon (by pid), the FUSE mo
 import filecmp
 import hashlib
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 
-import pytest
+from e2e_support import MiB, TIMEOUT_SECONDS, require_root_and_fuse, sh, world  # noqa: F401
 
-if os.geteuid() != 0:
-    pytest.skip("needs root: losetup and mount are privileged (CI runs this as root)",
-                allow_module_level=True)
-if not os.path.exists("/dev/fuse"):
-    pytest.fail("/dev/fuse is missing: the FUSE daemon cannot run here", pytrace=False)
+require_root_and_fuse()
 
-MiB = 1 << 20
 SIZE_MIB = 64
 SECTORS = SIZE_MIB * 2048
-TIMEOUT_SECONDS = 120
-
-
-def sh(*cmd, check=True, env=None):
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_SECONDS, env=env)
-    if check and r.returncode:
-        raise AssertionError("%s failed (%d): %s%s" % (" ".join(cmd), r.returncode, r.stdout, r.stderr))
-    return r
-
-
-def mounted(path):
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == path for line in f)
-
-
-@pytest.fixture
-def world(tmp_path):
-    w = {"dir": str(tmp_path), "mnt": str(tmp_path / "mnt"), "fs": str(tmp_path / "fs"),
-         "loop": None, "pid": None}
-    os.mkdir(w["mnt"])
-    os.mkdir(w["fs"])
-    w["env"] = dict(os.environ, DMSIM_SOCKET=str(tmp_path / "state" / "control"))
-    try:
-        yield w
-    finally:
-        if mounted(w["fs"]):
-            subprocess.run(["umount", "-l", w["fs"]], capture_output=True)
-        if w["loop"]:
-            subprocess.run(["losetup", "-d", w["loop"]], capture_output=True)
-        if w["pid"]:
-            try:
-                os.kill(w["pid"], signal.SIGTERM)
-                for _ in range(100):
-                    os.kill(w["pid"], 0)
-                    time.sleep(0.1)
-                os.kill(w["pid"], signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        if mounted(w["mnt"]):
-            subprocess.run(["fusermount3", "-u", "-z", w["mnt"]], capture_output=True)
 
 
 def test_lose_a_leg_keep_working_repair(world):
     w = world
-    dmsim = lambda *a: sh(sys.executable, "-m", "dmsim", *a, env=w["env"])  # noqa: E731
+    dmsim = w.dmsim
     img = {n: os.path.join(w["dir"], n + ".img") for n in ("a", "b", "c")}
     for path in img.values():
         with open(path, "wb") as f:
             f.truncate(SIZE_MIB * MiB)
-    out = dmsim("daemon", "--mount", w["mnt"], "--background").stdout
-    w["pid"] = int(out.split()[1].split("=")[1])
+    w.start_daemon()
 
     # leg B sits under a linear device, so that it can be failed by a table swap
     dmsim("create", "legb", "--table", "0 %d linear %s 0" % (SECTORS, img["b"]))
@@ -143,9 +94,6 @@ def test_lose_a_leg_keep_working_repair(world):
     # nothing writes any more: both legs are equal, byte for byte, and hold a clean ext4
     assert filecmp.cmp(img["a"], img["c"], shallow=False)
     sh("fsck.ext4", "-fn", img["c"])
-    for _ in range(50):
-        if dmsim("info", "-c", "--noheadings", "-o", "open", "m").stdout.strip() == "0":
-            break
-        time.sleep(0.1)
+    w.wait_closed("m")
     dmsim("remove", "m")
     dmsim("remove", "legb")
