@@ -29,6 +29,7 @@ Kernel: drivers/md/dm-snap.c (snapshot 1.16.0, snapshot-origin 1.9.0, snapshot-m
 from __future__ import annotations
 
 import errno
+import operator
 
 import trio
 
@@ -41,6 +42,7 @@ from .base import STATUSTYPE_INFO, STATUSTYPE_TABLE, Target, passthrough, regist
 
 #: ``snapshot_cow_threshold``: copies in flight per snapshot before writes wait
 COW_THRESHOLD = 2048
+_FAR = 1 << 62      # see Snapshot._read_chunks
 
 # -- the origin registry (``_origins`` / ``_dm_origins``) -------------------------------------
 _origins: dict[tuple, list["Snapshot"]] = {}
@@ -95,11 +97,13 @@ class _Pending:
         self.done = trio.Event()
 
 
-async def _origin_write(snapshots, sector: int, with_bio: bool):
+async def _origin_write(snapshots, sector: int, with_bio: bool, batch: dict | None = None):
     """``__origin_write``: make every snapshot copy the chunk holding ``sector``.
 
     Returns ``(needed, pe)``: whether any copy is pending, and the exception a write
-    must wait for (the first one needed; it is started last).
+    must wait for (the first one needed; it is started last).  With ``batch`` (a dict
+    snapshot -> list), copies are collected there for :meth:`Snapshot.start_copies`
+    instead of started one task each.
     """
     needed = False
     wait_pe = None
@@ -129,9 +133,15 @@ async def _origin_write(snapshots, sector: int, with_bio: bool):
                 start_last = pe
         if not pe.started:
             pe.started = True
-            snap.start_copy(pe)
+            if batch is not None:
+                batch.setdefault(snap, []).append(pe)
+            else:
+                snap.start_copy(pe)
     if start_last is not None:
-        start_last.snap.start_copy(start_last)
+        if batch is not None:
+            batch.setdefault(start_last.snap, []).append(start_last)
+        else:
+            start_last.snap.start_copy(start_last)
     return needed, wait_pe
 
 
@@ -189,6 +199,8 @@ class Snapshot(Target):
         self._commit_lock = trio.Lock()
         self._tracked: dict[int, int] = {}
         self._untracked: dict[int, trio.Event] = {}
+        self._tracked_spans: list[tuple[int, int]] = []     # origin reads of whole chunk runs
+        self._spans_changed = trio.Event()
         self.in_progress = 0
         self._in_progress_event = trio.Event()
         self._idle = trio.Event()
@@ -221,7 +233,8 @@ class Snapshot(Target):
             if not self.store.chunk_sectors:
                 self._unregister()
                 raise TargetError("Chunk size not set")
-            self.max_io_len = self.store.chunk_sectors
+            if self.merging:
+                self.max_io_len = self.store.chunk_sectors
         except BaseException:
             await self.kc.destroy()
             raise
@@ -312,31 +325,72 @@ class Snapshot(Target):
 
     def start_copy(self, pe: _Pending) -> None:
         """``start_copy``: kcopyd the origin chunk (trimmed at the origin end) to the COW."""
-        self.in_progress += 1
-        self.ctx.start_task(self._copy_task, pe, name="snapshot-copy")
+        self.start_copies([pe])
 
-    async def _copy_task(self, pe: _Pending) -> None:
+    def start_copies(self, pes: list) -> None:
+        """Start the copies of a request's chunks as one task: runs of chunks that are
+        consecutive on both the origin and the COW go as one kcopyd job (the kernel
+        issues a job per chunk; the bytes written are the same), and the batch reaches
+        the commit together, so its exceptions share one metadata write."""
+        self.in_progress += len(pes)
+        self.ctx.start_task(self._copy_task, pes, name="snapshot-copy")
+
+    def _runs(self, pes: list):
+        """Split ``pes`` (in order) into runs consecutive in old and new chunk numbers."""
+        run = [pes[0]]
+        for pe in pes[1:]:
+            last = run[-1]
+            if pe.old_chunk == last.old_chunk + 1 and pe.new_chunk == last.new_chunk + 1:
+                run.append(pe)
+            else:
+                yield run
+                run = [pe]
+        yield run
+
+    async def _copy_task(self, pes: list) -> None:
         cs = self.store.chunk_sectors
-        src = pe.old_chunk * cs
-        count = min(cs, self.origin.size_sectors - src)
-        read_err, write_err = await self.kc.copy_async(
-            Region(self.origin, src, count), [Region(self.cow, pe.new_chunk * cs, count)])
-        await self._copy_done(pe, bool(read_err or write_err))
+        origin_sectors = self.origin.size_sectors
+        errors = []
+        pes.sort(key=lambda pe: pe.seq)
+        for run in self._runs(pes):
+            src = run[0].old_chunk * cs
+            count = min(len(run) * cs, origin_sectors - src)
+            read_err, write_err = await self.kc.copy_async(
+                Region(self.origin, src, count), [Region(self.cow, run[0].new_chunk * cs, count)])
+            errors.extend([bool(read_err or write_err)] * len(run))
+        await self._copies_done(pes, errors)
 
-    async def _full_write(self, pe: _Pending, bio: Bio) -> None:
-        """``start_full_bio``: a whole-chunk write goes straight to its new COW chunk."""
-        self.in_progress += 1
-        err = False
-        try:
-            await self.cow.submit(bio.remap(pe.new_chunk * self.store.chunk_sectors))
-        except DMError:
-            err = True
-        await self._copy_done(pe, err)
+    async def _full_writes(self, items: list) -> None:
+        """``start_full_bio``: whole-chunk writes go straight to their new COW chunks
+        (``items``: (pe, bio) in allocation order; runs of consecutive COW chunks are
+        one write)."""
+        self.in_progress += len(items)
+        cs = self.store.chunk_sectors
+        errors = []
+        i = 0
+        while i < len(items):
+            j = i + 1
+            while (j < len(items) and items[j][0].new_chunk == items[j - 1][0].new_chunk + 1
+                   and items[j][1].sector == items[j - 1][1].end_sector):
+                j += 1
+            first = items[i][1]
+            data = first.data if j == i + 1 else b"".join(b.data for _, b in items[i:j])
+            err = False
+            try:
+                await self.cow.submit(Bio(Op.WRITE, items[i][0].new_chunk * cs, (j - i) * cs,
+                                          data, first.fua))
+            except DMError:
+                err = True
+            errors.extend([err] * (j - i))
+            i = j
+        await self._copies_done([pe for pe, _ in items], errors)
 
-    async def _copy_done(self, pe: _Pending, err: bool) -> None:
-        """``copy_callback``: commit exceptions strictly in allocation order."""
-        pe.copy_error = err
-        self._copied[pe.seq] = pe
+    async def _copies_done(self, pes: list, errors: list) -> None:
+        """``copy_callback``: commit exceptions strictly in allocation order (a batch at
+        once: the store writes its area once the last pending exception is in)."""
+        for pe, err in zip(pes, errors):
+            pe.copy_error = err
+            self._copied[pe.seq] = pe
         async with self._commit_lock:
             while self._complete_seq in self._copied:
                 nxt = self._copied.pop(self._complete_seq)
@@ -344,7 +398,7 @@ class Snapshot(Target):
                 await self.store.commit_exception(
                     nxt.old_chunk, nxt.new_chunk, not nxt.copy_error,
                     lambda ok, nxt=nxt: self._pending_complete(nxt, ok))
-        self.in_progress -= 1
+        self.in_progress -= len(pes)
         self._in_progress_event.set()
         self._in_progress_event = trio.Event()
 
@@ -396,10 +450,20 @@ class Snapshot(Target):
         if ev is not None:
             ev.set()
 
+    def _untrack_span(self, span) -> None:
+        self._tracked_spans.remove(span)
+        self._spans_changed.set()
+        self._spans_changed = trio.Event()
+
     async def _wait_untracked(self, chunk: int) -> None:
-        while chunk in self._tracked:
-            ev = self._untracked.setdefault(chunk, trio.Event())
-            await ev.wait()
+        while True:
+            if chunk in self._tracked:
+                ev = self._untracked.setdefault(chunk, trio.Event())
+                await ev.wait()
+            elif any(lo <= chunk < hi for lo, hi in self._tracked_spans):
+                await self._spans_changed.wait()
+            else:
+                return
 
     async def _tracked_io(self, dev, bio: Bio, chunk: int):
         self._track(chunk)
@@ -420,6 +484,153 @@ class Snapshot(Target):
             bio = Bio(Op.WRITE, bio.sector, bio.sectors, bytes(to_bytes(bio.sectors)), bio.fua)
         if bio.op is Op.DISCARD and not self.discard_zeroes_cow:
             raise DMError(errno.EOPNOTSUPP)
+        shift = self.store.chunk_shift
+        if bio.sector >> shift == (bio.end_sector - 1) >> shift:
+            return await self._map_chunk(bio)
+        # dm core does not split at chunks for us (max_io_len 0): a request spanning
+        # chunks is mapped here, its runs of contiguous chunks as single I/Os
+        if not self.valid:
+            raise DMError(errno.EIO)
+        if bio.op is Op.READ:
+            return await self._read_chunks(bio)
+        if bio.op is Op.WRITE:
+            return await self._write_chunks(bio)
+        cs = self.store.chunk_sectors
+        sector = bio.sector
+        while sector < bio.end_sector:          # discards: chunk by chunk, as split
+            n = min(bio.end_sector, (sector & -cs) + cs) - sector
+            await self._map_chunk(bio.slice(sector - bio.sector, n))
+            sector += n
+        return None
+
+    async def _no_space(self) -> None:
+        """No COW chunk left: overflow (``PO``) or invalidate; the write fails."""
+        if self.store.userspace_supports_overflow:
+            if self.valid and not self.snapshot_overflowed:
+                self.snapshot_overflowed = True
+                self.ctx.log("snapshots: Snapshot overflowed: Unable to allocate exception.")
+        else:
+            await self.invalidate(errno.ENOMEM)
+        raise DMError(errno.EIO)
+
+    async def _read_chunks(self, bio: Bio) -> bytes:
+        """A read over several chunks: one read per run of chunks that is contiguous on
+        the COW or on the origin (the lookups run in C: ``map`` over the table)."""
+        shift = self.store.chunk_shift
+        first = bio.sector >> shift
+        chunks = range(first, ((bio.end_sector - 1) >> shift) + 1)
+        news = list(map(self.complete.get, chunks))
+        n = len(news)
+        holes = news.count(None)
+        if holes == n:                   # all on the origin
+            runs = [(0, n)]
+            tracked = ()
+        else:
+            tracked = ()
+            if holes:
+                # origin chunk i stands for i - _FAR: origin runs are consecutive
+                # numbers too, and never continue a COW run
+                tracked = [first + i for i, v in enumerate(news) if v is None]
+                news = [v if v is not None else i - _FAR for i, v in enumerate(news)]
+            breaks = list(map((1).__ne__, map(operator.sub, news[1:], news[:-1])))
+            runs = []
+            i = 0
+            while True:
+                try:
+                    j = breaks.index(True, i) + 1
+                except ValueError:
+                    runs.append((i, n))
+                    break
+                runs.append((i, j))
+                i = j
+        segs = []
+        for i, j in runs:
+            start = max(bio.sector, (first + i) << shift)
+            end = min(bio.end_sector, (first + j) << shift)
+            v = news[i]
+            if v is None or v < 0:
+                segs.append((self.origin, start, end - start))
+            else:
+                segs.append((self.cow, (v << shift) | (start & ((1 << shift) - 1)), end - start))
+        if holes == n:
+            span = (first, first + n)
+            self._tracked_spans.append(span)
+        for chunk in tracked:
+            self._track(chunk)
+        try:
+            parts = [await dev.submit(Bio(Op.READ, dsec, k)) for dev, dsec, k in segs]
+        finally:
+            for chunk in tracked:
+                self._untrack(chunk)
+            if holes == n:
+                self._untrack_span(span)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def _write_chunks(self, bio: Bio) -> None:
+        await self.wait_for_in_progress()
+        if not self.valid or self.snapshot_overflowed:
+            raise DMError(errno.EIO)
+        cs = self.store.chunk_sectors
+        shift = self.store.chunk_shift
+        mask = cs - 1
+        complete = self.complete
+        direct: list = []        # [COW sector, sectors, offset in bio]: chunks with exceptions
+        full = []                # (pe, piece): whole chunks without one, written to the COW
+        partial = []             # (pe, piece): written after the chunk's copy
+        copies = []
+        no_space = False
+        sector, end = bio.sector, bio.end_sector
+        while sector < end:
+            chunk = sector >> shift
+            n = min(end, (chunk + 1) << shift) - sector
+            new = complete.get(chunk)
+            if new is not None:
+                dsec = (new << shift) | (sector & mask)
+                if direct and direct[-1][0] + direct[-1][1] == dsec:
+                    direct[-1][1] += n
+                else:
+                    direct.append([dsec, n, sector - bio.sector])
+            else:
+                pe = self.pending.get(chunk)
+                if pe is None:
+                    pe = self.insert_pending(chunk)
+                    if pe is None:
+                        no_space = True
+                        break
+                piece = bio.slice(sector - bio.sector, n)
+                if not pe.started and n == cs:
+                    pe.started = True
+                    full.append((pe, piece))
+                else:
+                    if not pe.started:
+                        pe.started = True
+                        copies.append(pe)
+                    partial.append((pe, piece))
+            sector += n
+        if copies:
+            self.start_copies(copies)
+        if full:
+            await self._full_writes(full)
+        failed = False
+        for pe, _ in full:
+            await pe.done.wait()
+            failed = failed or not pe.ok
+        for pe, piece in partial:
+            await pe.done.wait()
+            if not pe.ok:
+                failed = True
+            elif not failed:
+                await self.cow.submit(self._remap(pe.new_chunk, piece))
+        if no_space:
+            await self._no_space()
+        if failed:
+            raise DMError(errno.EIO)
+        for dsec, n, offset in direct:
+            await self.cow.submit(bio.slice(offset, n, dsec))
+        return None
+
+    async def _map_chunk(self, bio: Bio):
+        """A request inside one chunk (``snapshot_map``)."""
         cs = self.store.chunk_sectors
         chunk = bio.sector >> self.store.chunk_shift
         if not self.valid:
@@ -454,16 +665,10 @@ class Snapshot(Target):
         if pe is None:
             pe = self.insert_pending(chunk)
             if pe is None:
-                if self.store.userspace_supports_overflow:
-                    if self.valid and not self.snapshot_overflowed:
-                        self.snapshot_overflowed = True
-                        self.ctx.log("snapshots: Snapshot overflowed: Unable to allocate exception.")
-                else:
-                    await self.invalidate(errno.ENOMEM)
-                raise DMError(errno.EIO)
+                await self._no_space()
         if not pe.started and bio.sectors == cs:
             pe.started = True
-            await self._full_write(pe, bio)
+            await self._full_writes([(pe, bio)])
             await pe.done.wait()
             if not pe.ok:
                 raise DMError(errno.EIO)
@@ -503,7 +708,8 @@ class Snapshot(Target):
         self.store, src.store = src.store, self.store
         self.store.userspace_supports_overflow = overflow
         self.store.cow, self.store.origin, self.store.log = self.cow, self.origin, self.ctx.log
-        self.max_io_len = self.store.chunk_sectors
+        if self.merging:
+            self.max_io_len = self.store.chunk_sectors
         self.valid = src.valid
         self.snapshot_overflowed = src.snapshot_overflowed
         src.valid = False
@@ -709,13 +915,16 @@ class Origin(Target):
             for snap in list(snaps):
                 await snap.wait_for_in_progress()
             held = []
+            batch: dict = {}
             start = bio.sector
             while start < bio.end_sector:
                 end = min(bio.end_sector, (start // split + 1) * split)
-                _, pe = await _origin_write(snaps, start, True)
+                _, pe = await _origin_write(snaps, start, True, batch)
                 if pe is not None:
                     held.append((start, end, pe))
                 start = end
+            for snap, pes in batch.items():
+                snap.start_copies(pes)
             for start, end, pe in held:
                 await pe.done.wait()
                 await do_origin(self.key, Bio(bio.op, start, end - start), False)
