@@ -7,6 +7,15 @@ File I/O runs inline on the Trio thread by default: measured by ``scripts/bench`
 (see README), an ``os.pread`` of 1 MiB from the page cache costs less than a
 ``trio.to_thread`` hand-off, and 4 KiB requests are 3-6x faster inline.  ``fsync`` is the
 exception: it can take milliseconds to seconds, so it always goes through a thread.
+
+Durability (``FileDevice(durability=...)``): ``"fsync"`` (the default) makes a FLUSH an
+``fdatasync`` of the file (data plus the metadata needed to read it back: what
+REQ_PREFLUSH promises; fsync would also write timestamps) and a FUA write a write
+followed by ``fdatasync``: acknowledged data survives a power loss.  ``"process"``
+makes FLUSH and FUA no-ops: a completed ``pwrite`` is in the kernel's page cache, which
+outlives the process, so every acknowledged write still survives a crash or SIGKILL of
+the daemon and any order of writes is seen in order by later readers -- but not a
+power loss or kernel crash (like qemu's ``cache=unsafe``).
 """
 from __future__ import annotations
 
@@ -84,10 +93,14 @@ class BlockDevice:
 class FileDevice(BlockDevice):
     """An image file or a real block device opened by path."""
 
-    def __init__(self, path: str, read_only: bool = False, io_mode: str = "inline"):
+    def __init__(self, path: str, read_only: bool = False, io_mode: str = "inline",
+                 durability: str = "fsync"):
+        if durability not in ("fsync", "process"):
+            raise ValueError("durability must be 'fsync' or 'process'")
         self.path = os.path.abspath(path)
         self.read_only = read_only
         self.io_mode = io_mode
+        self.sync = durability == "fsync"
         flags = os.O_RDONLY if read_only else os.O_RDWR
         try:
             self.fd = os.open(self.path, flags | os.O_CLOEXEC)
@@ -179,10 +192,11 @@ class FileDevice(BlockDevice):
                 raise DMError(errno.EPERM, "write to read-only device")
             if bio.op is Op.WRITE:
                 await self._call(self._write, off, bio.data)
-                if bio.fua:
+                if bio.fua and self.sync:
                     await trio.to_thread.run_sync(os.fdatasync, self.fd)
             elif bio.op is Op.FLUSH:
-                await trio.to_thread.run_sync(os.fsync, self.fd)
+                if self.sync:
+                    await trio.to_thread.run_sync(os.fdatasync, self.fd)
             elif bio.op is Op.DISCARD:
                 await self._call(self._discard, off, n)
             elif bio.op is Op.WRITE_ZEROES:

@@ -51,10 +51,12 @@ class Manager:
     device by its FUSE path, as ``/dev/mapper/NAME`` and ``253:N`` always can.
     """
 
-    def __init__(self, nursery: trio.Nursery, mount_dir: str | None = None, io_mode: str = "inline"):
+    def __init__(self, nursery: trio.Nursery, mount_dir: str | None = None, io_mode: str = "inline",
+                 durability: str = "fsync"):
         self.nursery = nursery
         self.mount_dir = os.path.abspath(mount_dir) if mount_dir else None
         self.io_mode = io_mode
+        self.durability = durability       # of image files: see dmsim.blockdev
         self.devices: dict[str, MappedDevice] = {}
         self._files: dict[tuple[str, bool], list] = {}   # (realpath, write) -> [dev, refs]
         self._log: list[str] = []
@@ -140,7 +142,8 @@ class Manager:
         key = (real, write)
         entry = self._files.get(key)
         if entry is None:
-            dev = FileDevice(real, read_only=not write, io_mode=self.io_mode)
+            dev = FileDevice(real, read_only=not write, io_mode=self.io_mode,
+                                 durability=self.durability)
             entry = self._files[key] = [dev, 0]
         entry[1] += 1
         return entry[0]
@@ -274,17 +277,23 @@ class Manager:
                 await new.destroy()
                 raise
             old, md.live = md.live, new
-            if old is not None:
-                await old.destroy()
         elif not md.suspended:
             return
-        if md.live is None:
-            raise DMError(errno.EINVAL)
-        for t in md.live.targets:
-            await t.preresume()
-        md.unblock_io()
-        for t in md.live.targets:
-            await t.resume()
+        else:
+            old = None
+        try:
+            if md.live is None:
+                raise DMError(errno.EINVAL)
+            for t in md.live.targets:
+                await t.preresume()
+            md.unblock_io()
+            for t in md.live.targets:
+                await t.resume()
+        finally:
+            # do_resume: the old table is destroyed after the new one resumed (or failed
+            # to), so targets can hand state over in their resume hooks
+            if old is not None:
+                await old.destroy()
 
     # -- DM_DEV_REMOVE / DM_REMOVE_ALL ------------------------------------------------------------
     async def remove(self, name: str, deferred: bool = False) -> None:
@@ -447,11 +456,12 @@ class Manager:
 
 
 @contextlib.asynccontextmanager
-async def open_manager(mount_dir: str | None = None, io_mode: str = "inline"):
+async def open_manager(mount_dir: str | None = None, io_mode: str = "inline",
+                       durability: str = "fsync"):
     """``async with open_manager() as m:`` -- a manager and the nursery it owns."""
     with collapse_groups():
         async with trio.open_nursery() as nursery:
-            m = Manager(nursery, mount_dir, io_mode)
+            m = Manager(nursery, mount_dir, io_mode, durability)
             try:
                 yield m
             finally:

@@ -738,13 +738,10 @@ class Snapshot(Target):
             return
         _, src, dest, _ = self._sharing_cow()
         if src is self and dest is not None:
-            if getattr(dest.ctx, "md", None) is getattr(self.ctx, "md", 0) and self.ctx.md.suspended:
-                # this table is being replaced by the destination on the same device (the
-                # manager destroys the old table before resuming the new one): hand over now
-                dest._take_over(self)
-            else:
-                dest.valid = False
-                self.ctx.log("snapshots: Cancelling snapshot handover.")
+            # a table replacing this one resumes (and takes the exceptions over) before
+            # this one is destroyed, so a destination still waiting never gets them
+            dest.valid = False
+            self.ctx.log("snapshots: Cancelling snapshot handover.")
         await self.stop_merge()
         self._unregister()
         await self._idle.wait()
