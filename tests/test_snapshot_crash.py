@@ -2,13 +2,16 @@
 to the snapshot is SIGKILLed at random points (50 trials); afterwards the COW activates,
 the snapshot still shows the origin as it was, and every acknowledged write is there.
 
-Run as a script (``python tests/test_snapshot_crash.py child DIR SEED``) it is the child.
+Run as a script (``python tests/test_snapshot_crash.py child DIR SEED DURABILITY``) it is
+the child.  Both durability modes of image files are tried: ``fsync`` and ``process``
+(no syncs at all: the page cache outlives a killed process).
 """
 import os
 import random
 import subprocess
 import sys
 
+import pytest
 import trio
 
 SECTORS = 4096            # 2 MiB origin, 512 chunks of 8 sectors
@@ -48,11 +51,11 @@ def table(kind, o, c=None):
     return [TableLine(0, SECTORS, kind, "%s %s P %d" % (o, c, CHUNK) if c else o)]
 
 
-async def child(d, seed):
+async def child(d, seed, durability):
     import dmsim
     o, c = os.path.join(d, "o.img"), os.path.join(d, "c.img")
     ops = ops_for(seed)
-    async with dmsim.open_manager() as m:
+    async with dmsim.open_manager(durability=durability) as m:
         m.create("s")
         await m.load("s", table("snapshot", o, c))
         await m.resume("s")
@@ -104,19 +107,19 @@ async def verify(d, seed, acked):
                 raise AssertionError("trial %d: %s sector %d wrong (%s)" % (seed, kind, s, status))
 
 
-async def one_trial(tmp, seed):
+async def one_trial(tmp, seed, durability, kill_window_s):
     d = os.path.join(tmp, "t%d" % seed)
     os.makedirs(d)
     images(d, seed)
     rng = random.Random(1000 + seed)
     proc = await trio.lowlevel.open_process(
-        [sys.executable, os.path.abspath(__file__), "child", d, str(seed)],
+        [sys.executable, os.path.abspath(__file__), "child", d, str(seed), durability],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     acked = set()
     buf = b""
     ready = False
     deadline = 0.0
-    kill_after = rng.uniform(0.0, 0.25)
+    kill_after = rng.uniform(0.0, kill_window_s)
     with trio.move_on_after(60):
         while True:
             with trio.move_on_at(deadline if ready else trio.current_time() + 30) as scope:
@@ -149,13 +152,14 @@ async def one_trial(tmp, seed):
     return len(acked)
 
 
-async def test_sigkill_during_writes_keeps_cow_consistent(tmp_path):
+@pytest.mark.parametrize("durability, kill_window_s", [("fsync", 0.25), ("process", 0.05)])
+async def test_sigkill_during_writes_keeps_cow_consistent(tmp_path, durability, kill_window_s):
     results = []
     limiter = trio.CapacityLimiter(4)
 
     async def run(seed):
         async with limiter:
-            results.append(await one_trial(str(tmp_path), seed))
+            results.append(await one_trial(str(tmp_path), seed, durability, kill_window_s))
 
     async with trio.open_nursery() as n:
         for seed in range(TRIALS):
@@ -166,4 +170,4 @@ async def test_sigkill_during_writes_keeps_cow_consistent(tmp_path):
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["child"]:
-    trio.run(child, sys.argv[2], int(sys.argv[3]))
+    trio.run(child, sys.argv[2], int(sys.argv[3]), sys.argv[4])
