@@ -71,13 +71,17 @@ def _daemon(argv: list[str]) -> int:
     p.add_argument("--state-dir", help="pid, lock and klog files (default: the socket's directory)")
     p.add_argument("--background", action="store_true", help="return once mount and socket are ready")
     p.add_argument("--page-cache", action="store_true",
-                   help="let the kernel cache the FUSE files (default: direct I/O)")
+                   help="every open through the kernel's FUSE page cache, written through "
+                        "(default: like a block device, O_DIRECT opens direct, others buffered)")
+    p.add_argument("--direct-io", action="store_true",
+                   help="every open direct, O_DIRECT or not (each request reaches the daemon as issued)")
     p.add_argument("--io-mode", choices=["inline", "thread"], default="inline",
                    help="image file I/O on the Trio thread or in worker threads")
     p.add_argument("--debug", action="store_true")
     a = p.parse_args(argv)
+    direct_io = False if a.page_cache else (True if a.direct_io else None)
     return run_daemon(DaemonOptions(mount=a.mount, socket=a.socket, state_dir=a.state_dir,
-                                    background=a.background, direct_io=not a.page_cache,
+                                    background=a.background, direct_io=direct_io,
                                     io_mode=a.io_mode, debug=a.debug))
 
 

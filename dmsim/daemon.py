@@ -40,7 +40,7 @@ class DaemonOptions:
     socket: str | None = None
     state_dir: str | None = None
     background: bool = False
-    direct_io: bool = True
+    direct_io: bool | None = None     # None: per open, like a block device (see dmsim.fuse)
     io_mode: str = "inline"
     debug: bool = False
 
@@ -175,23 +175,41 @@ async def serve_daemon(opts: DaemonOptions, state: StateDir, ready) -> None:
                     nursery.start_soon(watch_signals)
                     await stop.wait()
                 server_scope.cancel()
-                await _flush_all(m)
+                await _flush_all(m, fs.ops)
+                await _release_all(m)
                 with trio.CancelScope(shield=True):
                     await m.shutdown()
+                    await fs.ops.quiesce()
                 nursery.cancel_scope.cancel()
         finally:
             fs.unmount()
 
 
-async def _flush_all(m) -> None:
-    """Flush every device that can take I/O now (a suspended one would just hold it)."""
+async def _flush_all(m, ops=None) -> None:
+    """Write back buffered data, then flush every device that can take I/O now (a
+    suspended one would just hold it)."""
     with trio.move_on_after(FLUSH_TIMEOUT_SECONDS):
+        if ops is not None:
+            await ops.sync_all()
         for md in list(m.devices.values()):
             if md.live is not None and not md.suspended and not md.removed:
                 try:
                     await md.flush()
                 except Exception as e:  # a failing device must not stop the shutdown
                     log.warning("flush of %s failed: %s", md.name, e)
+
+
+async def _release_all(m) -> None:
+    """Suspend every running device, as dm's remove does (``__dm_destroy``): presuspend
+    releases what targets hold (delay's queued bios) and the in-flight I/O drains, so no
+    FUSE request is left waiting; requests held by the suspension fail at the removal."""
+    with trio.move_on_after(FLUSH_TIMEOUT_SECONDS):
+        for md in list(m.devices.values()):
+            if md.live is not None and not md.suspended and not md.removed:
+                try:
+                    await m.suspend(md.name)
+                except Exception as e:
+                    log.warning("suspend of %s failed: %s", md.name, e)
 
 
 def run_daemon(opts: DaemonOptions) -> int:

@@ -61,6 +61,9 @@ class Manager:
         self._files: dict[tuple[str, bool], list] = {}   # (realpath, write) -> [dev, refs]
         self._log: list[str] = []
         self.log_listeners: list = []
+        # async fn(md) run by a flushing suspend after presuspend (dm's lock_fs: a FUSE
+        # mount writes back its buffered data for the device there)
+        self.lock_fs_hooks: list = []
         self.closed = False
 
     # -- kernel log ---------------------------------------------------------------------------
@@ -251,6 +254,9 @@ class Manager:
         try:
             for t in targets:
                 await t.presuspend(noflush)
+            if not noflush:
+                for hook in self.lock_fs_hooks:
+                    await hook(md)
             md.block_io()
             await md.wait_drained()
         except BaseException:

@@ -165,3 +165,159 @@ async def test_errors_map_to_errno(mounted):
         return out
 
     assert await run(io) == [errno.EIO, bytes(512)]
+
+
+# -- block-device emulation: O_DIRECT opens direct, buffered opens through page/buffer cache --
+
+def test_buffer_bytes_like_set_init_blocksize():
+    from dmsim.fuse import buffer_bytes
+    assert buffer_bytes(8192 * 512) == 4096
+    assert buffer_bytes(8191 * 512) == 512          # an odd-sized device: 512-byte buffers
+    assert buffer_bytes(8190 * 512) == 1024
+    assert buffer_bytes(12 * 512) == 2048
+    assert buffer_bytes(0) == 4096
+    assert buffer_bytes(8191 * 512, 4096) == 4096   # never below the logical block size
+
+
+def _aligned(data: bytes):
+    import mmap
+    buf = mmap.mmap(-1, max(len(data), 4096))
+    buf[:len(data)] = data
+    return memoryview(buf)[:len(data)]
+
+
+def _sector_writes(path, flags, count):
+    """``count`` one-sector writes of zeros from sector 0, then fsync (like dd bs=512)."""
+    fd = os.open(path, os.O_RDWR | flags)
+    try:
+        for i in range(count):
+            os.pwrite(fd, _aligned(bytes(512)), i * 512)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+async def test_buffered_writes_reach_the_device_as_whole_buffers(mounted):
+    """corrupt_bio_byte 513 hits only a bio of more than 512 bytes: the kernel writes
+    dd's eight 512-byte writes back as one 4 KiB bio; O_DIRECT keeps them separate."""
+    m, mnt, img = mounted
+    for name, flags, start in (("buf", 0, 0), ("dio", os.O_DIRECT, 64)):
+        m.create(name)
+        await m.load(name, [TableLine(0, 4096, "flakey",
+                                      "%s %d 0 1 5 corrupt_bio_byte 513 w 255 0" % (img, start))])
+        await m.resume(name)
+        await run(_sector_writes, mnt + "/" + name, flags, 8)
+    with open(img, "rb") as f:
+        data = f.read(72 * 512)
+    assert data[512] == 0xFF and data[:512] == bytes(512) and data[513:4096] == bytes(4096 - 513)
+    assert data[64 * 512:72 * 512] == bytes(4096)
+
+
+async def test_odd_sized_device_writes_single_sectors_without_reading(mounted):
+    """8191 sectors -> 512-byte buffers: a one-sector write is one bio, no read first, so
+    dust's write to a bad block (failing reads) succeeds and clears it."""
+    m, mnt, img = mounted
+    m.create("dw")
+    await m.load("dw", [TableLine(0, 8191, "dust", "%s 0 4096" % img)])
+    await m.resume("dw")
+    await m.message("dw", 0, "addbadblock 7")
+    await m.message("dw", 0, "enable")
+    fd = await run(os.open, mnt + "/dw", os.O_RDWR)
+    try:
+        await run(os.pwrite, fd, b"A" * 512, 57 * 512)
+        await run(os.fsync, fd)
+    finally:
+        await run(os.close, fd)
+    assert (await m.message("dw", 0, "countbadblocks")).startswith("countbadblocks: 0")
+    with open(img, "rb") as f:
+        f.seek(57 * 512)
+        assert f.read(512) == b"A" * 512
+
+
+async def test_buffered_reads_come_as_pages(mounted):
+    """dust with 512-byte blocks and block 3 bad: reading sector 0 buffered fetches the
+    whole page and fails; an O_DIRECT read of sector 0 alone succeeds."""
+    m, mnt, img = mounted
+    m.create("du5")
+    await m.load("du5", [TableLine(0, 64, "dust", "%s 0 512" % img)])
+    await m.resume("du5")
+    await m.message("du5", 0, "addbadblock 3")
+    await m.message("du5", 0, "enable")
+
+    def read(flags):
+        fd = os.open(mnt + "/du5", os.O_RDONLY | flags)
+        try:
+            buf = _aligned(bytes(512))
+            return os.preadv(fd, [buf], 0), bytes(buf)
+        except OSError as e:
+            return e.errno
+        finally:
+            os.close(fd)
+
+    assert await run(read, 0) == errno.EIO
+    assert await run(read, os.O_DIRECT) == (512, bytes(512))
+
+
+async def test_writeback_error_reported_by_fsync(mounted):
+    """A whole-buffer write lands in the buffer cache; the failing writeback is fsync's EIO."""
+    m, mnt, img = mounted
+    m.create("err")
+    await m.load("err", [TableLine(0, 8, "error")])
+    await m.resume("err")
+
+    def io():
+        fd = os.open(mnt + "/err", os.O_RDWR)
+        try:
+            n = os.pwrite(fd, b"x" * 4096, 0)
+            try:
+                os.fsync(fd)
+                return n, None
+            except OSError as e:
+                return n, e.errno
+        finally:
+            os.close(fd)
+
+    assert await run(io) == (4096, errno.EIO)
+
+
+async def test_flushing_suspend_writes_back_buffered_data(mounted):
+    """Suspend's lock_fs writes back dirty buffers (no fsync needed); noflush does not."""
+    m, mnt, img = mounted
+    await make_linear(m, "lin", img, 2048)
+    fd = await run(os.open, mnt + "/lin", os.O_RDWR)
+    try:
+        await run(os.pwrite, fd, b"N" * 4096, 0)
+        await m.suspend("lin", noflush=True)
+        with open(img, "rb") as f:
+            assert f.read(4096) == bytes(4096)       # still only in the buffer cache
+        await m.resume("lin")
+        await run(os.pwrite, fd, b"S" * 4096, 4096)
+        await m.suspend("lin")
+        with open(img, "rb") as f:
+            assert f.read(8192) == b"N" * 4096 + b"S" * 4096
+        await m.resume("lin")
+        # the buffered fd still reads its data, and sees a bigger table's size at once
+        assert await run(os.pread, fd, 4, 4094) == b"NNSS"
+        await m.load("lin", [TableLine(0, 4096, "linear", "%s 0" % img)])
+        await m.resume("lin")
+        assert (await run(os.fstat, fd)).st_size == 2 * MiB
+    finally:
+        await run(os.close, fd)
+
+
+async def test_direct_read_sees_buffered_write(mounted):
+    """An O_DIRECT read writes the buffer cache's range back first, as the kernel's does."""
+    m, mnt, img = mounted
+    await make_linear(m, "lin", img, 2048)
+    fd = await run(os.open, mnt + "/lin", os.O_RDWR)
+    dfd = await run(os.open, mnt + "/lin", os.O_RDONLY | os.O_DIRECT)
+    try:
+        await run(os.pwrite, fd, b"D" * 512, 512)    # partial buffer: read, then dirty
+        buf = _aligned(bytes(4096))
+        assert await run(os.preadv, dfd, [buf], 0) == 4096
+        assert bytes(buf) == bytes(512) + b"D" * 512 + bytes(3072)
+        with open(img, "rb") as f:
+            assert f.read(1024) == bytes(512) + b"D" * 512
+    finally:
+        await run(os.close, dfd)
+        await run(os.close, fd)
