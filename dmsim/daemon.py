@@ -175,8 +175,8 @@ async def serve_daemon(opts: DaemonOptions, state: StateDir, ready) -> None:
                     nursery.start_soon(watch_signals)
                     await stop.wait()
                 server_scope.cancel()
-                await _flush_all(m, fs.ops)
                 await _release_all(m)
+                await _flush_files(m)
                 with trio.CancelScope(shield=True):
                     await m.shutdown()
                     await fs.ops.quiesce()
@@ -185,31 +185,29 @@ async def serve_daemon(opts: DaemonOptions, state: StateDir, ready) -> None:
             fs.unmount()
 
 
-async def _flush_all(m, ops=None) -> None:
-    """Write back buffered data, then flush every device that can take I/O now (a
-    suspended one would just hold it)."""
-    with trio.move_on_after(FLUSH_TIMEOUT_SECONDS):
-        if ops is not None:
-            await ops.sync_all()
-        for md in list(m.devices.values()):
-            if md.live is not None and not md.suspended and not md.removed:
-                try:
-                    await md.flush()
-                except Exception as e:  # a failing device must not stop the shutdown
-                    log.warning("flush of %s failed: %s", md.name, e)
-
-
 async def _release_all(m) -> None:
-    """Suspend every running device, as dm's remove does (``__dm_destroy``): presuspend
-    releases what targets hold (delay's queued bios) and the in-flight I/O drains, so no
-    FUSE request is left waiting; requests held by the suspension fail at the removal."""
+    """Suspend every running device, as dm's remove does (``__dm_destroy``), top of a stack
+    first: presuspend releases what targets hold (delay's queued bios), lock_fs writes the
+    FUSE buffer cache back and in-flight I/O drains, so no FUSE request is left waiting;
+    requests held by the suspension fail at the removal."""
     with trio.move_on_after(FLUSH_TIMEOUT_SECONDS):
-        for md in list(m.devices.values()):
+        for md in sorted(m.devices.values(), key=lambda md: md.open_count):
             if md.live is not None and not md.suspended and not md.removed:
                 try:
                     await m.suspend(md.name)
-                except Exception as e:
+                except Exception as e:  # a failing device must not stop the shutdown
                     log.warning("suspend of %s failed: %s", md.name, e)
+
+
+async def _flush_files(m) -> None:
+    """Flush the image files under the devices (the devices are suspended now)."""
+    with trio.move_on_after(FLUSH_TIMEOUT_SECONDS):
+        for dev, _refs in list(getattr(m, "_files", {}).values()):
+            if not getattr(dev, "read_only", False) and not getattr(dev, "closed", False):
+                try:
+                    await dev.flush()
+                except Exception as e:
+                    log.warning("flush of %s failed: %s", getattr(dev, "path", dev), e)
 
 
 def run_daemon(opts: DaemonOptions) -> int:

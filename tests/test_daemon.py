@@ -162,6 +162,49 @@ def test_shutdown_fails_held_io(daemon):
     assert not is_mounted(daemon.mnt)
 
 
+def test_shutdown_releases_held_delay_io_and_writes_back(daemon, tmp_path):
+    """SIGTERM: buffered data is written back, delay's held bios are released (as at a
+    removal's presuspend), every FUSE request is answered, and the log shows no error."""
+    img = tmp_path / "a.img"
+    with open(img, "wb") as f:
+        f.truncate(1 << 20)
+    assert dmsim("create", "lin", "--table", "0 2048 linear %s 0" % img, env=daemon.env).returncode == 0
+    assert dmsim("create", "slow", "--table", "0 2048 delay %s 0 20000" % img,
+                 env=daemon.env).returncode == 0
+    wfd = os.open(os.path.join(daemon.mnt, "lin"), os.O_RDWR)
+    os.pwrite(wfd, b"W" * 4096, 8192)                # in the buffer cache, no fsync
+    rfd = os.open(os.path.join(daemon.mnt, "slow"), os.O_RDONLY)
+    result = []
+
+    def reader():
+        try:
+            result.append(os.pread(rfd, 512, 0))
+        except OSError as e:
+            result.append(e.errno)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    time.sleep(0.5)
+    assert not result                                # held by delay for 20 s
+    t0 = time.monotonic()
+    daemon.stop(signal.SIGTERM)
+    t.join(10)
+    assert time.monotonic() - t0 < 10
+    for fd in (rfd, wfd):
+        try:
+            os.close(fd)
+        except OSError as e:
+            assert e.errno == errno.ENOTCONN
+    assert result == [bytes(512)]                    # released and completed
+    with open(img, "rb") as f:
+        f.seek(8192)
+        assert f.read(4096) == b"W" * 4096
+    assert not is_mounted(daemon.mnt)
+    with open(os.path.join(daemon.state, "daemon.log")) as f:
+        log = f.read()
+    assert "ERROR" not in log and "Traceback" not in log and "WARNING" not in log, log
+
+
 def test_external_unmount_stops_daemon(daemon):
     subprocess.run(["fusermount3", "-u", daemon.mnt], check=True)
     deadline = time.monotonic() + 10
