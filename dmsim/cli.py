@@ -3,7 +3,8 @@
 ::
 
     dmsim daemon --mount DIR [--socket PATH] [--state-dir DIR] [--background]
-                 [--page-cache] [--io-mode inline|thread] [--debug]
+                 [--page-cache | --direct-io] [--io-mode inline|thread]
+                 [--durability fsync|process] [--debug]
     dmsim [--socket PATH] dmsetup <dmsetup arguments>...
     dmsim [--socket PATH] <dmsetup command> <arguments>...     (create, ls, table, ...)
     dmsim [--socket PATH] klog        print and clear the kernel-log lines
@@ -77,12 +78,15 @@ def _daemon(argv: list[str]) -> int:
                    help="every open direct, O_DIRECT or not (each request reaches the daemon as issued)")
     p.add_argument("--io-mode", choices=["inline", "thread"], default="inline",
                    help="image file I/O on the Trio thread or in worker threads")
+    p.add_argument("--durability", choices=["fsync", "process"], default="fsync",
+                   help="fsync: a flush reaches the disk (the kernel's promise); process: flushes "
+                        "are free, writes survive a killed daemon but not a power loss")
     p.add_argument("--debug", action="store_true")
     a = p.parse_args(argv)
     direct_io = False if a.page_cache else (True if a.direct_io else None)
     return run_daemon(DaemonOptions(mount=a.mount, socket=a.socket, state_dir=a.state_dir,
                                     background=a.background, direct_io=direct_io,
-                                    io_mode=a.io_mode, debug=a.debug))
+                                    io_mode=a.io_mode, durability=a.durability, debug=a.debug))
 
 
 def main(argv: list[str] | None = None) -> int:

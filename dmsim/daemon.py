@@ -42,6 +42,7 @@ class DaemonOptions:
     background: bool = False
     direct_io: bool | None = None     # None: per open, like a block device (see dmsim.fuse)
     io_mode: str = "inline"
+    durability: str = "fsync"
     debug: bool = False
 
     def resolve(self) -> "DaemonOptions":
@@ -136,7 +137,7 @@ async def serve_daemon(opts: DaemonOptions, state: StateDir, ready) -> None:
     from .fuse import Mount
     from .server import serve
 
-    async with open_manager(mount_dir=opts.mount, io_mode=opts.io_mode) as m:
+    async with open_manager(mount_dir=opts.mount, io_mode=opts.io_mode, durability=opts.durability) as m:
         m.log_listeners.append(state.write_klog)
         fs = Mount(m, opts.mount, direct_io=opts.direct_io, debug=opts.debug)
         try:

@@ -212,3 +212,39 @@ def test_external_unmount_stops_daemon(daemon):
         time.sleep(0.05)
     assert not os.path.exists(daemon.socket)
     daemon.pid = None
+
+
+def test_durability_option(tmp_path):
+    """The daemon takes --durability process (flushes are free; what that means for the
+    image files is tested in test_blockdev and test_snapshot_crash) and refuses others."""
+    import subprocess as sp
+    import sys as _sys
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    img = tmp_path / "a.img"
+    img.write_bytes(bytes(1 << 20))
+    env = dict(os.environ, DMSIM_SOCKET=str(tmp_path / "st" / "control"))
+    run = lambda *a: sp.run([_sys.executable, "-m", "dmsim", *a], env=env, capture_output=True,  # noqa: E731
+                            text=True, timeout=60)
+    out = run("daemon", "--mount", str(mnt), "--background", "--durability", "process")
+    assert out.returncode == 0, out.stderr
+    pid = int(out.stdout.split()[1].split("=")[1])
+    try:
+        assert run("create", "l", "--table", "0 2048 linear %s 0" % img).returncode == 0
+        fd = os.open(mnt / "l", os.O_RDWR)
+        try:
+            os.pwrite(fd, b"\x5a" * 4096, 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        assert img.read_bytes()[:4096] == b"\x5a" * 4096
+        assert run("daemon", "--mount", str(tmp_path), "--durability", "bogus").returncode != 0
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(100):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
