@@ -603,12 +603,13 @@ class KcopydClient:
         """File to file: one ``copy_file_range`` instead of a read and a write.
 
         Only for one destination (several must be fed by one read), when both devices
-        are plain image files doing inline I/O and no throttle is set.  Any failure
-        returns False and the chunk runs the ordinary way, so read_err and write_err
-        stay exact.
+        are plain image files doing inline I/O and no throttle is limiting (a throttle at
+        100% is off, as in the kernel).  Any failure returns False and the chunk runs the
+        ordinary way, so read_err and write_err stay exact.
         """
         src = job.source.dev
-        if len(job.dests) != 1 or self.throttle is not None or not hasattr(src, "can_copy_to"):
+        throttled = self.throttle is not None and self.throttle.percent < 100
+        if len(job.dests) != 1 or throttled or not hasattr(src, "can_copy_to"):
             return False
         dest = job.dests[0]
         if not src.can_copy_to(dest.dev):
