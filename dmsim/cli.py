@@ -4,7 +4,7 @@
 
     dmsim daemon --mount DIR [--socket PATH] [--state-dir DIR] [--background]
                  [--page-cache | --direct-io] [--io-mode inline|thread]
-                 [--durability fsync|process] [--debug]
+                 [--durability fsync|process] [--resync-throttle PCT] [--debug]
     dmsim [--socket PATH] dmsetup <dmsetup arguments>...
     dmsim [--socket PATH] <dmsetup command> <arguments>...     (create, ls, table, ...)
     dmsim [--socket PATH] klog        print and clear the kernel-log lines
@@ -81,12 +81,16 @@ def _daemon(argv: list[str]) -> int:
     p.add_argument("--durability", choices=["fsync", "process"], default="fsync",
                    help="fsync: a flush reaches the disk (the kernel's promise); process: flushes "
                         "are free, writes survive a killed daemon but not a power loss")
+    p.add_argument("--resync-throttle", type=int, default=100, metavar="PCT",
+                   help="limit mirror resync I/O to PCT%% of the time (the kernel's "
+                        "raid1_resync_throttle; 100 = unlimited)")
     p.add_argument("--debug", action="store_true")
     a = p.parse_args(argv)
     direct_io = False if a.page_cache else (True if a.direct_io else None)
     return run_daemon(DaemonOptions(mount=a.mount, socket=a.socket, state_dir=a.state_dir,
                                     background=a.background, direct_io=direct_io,
-                                    io_mode=a.io_mode, durability=a.durability, debug=a.debug))
+                                    io_mode=a.io_mode, durability=a.durability,
+                                    resync_throttle=a.resync_throttle, debug=a.debug))
 
 
 def main(argv: list[str] | None = None) -> int:

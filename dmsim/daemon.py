@@ -43,6 +43,7 @@ class DaemonOptions:
     direct_io: bool | None = None     # None: per open, like a block device (see dmsim.fuse)
     io_mode: str = "inline"
     durability: str = "fsync"
+    resync_throttle: int = 100
     debug: bool = False
 
     def resolve(self) -> "DaemonOptions":
@@ -137,6 +138,12 @@ async def serve_daemon(opts: DaemonOptions, state: StateDir, ready) -> None:
     from .fuse import Mount
     from .server import serve
 
+    from .targets import mirror
+
+    # raid1_resync_throttle: the share of time mirror resync I/O may be in flight
+    mirror.resync_throttle.percent = opts.resync_throttle
+    if opts.resync_throttle < 100:
+        log.info("mirror resync limited to %d%% of the time (raid1_resync_throttle)", opts.resync_throttle)
     async with open_manager(mount_dir=opts.mount, io_mode=opts.io_mode, durability=opts.durability) as m:
         m.log_listeners.append(state.write_klog)
         fs = Mount(m, opts.mount, direct_io=opts.direct_io, debug=opts.debug)

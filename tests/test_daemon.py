@@ -216,7 +216,8 @@ def test_external_unmount_stops_daemon(daemon):
 
 def test_durability_option(tmp_path):
     """The daemon takes --durability process (flushes are free; what that means for the
-    image files is tested in test_blockdev and test_snapshot_crash) and refuses others."""
+    image files is tested in test_blockdev and test_snapshot_crash) and refuses others;
+    --resync-throttle sets the mirrors' shared kcopyd throttle and says so in its log."""
     import subprocess as sp
     import sys as _sys
 
@@ -227,7 +228,8 @@ def test_durability_option(tmp_path):
     env = dict(os.environ, DMSIM_SOCKET=str(tmp_path / "st" / "control"))
     run = lambda *a: sp.run([_sys.executable, "-m", "dmsim", *a], env=env, capture_output=True,  # noqa: E731
                             text=True, timeout=60)
-    out = run("daemon", "--mount", str(mnt), "--background", "--durability", "process")
+    out = run("daemon", "--mount", str(mnt), "--background", "--durability", "process",
+              "--resync-throttle", "50")
     assert out.returncode == 0, out.stderr
     pid = int(out.stdout.split()[1].split("=")[1])
     try:
@@ -239,6 +241,8 @@ def test_durability_option(tmp_path):
         finally:
             os.close(fd)
         assert img.read_bytes()[:4096] == b"\x5a" * 4096
+        with open(tmp_path / "st" / "daemon.log") as f:
+            assert "mirror resync limited to 50% of the time" in f.read()
         assert run("daemon", "--mount", str(tmp_path), "--durability", "bogus").returncode != 0
     finally:
         os.kill(pid, signal.SIGTERM)
