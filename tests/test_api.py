@@ -94,3 +94,20 @@ def test_blocking_dm_rejects_private_attributes():
         with pytest.raises(AttributeError):
             dm._nothing
         assert dm.manager.names() == []
+
+
+def test_import_without_pyfuse3():
+    """In-process users need only trio: the engine, API and targets import with pyfuse3
+    missing (only dmsim.fuse needs it)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['pyfuse3'] = None\n"
+            "import dmsim, dmsim.api, dmsim.dmsetup, dmsim.pytest_plugin, dmsim.daemon\n"
+            "from dmsim.targets import base; assert {t.name for t in base.registered()} >= "
+            "{'linear', 'zero', 'error', 'flakey', 'dust', 'delay', 'snapshot', 'snapshot-origin', "
+            "'snapshot-merge', 'mirror'}\n"
+            "try:\n    import dmsim.fuse\nexcept ImportError:\n    print('fuse needs pyfuse3')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "fuse needs pyfuse3\n"
