@@ -1,7 +1,11 @@
 """The request object that targets map: a userspace ``struct bio``.
 
 Sectors are 512 bytes.  ``data`` is the payload of a write; a read's data is what
-``submit`` returns.  Only this module converts between sectors and bytes
+``submit`` returns.  A read may carry a writable buffer in ``data`` (a slice of a
+larger one, say): a device may fill it in place and return it, or return other bytes;
+:func:`settle_read` puts the result in the buffer either way.  This lets a target that
+splits a read assemble the pieces in one buffer (one copy, where joining pieces costs
+a second copy and, for large reads, a fresh allocation).  Only this module converts between sectors and bytes
 (:func:`to_bytes` / :func:`to_sectors`).
 """
 from __future__ import annotations
@@ -39,7 +43,8 @@ class Op(enum.Enum):
 class Bio:
     """One request: ``op`` over ``sectors`` sectors from ``sector``.
 
-    ``data`` (bytes-like, ``sectors * 512`` long) is set for writes only.
+    ``data`` (bytes-like, ``sectors * 512`` long) is a write's payload, or a read's
+    optional destination buffer (writable).
     ``fua`` asks for the write to be durable on completion; an empty FLUSH carries no
     sectors.
     """
@@ -71,6 +76,11 @@ class Bio:
         return Bio(self.op, start, sectors, data, self.fua)
 
     @classmethod
+    def read_into(cls, sector: int, buf) -> "Bio":
+        """A read that fills ``buf`` (writable, a whole number of sectors)."""
+        return cls(Op.READ, sector, to_sectors(len(buf)), buf)
+
+    @classmethod
     def read(cls, sector: int, sectors: int) -> "Bio":
         return cls(Op.READ, sector, sectors)
 
@@ -81,3 +91,14 @@ class Bio:
     @classmethod
     def flush(cls) -> "Bio":
         return cls(Op.FLUSH)
+
+
+def settle_read(bio: Bio, result):
+    """After ``submit`` of a read that carried a buffer: make the buffer hold ``result``
+    (a no-op when the device filled it in place) and return the buffer."""
+    buf = bio.data
+    if buf is None:
+        return result
+    if result is not buf:
+        memoryview(buf)[:] = result
+    return buf

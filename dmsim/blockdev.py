@@ -132,6 +132,18 @@ class FileDevice(BlockDevice):
             data += bytes(n - len(data))
         return data
 
+    def _read_into(self, off: int, buf):
+        """Fill ``buf`` in place (``preadv``: no intermediate bytes object)."""
+        mv = memoryview(buf)
+        done = 0
+        while done < len(mv):
+            got = os.preadv(self.fd, [mv[done:]], off + done)
+            if not got:         # past the end of a file shorter than its sector count
+                mv[done:] = bytes(len(mv) - done)
+                break
+            done += got
+        return buf
+
     def _write(self, off: int, data) -> None:
         mv = memoryview(data)
         while mv:
@@ -187,6 +199,8 @@ class FileDevice(BlockDevice):
         n = to_bytes(bio.sectors)
         try:
             if bio.op is Op.READ:
+                if bio.data is not None:
+                    return await self._call(self._read_into, off, bio.data)
                 return await self._call(self._read, off, n)
             if self.read_only:
                 raise DMError(errno.EPERM, "write to read-only device")
@@ -226,6 +240,9 @@ class MemoryDevice(BlockDevice):
         off, n = to_bytes(bio.sector), to_bytes(bio.sectors)
         await trio.lowlevel.checkpoint()
         if bio.op is Op.READ:
+            if bio.data is not None:
+                memoryview(bio.data)[:] = memoryview(self.buf)[off:off + n]
+                return bio.data
             return bytes(self.buf[off:off + n])
         if self.read_only:
             raise DMError(errno.EPERM, "write to read-only device")

@@ -34,7 +34,7 @@ import operator
 
 import trio
 
-from dmsim.bio import Bio, Op, to_bytes
+from dmsim.bio import Bio, Op, settle_read, to_bytes
 from dmsim.errors import DMError, TargetError
 from dmsim.exception_store import StoreError, TransientStore, create_store
 from dmsim.kcopyd import Region
@@ -575,13 +575,23 @@ class Snapshot(Target):
         for chunk in tracked:
             self._track(chunk)
         try:
-            parts = [await dev.submit(Bio(Op.READ, dsec, k)) for dev, dsec, k in segs]
+            if len(segs) == 1:
+                dev, dsec, k = segs[0]
+                return await dev.submit(Bio(Op.READ, dsec, k, bio.data))
+            # the runs land in one buffer (dmsim.bio): no join, one copy of the data
+            buf = bio.data if bio.data is not None else bytearray(to_bytes(bio.sectors))
+            mv = memoryview(buf)
+            offset = 0
+            for dev, dsec, k in segs:
+                piece = Bio(Op.READ, dsec, k, mv[to_bytes(offset):to_bytes(offset + k)])
+                settle_read(piece, await dev.submit(piece))
+                offset += k
+            return buf
         finally:
             for chunk in tracked:
                 self._untrack(chunk)
             if holes == n:
                 self._untrack_span(span)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def _write_chunks(self, bio: Bio) -> None:
         await self.wait_for_in_progress()

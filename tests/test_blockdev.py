@@ -112,3 +112,48 @@ async def test_memory_device():
     with pytest.raises(DMError) as ei:
         await dev.write(0, bytes(512))
     assert errno_of(ei) == errno.EPERM
+
+
+@pytest.mark.parametrize("io_mode", ["inline", "thread"])
+async def test_file_device_read_fills_a_callers_buffer(img, io_mode):
+    """A read carrying a buffer is filled in place (preadv) and returns the buffer."""
+    dev = FileDevice(img, io_mode=io_mode)
+    try:
+        buf = bytearray(b"\xff" * 2048)
+        piece = memoryview(buf)[512:1536]
+        got = await dev.submit(Bio.read_into(5, piece))
+        assert got is piece
+        assert buf == b"\xff" * 512 + bytes([5]) * 512 + bytes([6]) * 512 + b"\xff" * 512
+    finally:
+        dev.close()
+
+
+async def test_read_into_past_a_files_end_zero_fills(tmp_path):
+    """A file that shrank under the device reads zeros past its end, into the buffer too
+    (as the plain read does)."""
+    path = tmp_path / "shrinks"
+    path.write_bytes(b"\x01" * 1024)
+    dev = FileDevice(str(path))
+    try:
+        os.truncate(path, 700)
+        buf = bytearray(b"\xee" * 1024)
+        assert await dev.submit(Bio.read_into(0, buf)) is buf
+        assert buf == b"\x01" * 700 + bytes(324)
+        assert await dev.read(0, 2) == buf
+    finally:
+        dev.close()
+
+
+async def test_memory_device_read_into_and_settle_read():
+    from dmsim.bio import settle_read
+    dev = MemoryDevice(4, data=b"\x07" * 2048)
+    buf = bytearray(1024)
+    bio = Bio.read_into(2, memoryview(buf)[512:])
+    assert settle_read(bio, await dev.submit(bio)) is bio.data
+    assert buf == bytes(512) + b"\x07" * 512
+    # a device that returns other bytes: settle_read copies them into the buffer
+    other = Bio.read_into(0, memoryview(buf)[:512])
+    assert settle_read(other, b"\x09" * 512) is other.data
+    assert buf[:512] == b"\x09" * 512
+    # no buffer: the result itself
+    assert settle_read(Bio.read(0, 1), b"x" * 512) == b"x" * 512

@@ -406,3 +406,13 @@ async def test_removed_device_fails_held_io(m, test_targets, autojump_clock):
         await trio.sleep(1)
         await m.remove("s")
     assert got == [errno.ENXIO]
+
+
+async def test_split_read_assembles_pieces_in_one_buffer(m, img):
+    """A read over several targets: every piece is filled into one buffer, whether the
+    target fills the piece in place (linear over a file) or returns bytes (zero)."""
+    md = await mk(m, "mix", "0 4 linear %s 100\n4 4 zero\n8 4 linear %s 7" % (img, img))
+    got = await md.read(2, 9)
+    assert got == sector_bytes(102, 2) + bytes(4 * 512) + sector_bytes(7, 3)
+    assert len(got) == 9 * 512
+    assert await md.read(4, 2) == bytes(1024)          # a single piece: no buffer needed
