@@ -118,7 +118,22 @@ class TransientStore(ExceptionStore):
         self.next_free_sectors += self.chunk_sectors
         return new_chunk
 
+    def prepare_exceptions(self, count: int) -> list[tuple[int, int]]:
+        """Allocate up to ``count`` chunks at once: ``[(first new chunk, n)]``, fewer
+        chunks than asked when the COW fills up."""
+        room = (self.cow.size_sectors - self.next_free_sectors) >> self.chunk_shift
+        n = min(count, max(room, 0))
+        if not n:
+            return []
+        first = self.next_free_sectors >> self.chunk_shift
+        self.next_free_sectors += n * self.chunk_sectors
+        return [(first, n)]
+
     async def commit_exception(self, old: int, new: int, valid: bool, callback: Callback) -> None:
+        await callback(valid)
+
+    async def commit_exceptions(self, old: int, new: int, count: int, valid: bool,
+                                callback: Callback) -> None:
         await callback(valid)
 
     async def drop_snapshot(self) -> None:
@@ -275,15 +290,56 @@ class PersistentStore(ExceptionStore):
         self.pending_count += 1
         return new_chunk
 
+    def prepare_exceptions(self, count: int) -> list[tuple[int, int]]:
+        """Allocate up to ``count`` chunks at once, exactly as ``count`` calls of
+        :meth:`prepare_exception` would: ``[(first new chunk, n)]``, one run per stretch
+        between metadata areas; fewer chunks than asked when the COW fills up."""
+        runs = []
+        stride = self.exceptions_per_area + 1
+        limit = self.cow.size_sectors // self.chunk_sectors      # chunks that fit
+        while count:
+            room = min((NUM_SNAPSHOT_HDR_CHUNKS - self.next_free) % stride, limit - self.next_free)
+            n = min(count, room)
+            if n <= 0:
+                break
+            runs.append((self.next_free, n))
+            self.next_free += n
+            self.pending_count += n
+            count -= n
+            self._skip_metadata()
+        return runs
+
     async def commit_exception(self, old: int, new: int, valid: bool, callback: Callback) -> None:
         """``persistent_commit_exception``: callers commit in allocation order, one at a
         time.  The batch's callbacks run once the area holding it is durable."""
+        await self.commit_exceptions(old, new, 1, valid, callback)
+
+    async def commit_exceptions(self, old: int, new: int, count: int, valid: bool,
+                                callback: Callback) -> None:
+        """``count`` consecutive exceptions ``old+i -> new+i`` committed as ``count`` calls
+        of ``persistent_commit_exception`` would be (same area writes at the same
+        points), with the entries packed in bulk; ``callback`` runs once all are durable."""
         if not valid:
             self.valid = 0
-        struct.pack_into("<QQ", self.area, 16 * self.current_committed, old, new)
-        self.current_committed += 1
-        self.callbacks.append(callback)
-        self.pending_count -= 1
+        while count:
+            k = min(count, self.exceptions_per_area - self.current_committed)
+            pairs = array("Q", bytes(16 * k))
+            pairs[0::2] = array("Q", range(old, old + k))
+            pairs[1::2] = array("Q", range(new, new + k))
+            if sys.byteorder != "little":
+                pairs.byteswap()
+            at = 16 * self.current_committed
+            self.area[at:at + 16 * k] = pairs.tobytes()
+            self.current_committed += k
+            self.pending_count -= k
+            old, new, count = old + k, new + k, count - k
+            if not count:
+                self.callbacks.append(callback)
+            await self._maybe_write_area()
+
+    async def _maybe_write_area(self) -> None:
+        """The tail of ``persistent_commit_exception``: write the area when nothing else
+        is pending or it is full, then run the callbacks of what it holds."""
         full = self.current_committed == self.exceptions_per_area
         if self.pending_count and not full:
             return
