@@ -43,6 +43,8 @@ from .base import STATUSTYPE_INFO, STATUSTYPE_TABLE, Target, passthrough, regist
 
 #: ``snapshot_cow_threshold``: copies in flight per snapshot before writes wait
 COW_THRESHOLD = 2048
+#: chunks per block of :attr:`Snapshot._linear` (a power of two)
+LINEAR_BLOCK_SHIFT = 6
 _FAR = 1 << 62      # see Snapshot._read_chunks
 
 # -- the origin registry (``_origins`` / ``_dm_origins``) -------------------------------------
@@ -217,6 +219,11 @@ class Snapshot(Target):
         self.snapshot_overflowed = False
         self.merge_failed = False
         self.complete: dict[int, int] = {}
+        # block b -> the COW chunk of origin chunk b << LINEAR_BLOCK_SHIFT, for aligned
+        # blocks of chunks that are all exceptions, consecutive on the COW: a read over
+        # such blocks is one lookup per block instead of one per chunk (kept for runs
+        # committed whole; anything that removes an exception drops its block)
+        self._linear: dict[int, int] = {}
         self.pending: dict[int, _Pending] = {}
         self.pending_exceptions_count = 0
         self._start_seq = 0
@@ -284,6 +291,12 @@ class Snapshot(Target):
     def _add_exceptions(self, olds, news) -> None:
         self.complete.update(zip(olds, news))
 
+    def _note_linear(self, old: int, new: int, count: int) -> None:
+        """Record the aligned blocks that the run ``old.. -> new..`` covers whole."""
+        shift = LINEAR_BLOCK_SHIFT
+        for b in range(-(-old >> shift), (old + count) >> shift):
+            self._linear[b] = new + (b << shift) - old
+
     # -- registry ------------------------------------------------------------------------------
     def _sharing_cow(self):
         """``__find_snapshots_sharing_cow``: (count, src, dest, merging snapshot)."""
@@ -335,6 +348,12 @@ class Snapshot(Target):
     def table_size(self) -> int:
         table = getattr(self.ctx, "table", None)
         return table.size_sectors if table is not None else self.begin + self.len
+
+    def has_exception(self, sector: int) -> bool:
+        """Whether an origin write at ``sector`` needs no copy for this snapshot (the
+        checks of ``__origin_write`` that skip a snapshot, or an exception exists)."""
+        return (self.merging or not self.valid or not self.active or sector >= self.table_size
+                or (sector >> self.store.chunk_shift) in self.complete)
 
     # -- pending exceptions ------------------------------------------------------------------------
     def insert_pending(self, chunk: int) -> _Pending | None:
@@ -456,6 +475,7 @@ class Snapshot(Target):
         else:
             olds = range(pe.old_chunk, pe.old_chunk + pe.count)
             self.complete.update(zip(olds, range(pe.new_chunk, pe.new_chunk + pe.count)))
+            self._note_linear(pe.old_chunk, pe.new_chunk, pe.count)
             if self._tracked or self._tracked_spans:
                 for chunk in olds:
                     await self._wait_untracked(chunk)
@@ -530,6 +550,19 @@ class Snapshot(Target):
         return bio.remap(new_chunk * cs + (bio.sector & (cs - 1)))
 
     async def map(self, bio: Bio):
+        op = bio.op
+        if op is Op.READ or op is Op.WRITE:
+            # the common case first, without the general path's checks: a request
+            # inside one chunk that already has its exception goes to the COW
+            shift = self.store.chunk_shift
+            chunk = bio.sector >> shift
+            if chunk == (bio.end_sector - 1) >> shift and self.valid:
+                new = self.complete.get(chunk)
+                if new is not None and (op is Op.READ or (
+                        self.in_progress <= COW_THRESHOLD and not self.snapshot_overflowed)):
+                    return await self.cow.submit(
+                        Bio(op, (new << shift) | (bio.sector & ((1 << shift) - 1)), bio.sectors,
+                            bio.data, bio.fua))
         if bio.op is Op.FLUSH and not bio.sectors:
             return await self.cow.submit(bio)
         if bio.op is Op.WRITE_ZEROES:
@@ -570,7 +603,18 @@ class Snapshot(Target):
         the COW or on the origin (the lookups run in C: ``map`` over the table)."""
         shift = self.store.chunk_shift
         first = bio.sector >> shift
-        chunks = range(first, ((bio.end_sector - 1) >> shift) + 1)
+        last = (bio.end_sector - 1) >> shift
+        if self._linear:
+            b0, b1 = first >> LINEAR_BLOCK_SHIFT, last >> LINEAR_BLOCK_SHIFT
+            base = self._linear.get(b0)
+            if base is not None and (b0 == b1 or list(map(self._linear.get, range(b0, b1 + 1)))
+                                     == list(range(base, base + ((b1 - b0 + 1) << LINEAR_BLOCK_SHIFT),
+                                                   1 << LINEAR_BLOCK_SHIFT))):
+                # every chunk is on the COW, in one run: one read
+                new = base + first - (b0 << LINEAR_BLOCK_SHIFT)
+                dsec = (new << shift) | (bio.sector & ((1 << shift) - 1))
+                return await self.cow.submit(Bio(Op.READ, dsec, bio.sectors, bio.data))
+        chunks = range(first, last + 1)
         news = list(map(self.complete.get, chunks))
         n = len(news)
         holes = news.count(None)
@@ -798,6 +842,7 @@ class Snapshot(Target):
         """``__handover_exceptions``: move the table and store from the live instance."""
         overflow = self.store.userspace_supports_overflow
         self.complete, src.complete = src.complete, self.complete
+        self._linear, src._linear = src._linear, self._linear
         self.store, src.store = src.store, self.store
         self.store.userspace_supports_overflow = overflow
         self.store.cow, self.store.origin, self.store.log = self.cow, self.origin, self.ctx.log
@@ -964,6 +1009,7 @@ class SnapshotMerge(Snapshot):
                     break
                 for c in range(old, old + n):
                     self.complete.pop(c, None)
+                    self._linear.pop(c >> LINEAR_BLOCK_SHIFT, None)
                 self._release_queued(True)
         finally:
             self._merge_running = False
@@ -993,7 +1039,10 @@ class Origin(Target):
         # first chunk; with no boundary (no snapshot when it resumed) only the first
         # chunk of the write is looked at, as there
         end = bio.end_sector if split else bio.sector + 1
-        await do_origin(self.key, bio.sector, end, True)
+        snaps = _origins.get(self.key)
+        if snaps and ((split and bio.sector // split != (end - 1) // split) or not all(
+                s.in_progress <= COW_THRESHOLD and s.has_exception(bio.sector) for s in snaps)):
+            await do_origin(self.key, bio.sector, end, True)
         return await self.dev.submit(bio)
 
     async def resume(self):
