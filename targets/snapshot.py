@@ -125,12 +125,14 @@ def _consecutive(chunks: list):
     yield start, prev + 1 - start
 
 
-async def _origin_write(snapshots, start: int, end: int) -> list:
+async def _origin_write(snapshots, start: int, end: int, inline: list | None = None) -> list:
     """``__origin_write`` for every chunk of ``[start, end)`` at once: each snapshot
     with neither an exception nor a pending copy for a chunk allocates one (runs of
     chunks allocate together, in chunk order, as the kernel's chunk-by-chunk loop
     would) and starts its copy.  Returns the pending exceptions the write must wait
-    for (empty: nothing to copy, the write may go to the origin)."""
+    for (empty: nothing to copy, the write may go to the origin).  With ``inline``, the
+    first snapshot's copies are handed back there as ``(snapshot, pes)`` for the caller
+    to run in its own task (see :func:`do_origin`)."""
     waits: list = []
     for snap in list(snapshots):
         if snap.merging or not snap.valid or not snap.active:
@@ -166,7 +168,10 @@ async def _origin_write(snapshots, start: int, end: int) -> list:
                 no_space = True
                 break
         if start_now:
-            snap.start_copies(start_now)
+            if inline is not None and not inline:
+                inline.append((snap, start_now))
+            else:
+                snap.start_copies(start_now)
         if no_space:
             await snap.invalidate(errno.ENOMEM)
     return waits
@@ -179,7 +184,14 @@ async def do_origin(key, start: int, end: int, limit: bool) -> None:
         for s in list(_origins.get(key, [])):
             await s.wait_for_in_progress()
     while True:
-        waits = await _origin_write(_origins.get(key, []), start, end)
+        inline: list = []
+        waits = await _origin_write(_origins.get(key, []), start, end, inline)
+        for snap, pes in inline:
+            # the writer waits for this copy anyway: run it here rather than in a new
+            # task (two scheduler hops less per first write); shielded, because other
+            # writers wait on these exceptions too
+            with trio.CancelScope(shield=True):
+                await snap.run_copies(pes)
         if not waits:
             return
         for pe in waits:
@@ -392,6 +404,11 @@ class Snapshot(Target):
         the commit together, so its exceptions share one metadata write."""
         self.in_progress += sum(pe.count for pe in pes)
         self.ctx.start_task(self._copy_task, pes, name="snapshot-copy")
+
+    async def run_copies(self, pes: list) -> None:
+        """:meth:`start_copies` in the caller's task."""
+        self.in_progress += sum(pe.count for pe in pes)
+        await self._copy_task(pes)
 
     def _runs(self, pes: list):
         """Split ``pes`` (in order) into runs consecutive in old and new chunk numbers."""

@@ -720,3 +720,36 @@ async def test_file_to_file_copy_in_kernel_and_fallback(tmp_path):
     assert (r, w) == (0, 1)
     for d in (src, dst, small):
         d.close()
+
+
+async def test_small_file_copy_runs_inline_and_gives_pages_back(tmp_path):
+    """A one-sub-job file-to-file copy runs in the caller's task (no job is queued, the
+    pages it borrowed are back at once); with flags, or with no pages free, it is a
+    queued job as before, with the same result."""
+    from dmsim.blockdev import FileDevice
+
+    src_path, dst_path = tmp_path / "s", tmp_path / "d"
+    payload = os.urandom(64 * 512)
+    src_path.write_bytes(payload)
+    dst_path.write_bytes(bytes(len(payload)))
+    src, dst = FileDevice(str(src_path)), FileDevice(str(dst_path))
+    try:
+        async with open_kcopyd_client() as kc:
+            submitted = []
+            real_submit = kc._submit
+            kc._submit = lambda *a: (submitted.append(a), real_submit(*a))[1]
+            assert await kc.copy_async(Region(src, 0, 8), [Region(dst, 0, 8)]) == (0, 0)
+            assert submitted == [] and kc.pages.in_use == 0 and kc.outstanding_jobs == 0
+            assert await kc.copy_async(Region(src, 8, 8), [Region(dst, 8, 8)], IGNORE_ERROR) == (0, 0)
+            assert len(submitted) == 1
+            held = kc.pages.capacity
+            kc.pages.in_use += held                      # pool exhausted: must queue
+            async with trio.open_nursery() as n:
+                n.start_soon(kc.copy_async, Region(src, 16, 48), [Region(dst, 16, 48)])
+                await trio.testing.wait_all_tasks_blocked()
+                assert len(submitted) == 2               # queued, waiting for pages
+                kc.pages.give(held)
+        assert dst_path.read_bytes() == payload
+    finally:
+        src.close()
+        dst.close()
