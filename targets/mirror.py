@@ -29,6 +29,7 @@ import errno
 
 import trio
 
+from dmsim import fanout
 from dmsim.bio import Bio, Op
 from dmsim.blockdev import FileDevice
 from dmsim.device import Requeue
@@ -120,12 +121,17 @@ class _Req:
         self.leg = leg
         self._ev.set()
 
+    def posted(self, action: str) -> bool:
+        """Whether ``action`` is posted and not yet taken by :meth:`next`."""
+        return self._ev.is_set() and self.action == action
+
     def finish(self, error: BaseException | None = None) -> None:
         self.error = error
         self.post(DONE)
 
     async def next(self) -> str:
-        await self._ev.wait()
+        if not self._ev.is_set():       # posted already (a pass in our own task): go on
+            await self._ev.wait()
         self._ev = trio.Event()
         return self.action
 
@@ -196,7 +202,11 @@ class Mirror(Target):
             rest = rest[n:]
         if rest:
             raise TargetError("Too many mirror arguments")
-        self.max_io_len = self.region_size
+        # dm core splits requests at regions for the mirror (max_io_len).  When every leg
+        # is a plain image file the split is not observable below us, so the mirror
+        # takes whole requests and splits only its region accounting (_pieces): one
+        # worker pass and one parallel write per request instead of one per region
+        self.max_io_len = 0 if all(fanout.fans_out(leg.dev) for leg in self.legs) else self.region_size
         self._legs_inline = all(isinstance(leg.dev, FileDevice) and leg.dev.io_mode == "inline"
                                 for leg in self.legs)
 
@@ -228,6 +238,7 @@ class Mirror(Target):
         self._wake_ev = trio.Event()
         self._idle_waiters: list[trio.Event] = []
         self._busy = False
+        self._pass_lock = trio.Lock()
 
         self.kc = await self.ctx.kcopyd_client()
         self.kc.throttle = resync_throttle
@@ -323,11 +334,21 @@ class Mirror(Target):
 
     async def _io_all(self, bio: Bio) -> int:
         """One dm-io request over every leg at once; returns the per-leg error bitmask."""
+        legs = self.legs
         errors = 0
+        if bio.op is Op.WRITE:
+            # image-file legs are written in parallel threads (see dmsim.fanout), others
+            # by their own submit; each leg's failure is its own
+            results = await fanout.write([(leg.dev, leg.offset + bio.sector) for leg in legs],
+                                         bio.sectors, bio.data, bio.fua)
+            for i, err in enumerate(results):
+                if err is not None:
+                    errors |= 1 << i
+            return errors
 
         async def one(i: int) -> None:
             nonlocal errors
-            leg = self.legs[i]
+            leg = legs[i]
             try:
                 await leg.dev.submit(self._remap(leg, bio))
             except DMError:
@@ -335,12 +356,12 @@ class Mirror(Target):
 
         if self._legs_inline:
             # file legs doing inline I/O never yield mid-request: tasks would only add
-            # overhead (measured: parallel page-cache pwrites do not scale here either)
-            for i in range(len(self.legs)):
+            # overhead
+            for i in range(len(legs)):
                 await one(i)
             return errors
         async with trio.open_nursery() as nursery:
-            for i in range(1, len(self.legs)):
+            for i in range(1, len(legs)):
                 nursery.start_soon(one, i)
             await one(0)
         return errors
@@ -514,17 +535,36 @@ class Mirror(Target):
 
     async def _kmirrord(self) -> None:
         while True:
+            await self._wake_ev.wait()
+            async with self._pass_lock:
+                if self._wake_ev.is_set():      # not already taken by a request's task
+                    await self._pass()
+
+    async def _pass(self) -> None:
+        """One kmirrord pass; the caller holds ``_pass_lock`` (passes never overlap)."""
+        self._wake_ev = trio.Event()
+        self._busy = True
+        try:
+            with trio.CancelScope(shield=True):   # a pass runs to its end, as the worker's
+                await self._do_mirror()
+        finally:
+            self._busy = False
             if not self._wake_ev.is_set():
                 waiters, self._idle_waiters = self._idle_waiters, []
                 for ev in waiters:
                     ev.set()
-            await self._wake_ev.wait()
-            self._wake_ev = trio.Event()
-            self._busy = True
-            try:
-                await self._do_mirror()
-            finally:
-                self._busy = False
+
+    async def _pass_now(self) -> None:
+        """Run the worker's pass in this task when the worker is not in one: what
+        kmirrord would do once scheduled, without the two task switches of a hand-off
+        (a pass is still serialised with every other, and handles everything queued)."""
+        if self._pass_lock.locked() or not self._wake_ev.is_set():
+            return
+        self._pass_lock.acquire_nowait()
+        try:
+            await self._pass()
+        finally:
+            self._pass_lock.release()
 
     async def _flush_worker(self) -> None:
         """``flush_workqueue``: wait until the worker has nothing queued."""
@@ -614,21 +654,87 @@ class Mirror(Target):
         self.holds.append(req)
 
     # -- I/O ------------------------------------------------------------------------------------
+    def _pieces(self, bio: Bio) -> list[tuple[int, int]]:
+        """``(offset, sectors)`` of ``bio`` per region, as dm core's split would cut it."""
+        rs = self.region_size
+        pieces = []
+        done = 0
+        while done < bio.sectors:
+            n = min(bio.sectors - done, rs - (bio.sector + done) % rs)
+            pieces.append((done, n))
+            done += n
+        return pieces or [(0, 0)]
+
     async def map(self, bio: Bio):
         if bio.op is Op.READ:
-            return await self._map_read(bio)
-        req = _Req(bio, None if _no_region(bio) else self._region_of(bio))
-        self._queue(self.writes, req)
+            pieces = self._pieces(bio)
+            if len(pieces) == 1:
+                return await self._map_read(bio)
+            return await self._map_read_split(bio, pieces)
+        if _no_region(bio):
+            reqs = [_Req(bio, None)]
+        else:
+            reqs = [_Req(bio.slice(off, n) if n != bio.sectors else bio, (bio.sector + off) // self.region_size)
+                    for off, n in self._pieces(bio)]
+        self.writes.extend(reqs)
+        self._wake()
         try:
-            await self._run(req)
+            await self._pass_now()
+            if len(reqs) > 1 and bio.op is Op.WRITE and all(r.posted(WRITE_ALL) for r in reqs):
+                # one pass sent every region to all legs: write them as one request.  If a
+                # leg fails, each region redoes its own write so failures stay per region
+                if not await self._io_all(bio):
+                    return None
+            if len(reqs) == 1:
+                await self._run(reqs[0])
+            else:
+                async with trio.open_nursery() as nursery:
+                    for req in reqs:
+                        nursery.start_soon(self._run, req)
         finally:
-            req.cancelled = True
-            if req.inc:
-                req.inc = False
-                self._rh_dec(req.region)
-        if req.error is not None:
-            raise req.error
+            for req in reqs:
+                req.cancelled = True
+                if req.inc:
+                    req.inc = False
+                    self._rh_dec(req.region)
+        errors = [r.error for r in reqs if r.error is not None]
+        if errors:
+            # like dm core's clones: a requeue wins, else the first error
+            raise next((e for e in errors if isinstance(e, Requeue)), errors[0])
         return None
+
+    async def _map_read_split(self, bio: Bio, pieces: list[tuple[int, int]]):
+        """A read over several regions (legs are plain files, see ``max_io_len``)."""
+        first, last = self._region_of(bio), (bio.end_sector - 1) // self.region_size
+        if all(self.log.in_sync(r) for r in range(first, last + 1)):
+            leg = self._choose_leg()
+            if leg is not None:
+                try:
+                    return await leg.dev.submit(self._remap(leg, bio))
+                except DMError:
+                    pass        # per region below: each fails over (and logs) as the kernel's
+        parts = [bio.slice(off, n) for off, n in pieces]
+        results: list = [None] * len(parts)
+        errors: list[BaseException] = []
+
+        async def one(i: int) -> None:
+            try:
+                results[i] = await self._map_read(parts[i])
+            except DMError as e:
+                errors.append(e)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(len(parts)):
+                nursery.start_soon(one, i)
+        if errors:
+            raise errors[0]
+        if bio.data is None:
+            return b"".join(results)
+        # a read into the caller's buffer: each part lands in its slice
+        for part, result in zip(parts, results):
+            if result is not part.data:
+                memoryview(part.data)[:] = result
+        return bio.data
 
     async def _map_read(self, bio: Bio):
         region = self._region_of(bio)
