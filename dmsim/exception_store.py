@@ -33,6 +33,7 @@ NUM_SNAPSHOT_HDR_CHUNKS = 1
 DM_CHUNK_SIZE_DEFAULT_SECTORS = 32
 INT_MAX = (1 << 31) - 1
 _HEADER = struct.Struct("<4I")
+_PAIR = struct.Struct("<QQ")
 
 Callback = Callable[[bool], Awaitable[None]]
 AddException = Callable[[int, int], None]
@@ -321,6 +322,13 @@ class PersistentStore(ExceptionStore):
         points), with the entries packed in bulk; ``callback`` runs once all are durable."""
         if not valid:
             self.valid = 0
+        if count == 1 and self.current_committed < self.exceptions_per_area:
+            _PAIR.pack_into(self.area, 16 * self.current_committed, old, new)
+            self.current_committed += 1
+            self.pending_count -= 1
+            self.callbacks.append(callback)
+            await self._maybe_write_area()
+            return
         while count:
             k = min(count, self.exceptions_per_area - self.current_committed)
             pairs = array("Q", bytes(16 * k))

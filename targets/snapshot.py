@@ -177,6 +177,16 @@ async def _origin_write(snapshots, start: int, end: int, inline: list | None = N
     return waits
 
 
+def _in_one_chunk(key, start: int, end: int) -> bool:
+    """Whether ``[start, end)`` is inside one chunk of every snapshot of ``key`` and
+    each of them has its exception (or is skipped) for it: nothing left to copy."""
+    for s in _origins.get(key, ()):
+        shift = s.store.chunk_shift
+        if start >> shift != (end - 1) >> shift or not s.has_exception(start):
+            return False
+    return True
+
+
 async def do_origin(key, start: int, end: int, limit: bool) -> None:
     """``do_origin``: hold an origin write of ``[start, end)`` until every snapshot has
     its chunks copied (re-checked after each wait, as ``retry_origin_bios`` does)."""
@@ -197,6 +207,8 @@ async def do_origin(key, start: int, end: int, limit: bool) -> None:
         for pe in waits:
             if not pe.done.is_set():
                 await pe.done.wait()
+        if _in_one_chunk(key, start, end):
+            return                        # the common retry, without a full pass
 
 
 @register
@@ -248,6 +260,7 @@ class Snapshot(Target):
         self._spans_changed = trio.Event()
         self.in_progress = 0
         self._in_progress_event = trio.Event()
+        self._in_progress_waiters = 0
         self._idle = trio.Event()
         self._idle.set()
         # merge state
@@ -426,7 +439,8 @@ class Snapshot(Target):
         cs = self.store.chunk_sectors
         origin_sectors = self.origin.size_sectors
         errors = []
-        pes.sort(key=lambda pe: pe.seq)
+        if len(pes) > 1:
+            pes.sort(key=lambda pe: pe.seq)
         for run in self._runs(pes):
             src = run[0].old_chunk * cs
             count = min(sum(pe.count for pe in run) * cs, origin_sectors - src)
@@ -468,16 +482,24 @@ class Snapshot(Target):
         for pe, err in zip(pes, errors):
             pe.copy_error = err
             self._copied[pe.seq] = pe
-        async with self._commit_lock:
+        lock = self._commit_lock
+        try:
+            lock.acquire_nowait()         # uncontended: no scheduler pass (async with is one)
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
             while self._complete_seq in self._copied:
                 nxt = self._copied.pop(self._complete_seq)
                 self._complete_seq += 1
                 await self.store.commit_exceptions(
                     nxt.old_chunk, nxt.new_chunk, nxt.count, not nxt.copy_error,
                     lambda ok, nxt=nxt: self._pending_complete(nxt, ok))
+        finally:
+            lock.release()
         self.in_progress -= sum(pe.count for pe in pes)
-        self._in_progress_event.set()
-        self._in_progress_event = trio.Event()
+        if self._in_progress_waiters:
+            self._in_progress_event.set()
+            self._in_progress_event = trio.Event()
 
     async def _pending_complete(self, pe: _Pending, success: bool) -> None:
         error = False
@@ -511,7 +533,11 @@ class Snapshot(Target):
 
     async def wait_for_in_progress(self) -> None:
         while self.in_progress > COW_THRESHOLD:
-            await self._in_progress_event.wait()
+            self._in_progress_waiters += 1
+            try:
+                await self._in_progress_event.wait()
+            finally:
+                self._in_progress_waiters -= 1
 
     async def invalidate(self, err: int) -> None:
         """``__invalidate_snapshot``: unusable forever; recorded in the COW header."""
