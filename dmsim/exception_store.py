@@ -188,8 +188,8 @@ class PersistentStore(ExceptionStore):
         return await self.cow.read(chunk * self.chunk_sectors, self.chunk_sectors)
 
     async def _chunk_write(self, chunk: int, data, preflush_fua: bool = False) -> None:
-        if preflush_fua:
-            await self.cow.flush()
+        if preflush_fua and getattr(self.cow, "sync", True):   # an image file without
+            await self.cow.flush()       # syncs (durability "process") flushes as a no-op
         await self.cow.write(chunk * self.chunk_sectors, bytes(data), fua=preflush_fua)
 
     # -- metadata ------------------------------------------------------------------------------

@@ -371,8 +371,13 @@ class Snapshot(Target):
 
     @property
     def table_size(self) -> int:
-        table = getattr(self.ctx, "table", None)
-        return table.size_sectors if table is not None else self.begin + self.len
+        size = self.__dict__.get("_table_size")
+        if size is None:
+            table = getattr(self.ctx, "table", None)
+            if table is None:
+                return self.begin + self.len
+            size = self._table_size = table.size_sectors     # a table never changes
+        return size
 
     def has_exception(self, sector: int) -> bool:
         """Whether an origin write at ``sector`` needs no copy for this snapshot (the
