@@ -2,18 +2,21 @@
 
 Why: with inline file I/O (see :mod:`dmsim.blockdev`) the Trio thread copies the data
 into each image file in turn, so two mirror legs take twice as long as one.  Measured
-here (2 cores, 1 GiB of 1 MiB ``pwrite``s into page-cache files, medians): one file
-0.18 s, two files one after the other 0.38 s (serial legs cap a 2-leg mirror at 0.5x of
-linear), two files from two threads at once 0.20-0.24 s (memory bandwidth is not the
-limit).  ``trio.to_thread.run_sync`` costs ~200 us per call even for a no-op, so it is
-no use per request; a persistent worker fed by a ``queue.SimpleQueue`` wakes in ~12 us.
+on the 2-core development VM (1 GiB of 1 MiB ``pwrite``s into page-cache files,
+medians): one file 0.18-0.19 s, two files one after the other 0.36-0.38 s (serial legs
+cap a 2-leg mirror at 0.5x of linear), two files from two threads at once 0.20-0.24 s
+on a quiet machine, 0.27-0.34 s on 1 GiB files whose pages are cold in the CPU caches
+(memory bandwidth then limits two copies at once to ~1.3x of one).
+``trio.to_thread.run_sync`` costs ~200 us per call even for a no-op, so it is no use
+per request; a persistent worker fed by a ``queue.SimpleQueue`` wakes in 12-30 us.
 
 So: the calling (Trio) thread writes the first file itself while persistent worker
 threads write the others, then waits for them.  The Trio thread is blocked for as long
 as the slowest copy takes -- exactly what inline I/O already does -- but the legs
 proceed in parallel.  Writes below :data:`PARALLEL_MIN_BYTES` stay serial inline: the
-hand-off costs more than the copy it saves (measured: at 4 KiB a hand-off is 5-10x the
-copy; the break-even is near 64 KiB, see ``scripts/bench-mirror``).
+hand-off costs more than the copy it saves (measured, 2 files, per write: 16 KiB
+14 us serial vs 39 us parallel, 64 KiB 36 vs 47, 128 KiB 63 vs 67-73, 256 KiB 110-124
+vs 95-108, 512 KiB 222-237 vs 160-169).
 
 What fans out: plain :class:`~dmsim.blockdev.FileDevice` s (not a subclass that changes
 how they do I/O), open.  With ``io_mode="thread"`` the whole fan-out (and any FUA
@@ -46,7 +49,7 @@ from .errors import DMError
 __all__ = ["write", "PARALLEL_MIN_BYTES", "MAX_WORKERS", "fans_out"]
 
 #: writes at least this long go to several files in parallel; shorter ones serially
-PARALLEL_MIN_BYTES = 64 << 10
+PARALLEL_MIN_BYTES = 256 << 10
 #: at most this many worker threads (kcopyd's 8 destinations, a mirror's 9 legs)
 MAX_WORKERS = 8
 #: a worker idle this long exits (a new one starts on demand)
@@ -219,37 +222,39 @@ async def write(dests: Sequence[tuple[BlockDevice, int]], sectors: int, data, fu
             results[i] = e
             continue
         files.append(i)
-
-    async def submit_one(i: int) -> None:
-        dev, sector = dests[i]
-        try:
-            await dev.submit(Bio(Op.WRITE, sector, sectors, data, fua))
-        except DMError as e:
-            results[i] = e
-        except OSError as e:
-            results[i] = DMError(e.errno or errno.EIO)
-
-    async def write_files() -> None:
-        devs = [dests[i][0] for i in files]
-        fds = [dev.fd for dev in devs]
-        offs = [to_bytes(dests[i][1]) for i in files]
-        want_sync = [fua and dev.sync for dev in devs]
-        if any(dev.io_mode == "thread" for dev in devs):
-            errs = await trio.to_thread.run_sync(_write_and_sync, fds, offs, data, want_sync)
-        else:
-            errs = _write_files(fds, offs, data)            # inline: the copies right here
-            if any(want_sync):
-                errs = await trio.to_thread.run_sync(_sync_files, fds, errs, want_sync)
-        for i, err in zip(files, errs):
-            results[i] = err
-
     if not others:
         if files:
-            await write_files()
+            await _write_files_of(dests, files, data, fua, results)
         return results
     async with trio.open_nursery() as nursery:
         for i in others:
-            nursery.start_soon(submit_one, i)
+            nursery.start_soon(_submit_one, dests, i, sectors, data, fua, results)
         if files:
-            await write_files()
+            await _write_files_of(dests, files, data, fua, results)
     return results
+
+
+async def _write_files_of(dests, files: list[int], data, fua: bool, results: list) -> None:
+    devs = [dests[i][0] for i in files]
+    fds = [dev.fd for dev in devs]
+    offs = [to_bytes(dests[i][1]) for i in files]
+    want_sync = [fua and dev.sync for dev in devs]
+    if any(dev.io_mode == "thread" for dev in devs):
+        errs = await trio.to_thread.run_sync(_write_and_sync, fds, offs, data, want_sync)
+    else:
+        errs = _write_files(fds, offs, data)            # inline: the copies right here
+        if fua and any(want_sync):
+            errs = await trio.to_thread.run_sync(_sync_files, fds, errs, want_sync)
+    for i, err in zip(files, errs):
+        results[i] = err
+
+
+async def _submit_one(dests, i: int, sectors: int, data, fua: bool, results: list) -> None:
+    """A destination that is not a plain file: its own submit, its own failures."""
+    dev, sector = dests[i]
+    try:
+        await dev.submit(Bio(Op.WRITE, sector, sectors, data, fua))
+    except DMError as e:
+        results[i] = e
+    except OSError as e:
+        results[i] = DMError(e.errno or errno.EIO)

@@ -47,6 +47,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import trio
 
+from . import fanout
 from .bio import Bio, Op, PAGE_SECTORS, to_bytes
 from .errors import DMError, collapse_groups
 
@@ -680,6 +681,15 @@ class KcopydClient:
             dests = job.dests
             if len(dests) == 1:
                 await self._write_dest(job, 0, offset, sectors, data)
+            elif data is not None:
+                # image files are written in parallel threads (dmsim.fanout), any other
+                # destination by its own submit; a failure sets only its own bit
+                results = await fanout.write([(d.dev, d.sector + offset) for d in dests], sectors, data)
+                for i, err in enumerate(results):
+                    if err is not None:
+                        job.write_err |= 1 << i
+                        if job.seq_lot is not None:
+                            job.seq_lot.unpark_all()
             else:
                 async with trio.open_nursery() as nursery:
                     for i in range(len(dests)):

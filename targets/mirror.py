@@ -33,7 +33,7 @@ from dmsim import fanout
 from dmsim.bio import Bio, Op
 from dmsim.blockdev import FileDevice
 from dmsim.device import Requeue
-from dmsim.dirty_log import DirtyLogError, create_dirty_log
+from dmsim.dirty_log import CoreLog, DirtyLogError, create_dirty_log
 from dmsim.errors import DMError, TargetError
 from dmsim.kcopyd import FLAG_IGNORE_ERROR, Region as KRegion, Throttle
 
@@ -239,6 +239,8 @@ class Mirror(Target):
         self._idle_waiters: list[trio.Event] = []
         self._busy = False
         self._pass_lock = trio.Lock()
+        # a core log's flush is a no-op: a pass then never yields (no cancel scope needed)
+        self._pass_yields = type(self.log).flush is not CoreLog.flush
 
         self.kc = await self.ctx.kcopyd_client()
         self.kc.throttle = resync_throttle
@@ -460,6 +462,7 @@ class Mirror(Target):
         await self.log.flush()
 
     def _recovery_prepare(self) -> None:
+        before = self.recovery_in_flight
         self.recovery_in_flight += 1
         while True:
             try:
@@ -476,8 +479,9 @@ class Mirror(Target):
             reg.state = RECOVERING
             self._list_move(reg, None if reg.pending else self.quiesced)
         self.recovery_in_flight -= 1
-        self._recovery_changed.set()
-        self._recovery_changed = trio.Event()
+        if self.recovery_in_flight != before:       # nothing started: nobody to wake
+            self._recovery_changed.set()
+            self._recovery_changed = trio.Event()
 
     # -- recovery -----------------------------------------------------------------------------
     def _recover(self, reg: _Region) -> None:
@@ -545,8 +549,11 @@ class Mirror(Target):
         self._wake_ev = trio.Event()
         self._busy = True
         try:
-            with trio.CancelScope(shield=True):   # a pass runs to its end, as the worker's
-                await self._do_mirror()
+            if self._pass_yields:
+                with trio.CancelScope(shield=True):   # a pass runs to its end, as the worker's
+                    await self._do_mirror()
+            else:
+                await self._do_mirror()              # no checkpoint inside: nothing to shield
         finally:
             self._busy = False
             if not self._wake_ev.is_set():
