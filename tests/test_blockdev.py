@@ -157,3 +157,24 @@ async def test_memory_device_read_into_and_settle_read():
     assert buf[:512] == b"\x09" * 512
     # no buffer: the result itself
     assert settle_read(Bio.read(0, 1), b"x" * 512) == b"x" * 512
+
+
+@pytest.mark.parametrize("dst_sector", [0, 2048, 8, 2056])
+async def test_copy_to_aligned_or_through_a_buffer(tmp_path, dst_sector):
+    """copy_to copies exactly whether it uses copy_file_range (destination aligned to the
+    copy) or a buffer (not aligned, e.g. a COW's runs between metadata chunks)."""
+    src_path, dst_path = tmp_path / "s", tmp_path / "d"
+    payload = os.urandom(3 << 20)
+    src_path.write_bytes(payload)
+    dst_path.write_bytes(bytes(6 << 20))
+    src, dst = FileDevice(str(src_path)), FileDevice(str(dst_path))
+    try:
+        src.copy_to(dst, 16, dst_sector, 2048 + 1024 + 8)      # more than one buffer's worth
+        with open(dst_path, "rb") as f:
+            f.seek(dst_sector * 512)
+            assert f.read((2048 + 1024 + 8) * 512) == payload[16 * 512:(16 + 3080) * 512]
+        with pytest.raises(DMError):
+            src.copy_to(dst, 0, 12280, 16)                     # past the destination's end
+    finally:
+        src.close()
+        dst.close()
