@@ -143,7 +143,7 @@ async def _origin_write(snapshots, start: int, end: int, inline: list | None = N
         shift = snap.store.chunk_shift
         chunks = range(start >> shift, ((min(end, size) - 1) >> shift) + 1)
         complete, pending = snap.complete, snap.pending
-        missing = list(itertools.filterfalse(complete.__contains__, chunks)) if complete else list(chunks)
+        missing = snap.missing(chunks) if complete else list(chunks)
         if not missing:
             continue
         start_now = []
@@ -315,6 +315,16 @@ class Snapshot(Target):
 
     def _add_exceptions(self, olds, news) -> None:
         self.complete.update(zip(olds, news))
+
+    def missing(self, chunks: range) -> list:
+        """The chunks of ``chunks`` without an exception (none, at one lookup per block,
+        when every block they touch is one of :attr:`_linear`'s)."""
+        linear = self._linear
+        if linear:
+            blocks = range(chunks.start >> LINEAR_BLOCK_SHIFT, ((chunks.stop - 1) >> LINEAR_BLOCK_SHIFT) + 1)
+            if all(map(linear.__contains__, blocks)):
+                return []
+        return list(itertools.filterfalse(self.complete.__contains__, chunks))
 
     def _note_linear(self, old: int, new: int, count: int) -> None:
         """Record the aligned blocks that the run ``old.. -> new..`` covers whole."""
