@@ -87,6 +87,13 @@ class BlockDevice:
     async def discard(self, sector: int, sectors: int) -> None:
         await self.submit(Bio(Op.DISCARD, sector, sectors))
 
+    async def write_preflush_fua(self, sector: int, data) -> None:
+        """A ``REQ_PREFLUSH | REQ_FUA`` write (a snapshot's exception area): what was
+        written before is durable before this write is, and this one is on return.
+        dm core turns the preflush into an empty flush ahead of the write, as here."""
+        await self.flush()
+        await self.write(sector, data, fua=True)
+
     def check_bounds(self, bio: Bio) -> None:
         if bio.sectors and (bio.sector < 0 or bio.end_sector > self.size_sectors):
             raise DMError(errno.EIO, "access beyond end of device")
@@ -217,6 +224,26 @@ class FileDevice(BlockDevice):
                 off_in += n
                 off_out += n
                 left -= n
+        except OSError as e:
+            raise DMError(e.errno or errno.EIO) from None
+
+    def _sync_write_sync(self, off: int, data) -> None:
+        os.fdatasync(self.fd)
+        self._write(off, data)
+        os.fdatasync(self.fd)
+
+    async def write_preflush_fua(self, sector: int, data) -> None:
+        """Flush, write, sync in one thread hand-off when syncing (a hand-off costs
+        150-450 us here, the syncs themselves 0.2-2 ms), inline when not."""
+        bio = Bio.write(sector, data, fua=True)
+        self.check_bounds(bio)
+        if self.read_only:
+            raise DMError(errno.EPERM, "write to read-only device")
+        try:
+            if self.sync:
+                await trio.to_thread.run_sync(self._sync_write_sync, to_bytes(sector), data)
+            else:
+                await self._call(self._write, to_bytes(sector), data)
         except OSError as e:
             raise DMError(e.errno or errno.EIO) from None
 

@@ -188,9 +188,10 @@ class PersistentStore(ExceptionStore):
         return await self.cow.read(chunk * self.chunk_sectors, self.chunk_sectors)
 
     async def _chunk_write(self, chunk: int, data, preflush_fua: bool = False) -> None:
-        if preflush_fua and getattr(self.cow, "sync", True):   # an image file without
-            await self.cow.flush()       # syncs (durability "process") flushes as a no-op
-        await self.cow.write(chunk * self.chunk_sectors, bytes(data), fua=preflush_fua)
+        if preflush_fua:
+            await self.cow.write_preflush_fua(chunk * self.chunk_sectors, bytes(data))
+        else:
+            await self.cow.write(chunk * self.chunk_sectors, bytes(data))
 
     # -- metadata ------------------------------------------------------------------------------
     async def _read_header(self) -> bool:

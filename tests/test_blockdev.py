@@ -178,3 +178,45 @@ async def test_copy_to_aligned_or_through_a_buffer(tmp_path, dst_sector):
     finally:
         src.close()
         dst.close()
+
+
+@pytest.mark.parametrize("durability", ["fsync", "process"])
+async def test_preflush_fua_write_orders_sync_write_sync(img, durability, monkeypatch):
+    """A PREFLUSH|FUA write (a snapshot's exception area): with syncs, the file is synced,
+    then written, then synced again (in one thread hand-off); without, just written."""
+    calls = []
+    real_sync, real_pwrite = os.fdatasync, os.pwrite
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (calls.append("sync"), real_sync(fd))[1])
+    monkeypatch.setattr(os, "pwrite", lambda fd, d, off: (calls.append("write"), real_pwrite(fd, d, off))[1])
+    dev = FileDevice(img, durability=durability)
+    try:
+        await dev.write_preflush_fua(4, b"\x77" * 1024)
+        assert calls == (["sync", "write", "sync"] if durability == "fsync" else ["write"])
+        assert await dev.read(4, 2) == b"\x77" * 1024
+        with pytest.raises(DMError) as ei:
+            await dev.write_preflush_fua(63, b"\x77" * 1024)
+        assert errno_of(ei) == errno.EIO
+    finally:
+        dev.close()
+    ro = FileDevice(img, read_only=True, durability=durability)
+    try:
+        with pytest.raises(DMError) as ei:
+            await ro.write_preflush_fua(0, b"\x01" * 512)
+        assert errno_of(ei) == errno.EPERM
+    finally:
+        ro.close()
+
+
+async def test_preflush_fua_write_default_is_flush_then_fua_write():
+    """Any other device gets an empty flush, then a FUA write (dm core's split)."""
+    seen = []
+
+    class Rec(MemoryDevice):
+        async def submit(self, bio):
+            seen.append((bio.op, bio.fua))
+            return await super().submit(bio)
+
+    dev = Rec(8)
+    await dev.write_preflush_fua(1, b"\x05" * 512)
+    assert seen == [(Op.FLUSH, False), (Op.WRITE, True)]
+    assert await dev.read(1, 1) == b"\x05" * 512
