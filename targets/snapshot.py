@@ -878,14 +878,17 @@ class Snapshot(Target):
         if not pe.started and bio.sectors == cs:
             pe.started = True
             await self._full_writes([(pe, bio)])
-            await pe.done.wait()
+            if not pe.done.is_set():      # (waiting on a set event is still a checkpoint)
+                await pe.done.wait()
             if not pe.ok:
                 raise DMError(errno.EIO)
             return None
         if not pe.started:
             pe.started = True
-            self.start_copy(pe)
-        await pe.done.wait()
+            with trio.CancelScope(shield=True):     # as do_origin: others wait on it too
+                await self.run_copies([pe])
+        if not pe.done.is_set():
+            await pe.done.wait()
         if not pe.ok:
             raise DMError(errno.EIO)
         return await self.cow.submit(self._remap(pe.new_of(chunk), bio))
