@@ -723,9 +723,9 @@ async def test_file_to_file_copy_in_kernel_and_fallback(tmp_path):
 
 
 async def test_small_file_copy_runs_inline_and_gives_pages_back(tmp_path):
-    """A one-sub-job file-to-file copy runs in the caller's task (no job is queued, the
-    pages it borrowed are back at once); with flags, or with no pages free, it is a
-    queued job as before, with the same result."""
+    """A small file-to-file copy runs in the caller's task (no job is queued, the pages it
+    borrowed are back at once; the callback form still calls back from the worker);
+    with no pages free it is a queued job as before, with the same result."""
     from dmsim.blockdev import FileDevice
 
     src_path, dst_path = tmp_path / "s", tmp_path / "d"
@@ -741,13 +741,18 @@ async def test_small_file_copy_runs_inline_and_gives_pages_back(tmp_path):
             assert await kc.copy_async(Region(src, 0, 8), [Region(dst, 0, 8)]) == (0, 0)
             assert submitted == [] and kc.pages.in_use == 0 and kc.outstanding_jobs == 0
             assert await kc.copy_async(Region(src, 8, 8), [Region(dst, 8, 8)], IGNORE_ERROR) == (0, 0)
-            assert len(submitted) == 1
+            got = []
+            kc.copy(Region(src, 0, 8), [Region(dst, 0, 8)], WRITE_SEQ,
+                    lambda r, w, ctx: got.append((r, w, ctx)), "ctx")
+            assert got == [] and submitted == []          # copied; the callback is queued
+            await kc.flush()
+            assert got == [(0, 0, "ctx")]
             held = kc.pages.capacity
             kc.pages.in_use += held                      # pool exhausted: must queue
             async with trio.open_nursery() as n:
                 n.start_soon(kc.copy_async, Region(src, 16, 48), [Region(dst, 16, 48)])
                 await trio.testing.wait_all_tasks_blocked()
-                assert len(submitted) == 2               # queued, waiting for pages
+                assert len(submitted) == 1               # queued, waiting for pages
                 kc.pages.give(held)
         assert dst_path.read_bytes() == payload
     finally:
