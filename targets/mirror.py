@@ -538,11 +538,18 @@ class Mirror(Target):
         self._wake()
 
     async def _kmirrord(self) -> None:
+        lock = self._pass_lock
         while True:
             await self._wake_ev.wait()
-            async with self._pass_lock:
+            try:
+                lock.acquire_nowait()           # (``async with`` is a scheduler pass more)
+            except trio.WouldBlock:
+                await lock.acquire()
+            try:
                 if self._wake_ev.is_set():      # not already taken by a request's task
                     await self._pass()
+            finally:
+                lock.release()
 
     async def _pass(self) -> None:
         """One kmirrord pass; the caller holds ``_pass_lock`` (passes never overlap)."""
