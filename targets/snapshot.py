@@ -111,6 +111,11 @@ class _Pending:
         return self.new_chunk + chunk - self.old_chunk
 
 
+def _chunks_of(pes: list) -> int:
+    """Chunks held by a list of pending exceptions."""
+    return pes[0].count if len(pes) == 1 else sum(pe.count for pe in pes)
+
+
 def _consecutive(chunks: list):
     """Split a sorted list of chunk numbers into ``(first, count)`` runs."""
     if chunks[-1] - chunks[0] == len(chunks) - 1:
@@ -444,12 +449,12 @@ class Snapshot(Target):
         consecutive on both the origin and the COW go as one kcopyd job (the kernel
         issues a job per chunk; the bytes written are the same), and the batch reaches
         the commit together, so its exceptions share one metadata write."""
-        self.in_progress += sum(pe.count for pe in pes)
+        self.in_progress += _chunks_of(pes)
         self.ctx.start_task(self._copy_task, pes, name="snapshot-copy")
 
     async def run_copies(self, pes: list) -> None:
         """:meth:`start_copies` in the caller's task."""
-        self.in_progress += sum(pe.count for pe in pes)
+        self.in_progress += _chunks_of(pes)
         await self._copy_task(pes)
 
     def _runs(self, pes: list):
@@ -482,7 +487,7 @@ class Snapshot(Target):
         """``start_full_bio``: whole-chunk writes go straight to their new COW chunks
         (``items``: (pe, bio) in allocation order; runs of consecutive COW chunks are
         one write)."""
-        self.in_progress += sum(pe.count for pe, _ in items)
+        self.in_progress += _chunks_of([pe for pe, _ in items])
         cs = self.store.chunk_sectors
         errors = []
         i = 0
@@ -525,7 +530,7 @@ class Snapshot(Target):
                     lambda ok, nxt=nxt: self._pending_complete(nxt, ok))
         finally:
             lock.release()
-        self.in_progress -= sum(pe.count for pe in pes)
+        self.in_progress -= _chunks_of(pes)
         if self._in_progress_waiters:
             self._in_progress_event.set()
             self._in_progress_event = trio.Event()
@@ -539,7 +544,8 @@ class Snapshot(Target):
             error = True
         elif pe.count == 1:
             self.complete[pe.old_chunk] = pe.new_chunk
-            await self._wait_untracked(pe.old_chunk)
+            if self._tracked or self._tracked_spans:
+                await self._wait_untracked(pe.old_chunk)
         else:
             olds = range(pe.old_chunk, pe.old_chunk + pe.count)
             self.complete.update(zip(olds, range(pe.new_chunk, pe.new_chunk + pe.count)))
