@@ -630,3 +630,38 @@ async def test_large_runs_read_back_through_block_index_and_after_reactivation(s
         again = m.find("s").live.targets[0]
         assert again._linear == target._linear
         await check(s)
+
+
+@pytest.mark.parametrize("store", ["P", "N"])
+async def test_concurrent_overlapping_origin_writes_keep_the_snapshot_view(small, store):
+    """Many origin writes at once, overlapping each other's chunks, of every size from a
+    sector to several blocks of chunks: whatever order they finish in, every chunk is
+    copied out once, before the first write to it, so the snapshot reads the original
+    bytes (and, persistent, reads them again from the COW after reactivation); no write
+    waits forever on a copy another one started."""
+    O, C, _ = small
+    original = read_at(O, 0, SZ8 * 512)
+    r = random.Random(11)
+
+    async def check_read(dev, start, count):      # the snapshot view holds during writes
+        assert await dev.read(start, count) == original[start * 512:(start + count) * 512]
+
+    async with dmsim.open_manager() as m:
+        s = await mk(m, "s", "0 %d snapshot %s %s %s 8" % (SZ8, O, C, store))
+        o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, O))
+        for round_ in range(4):
+            with trio.fail_after(60):
+                async with trio.open_nursery() as n:
+                    for i in range(40):
+                        count = r.choice([1, 7, 8, 9, 64, 511, 1024, 1500])
+                        start = r.randrange(SZ8 - count)
+                        n.start_soon(o.write, start, fill(round_ * 40 + i + 1, count))
+                    for _ in range(10):
+                        count = r.randrange(1, 1200)
+                        n.start_soon(check_read, s, r.randrange(SZ8 - count), count)
+            assert await s.read(0, SZ8) == original
+        if store == "P":
+            await m.remove("o")
+            await m.remove("s")
+            s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, C))
+            assert await s.read(0, SZ8) == original
