@@ -6,7 +6,8 @@ layer here and the FUSE layer are the only places that speak bytes.
 File I/O runs inline on the Trio thread by default: measured by ``scripts/bench``
 (see README), an ``os.pread`` of 1 MiB from the page cache costs less than a
 ``trio.to_thread`` hand-off, and 4 KiB requests are 3-6x faster inline.  ``fsync`` is the
-exception: it can take milliseconds to seconds, so it always goes through a thread.
+exception: it can take milliseconds to seconds, so it always goes through a thread
+(:mod:`dmsim.syncthread`, a cheaper hand-off than ``trio.to_thread``).
 
 Durability (``FileDevice(durability=...)``): ``"fsync"`` (the default) makes a FLUSH an
 ``fdatasync`` of the file (data plus the metadata needed to read it back: what
@@ -27,6 +28,7 @@ import stat
 
 import trio
 
+from . import syncthread
 from .bio import Bio, Op, SECTOR_SIZE, to_bytes, to_sectors
 from .errors import DMError
 
@@ -241,7 +243,7 @@ class FileDevice(BlockDevice):
             raise DMError(errno.EPERM, "write to read-only device")
         try:
             if self.sync:
-                await trio.to_thread.run_sync(self._sync_write_sync, to_bytes(sector), data)
+                await syncthread.run_sync(self._sync_write_sync, to_bytes(sector), data)
             else:
                 await self._call(self._write, to_bytes(sector), data)
         except OSError as e:
@@ -266,10 +268,10 @@ class FileDevice(BlockDevice):
             if bio.op is Op.WRITE:
                 await self._call(self._write, off, bio.data)
                 if bio.fua and self.sync:
-                    await trio.to_thread.run_sync(os.fdatasync, self.fd)
+                    await syncthread.run_sync(os.fdatasync, self.fd)
             elif bio.op is Op.FLUSH:
                 if self.sync:
-                    await trio.to_thread.run_sync(os.fdatasync, self.fd)
+                    await syncthread.run_sync(os.fdatasync, self.fd)
             elif bio.op is Op.DISCARD:
                 await self._call(self._discard, off, n)
             elif bio.op is Op.WRITE_ZEROES:
