@@ -251,7 +251,7 @@ class FileDevice(BlockDevice):
 
     async def _call(self, fn, *args):
         if self.io_mode == "thread":
-            return await trio.to_thread.run_sync(fn, *args)
+            return await syncthread.run_sync(fn, *args)
         return fn(*args)
 
     async def submit(self, bio: Bio):

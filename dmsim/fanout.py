@@ -20,7 +20,7 @@ vs 95-108, 512 KiB 222-237 vs 160-169).
 
 What fans out: plain :class:`~dmsim.blockdev.FileDevice` s (not a subclass that changes
 how they do I/O), open.  With ``io_mode="thread"`` the whole fan-out (and any FUA
-``fdatasync``) runs in one ``trio.to_thread`` call, so the loop never blocks and pays one
+``fdatasync``) runs in one :mod:`dmsim.syncthread` call, so the loop never blocks and pays one
 hand-off for all legs instead of one per leg.  Every other device (a dm device stacked
 under a leg, memory, a closed file) gets its own ``submit`` as before, concurrently, so
 its failures and delays still happen.  FUA on a file with ``durability="fsync"`` is a
@@ -43,6 +43,7 @@ from typing import Sequence
 import trio
 
 from .bio import Bio, Op, to_bytes
+from . import syncthread
 from .blockdev import BlockDevice, FileDevice
 from .errors import DMError
 
@@ -240,11 +241,11 @@ async def _write_files_of(dests, files: list[int], data, fua: bool, results: lis
     offs = [to_bytes(dests[i][1]) for i in files]
     want_sync = [fua and dev.sync for dev in devs]
     if any(dev.io_mode == "thread" for dev in devs):
-        errs = await trio.to_thread.run_sync(_write_and_sync, fds, offs, data, want_sync)
+        errs = await syncthread.run_sync(_write_and_sync, fds, offs, data, want_sync)
     else:
         errs = _write_files(fds, offs, data)            # inline: the copies right here
         if fua and any(want_sync):
-            errs = await trio.to_thread.run_sync(_sync_files, fds, errs, want_sync)
+            errs = await syncthread.run_sync(_sync_files, fds, errs, want_sync)
     for i, err in zip(files, errs):
         results[i] = err
 
