@@ -411,8 +411,8 @@ class Snapshot(Target):
     def has_exception(self, sector: int) -> bool:
         """Whether an origin write at ``sector`` needs no copy for this snapshot (the
         checks of ``__origin_write`` that skip a snapshot, or an exception exists)."""
-        return (self.merging or not self.valid or not self.active or sector >= self.table_size
-                or (sector >> self.store.chunk_shift) in self.complete)
+        return ((sector >> self.store.chunk_shift) in self.complete    # (the common answer first)
+                or self.merging or not self.valid or not self.active or sector >= self.table_size)
 
     # -- pending exceptions ------------------------------------------------------------------------
     def insert_pending(self, chunk: int) -> _Pending | None:
@@ -1121,9 +1121,16 @@ class Origin(Target):
         # chunk of the write is looked at, as there
         end = bio.end_sector if split else bio.sector + 1
         snaps = _origins.get(self.key)
-        if snaps and ((split and bio.sector // split != (end - 1) // split) or not all(
-                s.in_progress <= COW_THRESHOLD and s.has_exception(bio.sector) for s in snaps)):
-            await do_origin(self.key, bio.sector, end, True)
+        if snaps:
+            sector = bio.sector
+            if split and sector // split != (end - 1) // split:
+                await do_origin(self.key, sector, end, True)
+            elif len(snaps) == 1:           # a rewrite with one snapshot: two checks
+                s = snaps[0]
+                if s.in_progress > COW_THRESHOLD or not s.has_exception(sector):
+                    await do_origin(self.key, sector, end, True)
+            elif not all(s.in_progress <= COW_THRESHOLD and s.has_exception(sector) for s in snaps):
+                await do_origin(self.key, sector, end, True)
         return await self.dev.submit(bio)
 
     async def resume(self):
