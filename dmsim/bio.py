@@ -11,7 +11,7 @@ a second copy and, for large reads, a fresh allocation).  Only this module conve
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 SECTOR_SHIFT = 9
 SECTOR_SIZE = 1 << SECTOR_SHIFT

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import collections
 import errno
-import math
 from contextlib import asynccontextmanager
 from typing import Any, Callable, NamedTuple, Sequence
 

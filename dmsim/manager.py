@@ -19,7 +19,7 @@ import trio
 from .blockdev import BlockDevice, FileDevice
 from .device import DM_MAJOR, MappedDevice
 from .errors import DMError, collapse_groups
-from .table import Table, TableLine, build_table, check_limits, split_args
+from .table import TableLine, build_table, check_limits, split_args
 
 DRIVER_VERSION = (4, 47, 0)
 MAX_NAME = 127

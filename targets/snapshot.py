@@ -799,7 +799,6 @@ class Snapshot(Target):
             head = 1 if lo & mask else 0
             tail = 1 if j - i > head and end < (first + j) << shift else 0
             wanted = j - i
-            got = 0
             for c0, count, whole in ((chunk, head, False), (chunk + head, wanted - head - tail, True),
                                      (first + j - 1, tail, False)):
                 if count <= 0 or no_space:
@@ -814,7 +813,6 @@ class Snapshot(Target):
                     else:
                         copies.append(pe)
                         partial.append((pe, bio.slice(s0 - start, s1 - s0), pe.old_chunk))
-                    got += pe.count
                 if sum(pe.count for pe in pes) < count:
                     no_space = True
             if no_space:

@@ -2,7 +2,6 @@
 import errno
 
 import pytest
-import trio
 
 from dmsim.api import DM, DmsetupError, open_dm
 from dmsim.errors import DMError

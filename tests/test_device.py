@@ -14,10 +14,9 @@ import trio.testing
 
 import dmsim
 from dmsim.bio import Bio, Op, to_bytes
-from dmsim.blockdev import MemoryDevice
 from dmsim.device import Requeue
 from dmsim.errors import DMError
-from dmsim.table import TableLine, parse_table_text
+from dmsim.table import parse_table_text
 from dmsim.targets import base as tbase
 
 INSTANCES: list = []

@@ -15,7 +15,7 @@ import os
 
 import pytest
 
-from dmsim.bio import Bio, Op
+from dmsim.bio import Op
 from dmsim.blockdev import MemoryDevice
 from dmsim.dirty_log import (CoreLog, DirtyLogError, DiskLog, MIRROR_MAGIC, create_dirty_log,
                              parse_disk_log)

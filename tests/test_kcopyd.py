@@ -18,7 +18,7 @@ from dmsim.bio import Op, to_bytes
 from dmsim.blockdev import BlockDevice, MemoryDevice
 from dmsim.errors import DMError
 from dmsim.kcopyd import (
-    FLAG_IGNORE_ERROR, FLAG_WRITE_SEQ, IGNORE_ERROR, MAX_REGIONS, WRITE_ERR_ALL, WRITE_SEQ,
+    FLAG_IGNORE_ERROR, FLAG_WRITE_SEQ, IGNORE_ERROR, MAX_REGIONS, WRITE_SEQ,
     KcopydClient, Region, Throttle, open_kcopyd_client, subjob_sectors_from_kb,
 )
 

@@ -2,7 +2,6 @@
 property tests that any input gives a table or a DMError (never another exception), and
 that requests split across random linear/zero tables land where a model says."""
 import errno
-import string
 
 import pytest
 import trio
