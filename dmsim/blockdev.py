@@ -96,6 +96,15 @@ class BlockDevice:
         await self.flush()
         await self.write(sector, data, fua=True)
 
+    #: whether :meth:`try_write_now` would write (rather than return False)
+    writes_now = False
+
+    def try_write_now(self, sector: int, data) -> bool:
+        """Write (flush and FUA included) as a plain call when this device can do so
+        without waiting (then no other task runs meanwhile); False, with nothing
+        written, when it can't: use :meth:`submit`."""
+        return False
+
     def check_bounds(self, bio: Bio) -> None:
         if bio.sectors and (bio.sector < 0 or bio.end_sector > self.size_sectors):
             raise DMError(errno.EIO, "access beyond end of device")
@@ -248,6 +257,22 @@ class FileDevice(BlockDevice):
                 await self._call(self._write, to_bytes(sector), data)
         except OSError as e:
             raise DMError(e.errno or errno.EIO) from None
+
+    @property
+    def writes_now(self) -> bool:
+        return not (self.sync or self.io_mode != "inline" or self.closed or self.read_only)
+
+    def try_write_now(self, sector: int, data) -> bool:
+        # inline I/O that never syncs: flush and FUA are no-ops, the write is a pwrite
+        if not self.writes_now:
+            return False
+        if sector < 0 or sector + to_sectors(len(data)) > self.size_sectors:
+            raise DMError(errno.EIO, "access beyond end of device")
+        try:
+            self._write(to_bytes(sector), data)
+        except OSError as e:
+            raise DMError(e.errno or errno.EIO) from None
+        return True
 
     async def _call(self, fn, *args):
         if self.io_mode == "thread":

@@ -102,6 +102,19 @@ class ExceptionStore:
         return err
 
 
+    def commit_now(self, old: int, new: int) -> bool:
+        """Commit one exception as a plain call, when it would be durable on return with
+        no other commit in the way (only this one pending, nothing queued, the area not
+        filling up) and the COW can be written without waiting.  False, with nothing
+        changed: use :meth:`commit_exceptions`.  After True, ``valid`` is the callback's
+        argument (False: the area write failed)."""
+        return False
+
+    def commit_ready(self) -> bool:
+        """Whether the next exception prepared would :meth:`commit_now` (checked before
+        preparing it, so a copy is not made for nothing)."""
+        return False
+
 class TransientStore(ExceptionStore):
     """``N``: COW chunks from 0 up, nothing on disk, commit always succeeds."""
 
@@ -132,6 +145,16 @@ class TransientStore(ExceptionStore):
 
     async def commit_exception(self, old: int, new: int, valid: bool, callback: Callback) -> None:
         await callback(valid)
+
+    def commit_now(self, old: int, new: int) -> bool:
+        return True     # nothing on disk
+
+    def commit_ready(self) -> bool:
+        return True
+
+    @property
+    def valid(self) -> bool:
+        return True
 
     async def commit_exceptions(self, old: int, new: int, count: int, valid: bool,
                                 callback: Callback) -> None:
@@ -345,6 +368,29 @@ class PersistentStore(ExceptionStore):
             if not count:
                 self.callbacks.append(callback)
             await self._maybe_write_area()
+
+    def commit_ready(self) -> bool:
+        return (not self.pending_count and not self.callbacks and bool(self.valid)
+                and self.current_committed < self.exceptions_per_area - 1 and self.cow.writes_now)
+
+    def commit_now(self, old: int, new: int) -> bool:
+        # persistent_commit_exception's common case: the area is written now (nothing
+        # else pending) and does not fill up (no next area to zero)
+        if (self.pending_count != 1 or self.callbacks or not self.valid
+                or self.current_committed >= self.exceptions_per_area - 1):
+            return False
+        at = 16 * self.current_committed
+        _PAIR.pack_into(self.area, at, old, new)
+        try:
+            if not self.cow.try_write_now(self.area_location(self.current_area) * self.chunk_sectors,
+                                          bytes(self.area)):
+                self.area[at:at + 16] = bytes(16)
+                return False
+        except DMError:
+            self.valid = 0
+        self.current_committed += 1
+        self.pending_count -= 1
+        return True
 
     async def _maybe_write_area(self) -> None:
         """The tail of ``persistent_commit_exception``: write the area when nothing else

@@ -452,17 +452,25 @@ class KcopydClient:
     def _copy_inline(self, src: Region, dests, flags: int) -> bool:
         # flags only matter on errors (any failure falls back to the queued job, with
         # them) or between sub-jobs (here they run one after another, in order)
-        if (self._state != "running" or len(dests) != 1 or not isinstance(src, tuple)
-                or (self.throttle is not None and self.throttle.percent < 100)):
+        if len(dests) != 1 or not isinstance(src, tuple):
             return False
         dest = dests[0]
-        count = src.count
-        sub = self.sub_job_sectors
-        if not (0 < count <= SPLIT_COUNT * sub and dest.count == count
-                and src.sector >= 0 and dest.sector >= 0):
+        if dest.count != src.count:
             return False
-        dev = src.dev
-        if not hasattr(dev, "can_copy_to") or not dev.can_copy_to(dest.dev):
+        return self.copy_now(src.dev, src.sector, dest.dev, dest.sector, src.count)
+
+    def copy_now(self, src_dev, src_sector: int, dest_dev, dest_sector: int, count: int) -> bool:
+        """Copy one region to one destination here and now, as a plain call (it never
+        checkpoints, so a caller may rely on nothing else running meanwhile).  False when
+        the copy can't run inline (not two image files, no free pages, a throttle, more
+        than 8 sub-jobs) or failed; the caller then submits it as a job, which redoes it
+        and reports exact error bits."""
+        if self._state != "running" or (self.throttle is not None and self.throttle.percent < 100):
+            return False
+        sub = self.sub_job_sectors
+        if not (0 < count <= SPLIT_COUNT * sub and src_sector >= 0 and dest_sector >= 0):
+            return False
+        if not hasattr(src_dev, "can_copy_to") or not src_dev.can_copy_to(dest_dev):
             return False
         pages = pages_for(min(count, sub))
         if not self.pages.try_take(pages):
@@ -471,7 +479,7 @@ class KcopydClient:
             # sub-job by sub-job, in order, as the slots would issue them
             for offset in range(0, count, sub):
                 n = min(sub, count - offset)
-                dev.copy_to(dest.dev, src.sector + offset, dest.sector + offset, n)
+                src_dev.copy_to(dest_dev, src_sector + offset, dest_sector + offset, n)
         except DMError:
             return False
         finally:

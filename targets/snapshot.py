@@ -440,6 +440,51 @@ class Snapshot(Target):
                 self._idle = trio.Event()
         return pes
 
+    async def origin_copy_now(self, sector: int) -> bool:
+        """An origin write's copy-out of the one chunk at ``sector`` (which has neither an
+        exception nor a pending one here) done here and now when it can be: nothing
+        else in flight on this snapshot, the copy inline (:meth:`KcopydClient.copy_now`)
+        and the commit written at once (:meth:`ExceptionStore.commit_now`), as plain
+        calls.  No other task can run meanwhile, so the pending exception, its event,
+        the commit lock and the cancel shield the general path needs are not needed:
+        what reaches the COW, and when, is what the general path writes.  False when
+        the general path (:func:`do_origin`) must run, with nothing left half done."""
+        if (self.pending_exceptions_count or self.in_progress or self._tracked
+                or self._tracked_spans or self.merging or not self.valid or not self.active
+                or not self.store.commit_ready()):
+            return False
+        store = self.store
+        shift = store.chunk_shift
+        chunk = sector >> shift
+        runs = store.prepare_exceptions(1)
+        if not runs:
+            return False            # full: the general path invalidates or overflows
+        new = runs[0][0]
+        cs = 1 << shift
+        count = min(cs, self.origin.size_sectors - (chunk << shift))
+        seq = self._start_seq
+        self._start_seq += 1
+        if (not self.kc.copy_now(self.origin, chunk << shift, self.cow, new << shift, count)
+                or not store.commit_now(chunk, new)):
+            # hand the allocated chunk to the general path, as if it had started there
+            pe = _Pending(self, chunk, new, seq)
+            self.pending[chunk] = pe
+            self.pending_exceptions_count += 1
+            if self._idle.is_set():
+                self._idle = trio.Event()
+            pe.started = True
+            with trio.CancelScope(shield=True):
+                await self.run_copies([pe])
+            return False
+        self._complete_seq += 1
+        if not store.valid:         # the area write failed: as the callback would
+            with trio.CancelScope(shield=True):
+                await self.invalidate(errno.EIO)
+        else:
+            self.complete[chunk] = new
+        _pending_done()
+        return True
+
     def start_copy(self, pe: _Pending) -> None:
         """``start_copy``: kcopyd the origin chunk (trimmed at the origin end) to the COW."""
         self.start_copies([pe])
@@ -1126,7 +1171,11 @@ class Origin(Target):
             elif len(snaps) == 1:           # a rewrite with one snapshot: two checks
                 s = snaps[0]
                 if s.in_progress > COW_THRESHOLD or not s.has_exception(sector):
-                    await do_origin(self.key, sector, end, True)
+                    # a first write inside one chunk: its copy-out, done at once if it can be
+                    if not (split and s.store.chunk_sectors == split and sector < s.table_size
+                            and sector >> s.store.chunk_shift not in s.pending
+                            and await s.origin_copy_now(sector)):
+                        await do_origin(self.key, sector, end, True)
             elif not all(s.in_progress <= COW_THRESHOLD and s.has_exception(sector) for s in snaps):
                 await do_origin(self.key, sector, end, True)
         return await self.dev.submit(bio)

@@ -1,5 +1,6 @@
 """snapshot / snapshot-origin / snapshot-merge, in-process against the kernel's records
 (conformance case 02-snapshot, spec/snapshot.md)."""
+import errno
 import gzip
 import hashlib
 import os
@@ -249,9 +250,10 @@ async def test_concurrent_origin_writes_share_one_copy(small):
         assert await o.read(0, 8) == b"".join(fill(0x10 + i, 1) for i in range(8))
 
 
-async def test_full_cow_invalidates(small):
+@pytest.mark.parametrize("durability", ["fsync", "process"])
+async def test_full_cow_invalidates(small, durability):
     O, _, L = small
-    async with dmsim.open_manager() as m:
+    async with dmsim.open_manager(durability=durability) as m:
         s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, L))
         o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, O))
         assert st(m, "s") == "0 16384 snapshot 16/2048 16"
@@ -273,6 +275,48 @@ async def test_full_cow_invalidates(small):
         await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, L))
         assert st(m, "s") == "0 16384 snapshot Invalid"
         assert m.read_log() == ["device-mapper: snapshots: Snapshot is marked invalid."]
+
+
+@pytest.mark.parametrize("fail", ["copy", "read", "area"])
+async def test_copy_now_failures_fall_back_to_the_general_path(small, monkeypatch, fail):
+    """An origin copy-out done at once (process durability) that can't finish: a copy
+    that copy_file_range can't make is redone as a kcopyd job (read + write); one whose
+    reads fail too, or whose area write fails, invalidates the snapshot as the general
+    path does, with the kernel's log line, and the origin write still goes through."""
+    from dmsim.blockdev import FileDevice
+    O, C, _ = small
+    done = count_copies_now(monkeypatch)
+    old = read_at(O, 80 * 512, 4096)
+    async with dmsim.open_manager(durability="process") as m:
+        s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, C))
+        o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, O))
+        await o.write(0, fill(1, 8))
+        assert st(m, "s") == "0 16384 snapshot 24/32768 16" and done == [True]
+
+        def broken(*args):
+            raise DMError(errno.EIO)
+
+        def eio(*args):             # what the file layer raises (submit converts it)
+            raise OSError(errno.EIO, "EIO")
+        monkeypatch.setattr(FileDevice, "try_write_now" if fail == "area" else "copy_to", broken)
+        if fail == "read":
+            monkeypatch.setattr(FileDevice, "_read", eio)
+            monkeypatch.setattr(FileDevice, "_read_into", eio)
+        m.read_log()
+        await o.write(80, fill(2, 8))
+        assert done == [True, fail == "area"]
+        monkeypatch.undo()
+        assert await o.read(80, 8) == fill(2, 8)
+        if fail == "copy":
+            assert st(m, "s") == "0 16384 snapshot 32/32768 16"
+            assert await s.read(80, 8) == old
+            return
+        assert st(m, "s") == "0 16384 snapshot Invalid"
+        assert m.read_log() == ["device-mapper: snapshots: Invalidating snapshot: Error reading/writing."]
+        await m.remove("o")
+        await m.remove("s")
+        await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, C))
+        assert st(m, "s") == "0 16384 snapshot Invalid"
 
 
 @pytest.mark.parametrize("store", ["P", "PO"])
@@ -462,13 +506,32 @@ async def test_kernel_made_cow_activates(tmp_path):
         assert await md5_dev(s) == md5
 
 
-async def test_same_workload_writes_the_kernels_cow_bytes(tmp_path):
+def count_copies_now(monkeypatch):
+    """Count the origin copy-outs done at once (``Snapshot.origin_copy_now`` True)."""
+    from dmsim.targets.snapshot import Snapshot
+    done = []
+    real = Snapshot.origin_copy_now
+
+    async def spy(self, sector):
+        ok = await real(self, sector)
+        done.append(ok)
+        return ok
+    monkeypatch.setattr(Snapshot, "origin_copy_now", spy)
+    return done
+
+
+@pytest.mark.parametrize("durability", ["fsync", "process"])
+async def test_same_workload_writes_the_kernels_cow_bytes(tmp_path, monkeypatch, durability):
     """guest.sh replayed in-process (page-cache writeback turns its 512-byte snapshot
-    writes into whole 4 KiB pages) leaves the very COW image the kernel left."""
+    writes into whole 4 KiB pages) leaves the very COW image the kernel left, whether
+    the origin's copy-outs take the general path (fsync: commits wait for syncs) or are
+    done at once (process: :meth:`Snapshot.origin_copy_now`, all but the last exception
+    of each area)."""
     o, c = str(tmp_path / "o.img"), str(tmp_path / "c.img")
     kernel_pattern_origin(o)
     make_zero(c, 4)
-    async with dmsim.open_manager() as m:
+    done = count_copies_now(monkeypatch)
+    async with dmsim.open_manager(durability=durability) as m:
         s = await mk(m, "snap", "0 16384 snapshot %s %s P 8" % (o, c))
         org = await mk(m, "origin", "0 16384 snapshot-origin %s" % o)
         for i in range(600):
@@ -481,6 +544,10 @@ async def test_same_workload_writes_the_kernels_cow_bytes(tmp_path):
         status, md5 = kernel_record()
         assert st(m, "snap") == status
         assert await md5_dev(s) == md5
+    if durability == "process":     # 600 first writes, 2 areas: all but 2 at once
+        assert done.count(True) == 598
+    else:
+        assert not any(done)
     with gzip.open(os.path.join(KFIX, "kernel-cow.img.gz")) as f:
         kernel_cow = f.read()
     with open(c, "rb") as f:
@@ -512,11 +579,14 @@ async def dmsim_interop_workload(m, o, c):
     return status, md5
 
 
-async def test_dmsim_made_cow_activates_on_the_kernel(tmp_path):
+@pytest.mark.parametrize("durability", ["fsync", "process"])
+async def test_dmsim_made_cow_activates_on_the_kernel(tmp_path, monkeypatch, durability):
     """dmsim writes the recorded COW byte for byte, and the kernel, activating that COW,
-    printed the status and snapshot contents dmsim prints."""
+    printed the status and snapshot contents dmsim prints (with process durability,
+    single-chunk origin writes copy out at once, mixed with the general path's runs)."""
     o, c = str(tmp_path / "o.img"), str(tmp_path / "c.img")
-    async with dmsim.open_manager() as m:
+    done = count_copies_now(monkeypatch)
+    async with dmsim.open_manager(durability=durability) as m:
         status, md5 = await dmsim_interop_workload(m, o, c)
         with open(os.path.join(KFIX, "dmsim-cow-kernel.txt")) as f:
             kernel = f.read().splitlines()
@@ -525,6 +595,7 @@ async def test_dmsim_made_cow_activates_on_the_kernel(tmp_path):
         # and dmsim reads the COW back the same after a fresh activation
         s = await mk(m, "snap", "0 16384 snapshot %s %s P 8" % (o, c))
         assert (st(m, "snap"), await md5_dev(s)) == (status, md5)
+    assert any(done) == (durability == "process")
     with gzip.open(os.path.join(KFIX, "dmsim-cow.img.gz")) as f:
         assert md5_file(c) == hashlib.md5(f.read()).hexdigest()
 
