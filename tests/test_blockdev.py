@@ -160,9 +160,16 @@ async def test_memory_device_read_into_and_settle_read():
 
 
 @pytest.mark.parametrize("dst_sector", [0, 2048, 8, 2056])
-async def test_copy_to_aligned_or_through_a_buffer(tmp_path, dst_sector):
+@pytest.mark.parametrize("splice", [True, False])
+async def test_copy_to_aligned_or_through_a_buffer(tmp_path, monkeypatch, dst_sector, splice):
     """copy_to copies exactly whether it uses copy_file_range (destination aligned to the
-    copy) or a buffer (not aligned, e.g. a COW's runs between metadata chunks)."""
+    copy), splice through a pipe or a buffer (not aligned, e.g. a COW's runs between
+    metadata chunks; the buffer where splice is not available)."""
+    from dmsim import blockdev
+    used = []
+    real = blockdev._splice_copy
+    monkeypatch.setattr(blockdev, "_splice_copy",
+                        lambda *a: used.append(a) or (real(*a) if splice else False))
     src_path, dst_path = tmp_path / "s", tmp_path / "d"
     payload = os.urandom(3 << 20)
     src_path.write_bytes(payload)
@@ -173,6 +180,7 @@ async def test_copy_to_aligned_or_through_a_buffer(tmp_path, dst_sector):
         with open(dst_path, "rb") as f:
             f.seek(dst_sector * 512)
             assert f.read((2048 + 1024 + 8) * 512) == payload[16 * 512:(16 + 3080) * 512]
+        assert bool(used) == bool(dst_sector % 2048)
         with pytest.raises(DMError):
             src.copy_to(dst, 0, 12280, 16)                     # past the destination's end
     finally:
