@@ -102,17 +102,22 @@ class ExceptionStore:
         return err
 
 
-    def commit_now(self, old: int, new: int) -> bool:
-        """Commit one exception as a plain call, when it would be durable on return with
-        no other commit in the way (only this one pending, nothing queued, the area not
-        filling up) and the COW can be written without waiting.  False, with nothing
-        changed: use :meth:`commit_exceptions`.  After True, ``valid`` is the callback's
-        argument (False: the area write failed)."""
+    def commit_now(self, old: int, new: int, count: int = 1) -> bool:
+        """:meth:`commit_exceptions` as a plain call, for a caller that prepared every
+        pending exception itself (:meth:`commit_ready` was true) and commits them in
+        order, one run after another without awaiting between: the same area writes
+        at the same points, done here and now, the last run's leaving everything
+        durable.  False, with nothing changed, when the COW can't be written without
+        waiting.  After True, ``valid`` is what the callbacks would be told."""
         return False
 
     def commit_ready(self) -> bool:
-        """Whether the next exception prepared would :meth:`commit_now` (checked before
-        preparing it, so a copy is not made for nothing)."""
+        """Whether exceptions prepared next could :meth:`commit_now` (asked before
+        preparing them, so that no copy is made for nothing)."""
+        return False
+
+    def room_for(self, count: int) -> bool:
+        """Whether :meth:`prepare_exceptions` would surely hand out ``count`` chunks."""
         return False
 
 class TransientStore(ExceptionStore):
@@ -146,11 +151,14 @@ class TransientStore(ExceptionStore):
     async def commit_exception(self, old: int, new: int, valid: bool, callback: Callback) -> None:
         await callback(valid)
 
-    def commit_now(self, old: int, new: int) -> bool:
+    def commit_now(self, old: int, new: int, count: int = 1) -> bool:
         return True     # nothing on disk
 
     def commit_ready(self) -> bool:
         return True
+
+    def room_for(self, count: int) -> bool:
+        return (self.cow.size_sectors - self.next_free_sectors) >> self.chunk_shift >= count
 
     @property
     def valid(self) -> bool:
@@ -370,26 +378,51 @@ class PersistentStore(ExceptionStore):
             await self._maybe_write_area()
 
     def commit_ready(self) -> bool:
-        return (not self.pending_count and not self.callbacks and bool(self.valid)
-                and self.current_committed < self.exceptions_per_area - 1 and self.cow.writes_now)
+        return not self.pending_count and not self.callbacks and bool(self.valid) and self.cow.writes_now
 
-    def commit_now(self, old: int, new: int) -> bool:
-        # persistent_commit_exception's common case: the area is written now (nothing
-        # else pending) and does not fill up (no next area to zero)
-        if (self.pending_count != 1 or self.callbacks or not self.valid
-                or self.current_committed >= self.exceptions_per_area - 1):
+    def room_for(self, count: int) -> bool:
+        left = self.cow.size_sectors // self.chunk_sectors - self.next_free
+        return left - left // (self.exceptions_per_area + 1) - 1 >= count     # less its areas
+
+    def commit_now(self, old: int, new: int, count: int = 1) -> bool:
+        # commit_exceptions + _maybe_write_area, with the writes as plain calls
+        if count > self.pending_count or self.callbacks or not self.cow.writes_now:
             return False
-        at = 16 * self.current_committed
-        _PAIR.pack_into(self.area, at, old, new)
-        try:
-            if not self.cow.try_write_now(self.area_location(self.current_area) * self.chunk_sectors,
-                                          bytes(self.area)):
-                self.area[at:at + 16] = bytes(16)
-                return False
-        except DMError:
-            self.valid = 0
-        self.current_committed += 1
-        self.pending_count -= 1
+        per_area = self.exceptions_per_area
+        while count:
+            k = min(count, per_area - self.current_committed)
+            at = 16 * self.current_committed
+            if k == 1:
+                _PAIR.pack_into(self.area, at, old, new)
+            else:
+                pairs = array("Q", bytes(16 * k))
+                pairs[0::2] = array("Q", range(old, old + k))
+                pairs[1::2] = array("Q", range(new, new + k))
+                if sys.byteorder != "little":
+                    pairs.byteswap()
+                self.area[at:at + 16 * k] = pairs.tobytes()
+            self.current_committed += k
+            self.pending_count -= k
+            old, new, count = old + k, new + k, count - k
+            full = self.current_committed == per_area
+            if self.pending_count and not full:
+                continue
+            if full:
+                try:
+                    self.cow.try_write_now(self.area_location(self.current_area + 1) * self.chunk_sectors,
+                                           bytes(self.chunk_bytes))
+                except DMError:
+                    self.valid = 0
+            if self.valid:
+                try:
+                    self.cow.try_write_now(self.area_location(self.current_area) * self.chunk_sectors,
+                                           bytes(self.area))
+                except DMError:
+                    self.valid = 0
+            if full:
+                self.current_committed = 0
+                self.current_area += 1
+                self.area = bytearray(self.chunk_bytes)
         return True
 
     async def _maybe_write_area(self) -> None:

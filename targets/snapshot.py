@@ -440,48 +440,102 @@ class Snapshot(Target):
                 self._idle = trio.Event()
         return pes
 
-    async def origin_copy_now(self, sector: int) -> bool:
-        """An origin write's copy-out of the one chunk at ``sector`` (which has neither an
-        exception nor a pending one here) done here and now when it can be: nothing
-        else in flight on this snapshot, the copy inline (:meth:`KcopydClient.copy_now`)
-        and the commit written at once (:meth:`ExceptionStore.commit_now`), as plain
-        calls.  No other task can run meanwhile, so the pending exception, its event,
-        the commit lock and the cancel shield the general path needs are not needed:
-        what reaches the COW, and when, is what the general path writes.  False when
-        the general path (:func:`do_origin`) must run, with nothing left half done."""
+    async def origin_copy_now(self, start: int, end: int) -> bool:
+        """The copy-out an origin write of ``[start, end)`` needs from this snapshot,
+        done here and now when it can be: nothing else in flight on this snapshot, room
+        in the COW, the copies inline (:meth:`KcopydClient.copy_now`) and the commits
+        written at once (:meth:`ExceptionStore.commit_now`), all as plain calls.  No
+        other task can run meanwhile, so the pending exceptions, their events, the
+        commit lock and the cancel shield of the general path are not needed; what
+        reaches the COW, and in which order, is what the general path writes.  True:
+        the write may go to the origin.  False: the general path (:func:`do_origin`)
+        must run; nothing is left half done (what was allocated here is handed to it
+        as pending exceptions, already copied and committed)."""
         if (self.pending_exceptions_count or self.in_progress or self._tracked
                 or self._tracked_spans or self.merging or not self.valid or not self.active
                 or not self.store.commit_ready()):
             return False
+        size = self.table_size
+        if start >= size:
+            return True
         store = self.store
         shift = store.chunk_shift
-        chunk = sector >> shift
-        runs = store.prepare_exceptions(1)
-        if not runs:
-            return False            # full: the general path invalidates or overflows
-        new = runs[0][0]
-        cs = 1 << shift
-        count = min(cs, self.origin.size_sectors - (chunk << shift))
+        first = start >> shift
+        last = (min(end, size) - 1) >> shift
+        kc, origin, cow = self.kc, self.origin, self.cow
         seq = self._start_seq
-        self._start_seq += 1
-        if (not self.kc.copy_now(self.origin, chunk << shift, self.cow, new << shift, count)
-                or not store.commit_now(chunk, new)):
-            # hand the allocated chunk to the general path, as if it had started there
-            pe = _Pending(self, chunk, new, seq)
-            self.pending[chunk] = pe
-            self.pending_exceptions_count += 1
+        if first == last:           # (the common case, without the lists)
+            if first in self.complete:
+                return True
+            if not store.room_for(1):
+                return False
+            ((new, _),) = store.prepare_exceptions(1)
+            self._start_seq += 1
+            src = first << shift
+            if (kc.copy_now(origin, src, cow, new << shift, min(1 << shift, origin.size_sectors - src))
+                    and store.commit_now(first, new)):
+                self._complete_seq += 1
+                if store.valid:
+                    self.complete[first] = new
+                else:
+                    with trio.CancelScope(shield=True):
+                        await self.invalidate(errno.EIO)
+                _pending_done()
+                return True
+            pieces = [(first, new, 1)]
+            copied = False
+        else:
+            missing = self.missing(range(first, last + 1))
+            if not missing:
+                return True
+            if not store.room_for(len(missing)):
+                return False        # nearly full: the general path invalidates or overflows
+            pieces = []             # (old chunk, new chunk, count) in allocation order
+            for old, n in _consecutive(missing):
+                for new, k in store.prepare_exceptions(n):
+                    pieces.append((old, new, k))
+                    old += k
+            self._start_seq += len(pieces)
+            origin_sectors = origin.size_sectors
+            copied = True
+            for old, new, k in pieces:
+                src = old << shift
+                if not kc.copy_now(origin, src, cow, new << shift, min(k << shift, origin_sectors - src)):
+                    copied = False
+                    break
+        if copied and store.commit_now(*pieces[0]):
+            for piece in pieces[1:]:
+                # it refuses only what commit_ready would have refused: not here
+                committed = store.commit_now(*piece)
+                assert committed, "commit_now refused in the middle of a run"
+        else:
+            # hand what was allocated to the general path, as if it had started there
+            # (nothing is committed: it copies, commits and completes it all)
+            pes = []
+            for old, new, k in pieces:
+                pe = _Pending(self, old, new, seq, k)
+                seq += 1
+                pe.started = True
+                self.pending.update(zip(range(old, old + k), itertools.repeat(pe, k)))
+                pes.append(pe)
+            self.pending_exceptions_count += len(pes)
             if self._idle.is_set():
                 self._idle = trio.Event()
-            pe.started = True
             with trio.CancelScope(shield=True):
-                await self.run_copies([pe])
+                await self.run_copies(pes)
             return False
-        self._complete_seq += 1
-        if not store.valid:         # the area write failed: as the callback would
+        self._complete_seq += len(pieces)
+        if not store.valid:         # an area write failed: as the callbacks would
             with trio.CancelScope(shield=True):
                 await self.invalidate(errno.EIO)
         else:
-            self.complete[chunk] = new
+            complete = self.complete
+            for old, new, k in pieces:
+                if k == 1:
+                    complete[old] = new
+                else:
+                    complete.update(zip(range(old, old + k), range(new, new + k)))
+                    self._note_linear(old, new, k)
         _pending_done()
         return True
 
@@ -1167,14 +1221,15 @@ class Origin(Target):
         if snaps:
             sector = bio.sector
             if split and sector // split != (end - 1) // split:
-                await do_origin(self.key, sector, end, True)
+                if not (len(snaps) == 1 and snaps[0].store.chunk_sectors == split
+                        and await snaps[0].origin_copy_now(sector, end)):
+                    await do_origin(self.key, sector, end, True)
             elif len(snaps) == 1:           # a rewrite with one snapshot: two checks
                 s = snaps[0]
                 if s.in_progress > COW_THRESHOLD or not s.has_exception(sector):
-                    # a first write inside one chunk: its copy-out, done at once if it can be
-                    if not (split and s.store.chunk_sectors == split and sector < s.table_size
-                            and sector >> s.store.chunk_shift not in s.pending
-                            and await s.origin_copy_now(sector)):
+                    # a first write: its copy-out, done at once if it can be
+                    if not (split and s.store.chunk_sectors == split
+                            and await s.origin_copy_now(sector, end)):
                         await do_origin(self.key, sector, end, True)
             elif not all(s.in_progress <= COW_THRESHOLD and s.has_exception(sector) for s in snaps):
                 await do_origin(self.key, sector, end, True)

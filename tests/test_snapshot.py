@@ -512,8 +512,8 @@ def count_copies_now(monkeypatch):
     done = []
     real = Snapshot.origin_copy_now
 
-    async def spy(self, sector):
-        ok = await real(self, sector)
+    async def spy(self, start, end):
+        ok = await real(self, start, end)
         done.append(ok)
         return ok
     monkeypatch.setattr(Snapshot, "origin_copy_now", spy)
@@ -525,8 +525,7 @@ async def test_same_workload_writes_the_kernels_cow_bytes(tmp_path, monkeypatch,
     """guest.sh replayed in-process (page-cache writeback turns its 512-byte snapshot
     writes into whole 4 KiB pages) leaves the very COW image the kernel left, whether
     the origin's copy-outs take the general path (fsync: commits wait for syncs) or are
-    done at once (process: :meth:`Snapshot.origin_copy_now`, all but the last exception
-    of each area)."""
+    done at once (process: :meth:`Snapshot.origin_copy_now`, full areas included)."""
     o, c = str(tmp_path / "o.img"), str(tmp_path / "c.img")
     kernel_pattern_origin(o)
     make_zero(c, 4)
@@ -544,8 +543,8 @@ async def test_same_workload_writes_the_kernels_cow_bytes(tmp_path, monkeypatch,
         status, md5 = kernel_record()
         assert st(m, "snap") == status
         assert await md5_dev(s) == md5
-    if durability == "process":     # 600 first writes, 2 areas: all but 2 at once
-        assert done.count(True) == 598
+    if durability == "process":     # 600 first writes, filling 2 areas: all at once
+        assert done == [True] * 600
     else:
         assert not any(done)
     with gzip.open(os.path.join(KFIX, "kernel-cow.img.gz")) as f:
@@ -623,7 +622,8 @@ async def test_python_api_take_and_merge(small):
 
 
 @pytest.mark.parametrize("store", ["P", "N"])
-async def test_multi_chunk_requests_match_a_model(small, store):
+@pytest.mark.parametrize("durability", ["fsync", "process"])
+async def test_multi_chunk_requests_match_a_model(small, durability, store):
     """Requests spanning chunks are mapped whole by the snapshot target (runs of chunks
     contiguous on the COW or the origin become single I/Os): random multi-chunk reads and
     writes of both devices, concurrent, agree with a byte model; the COW reloads the same."""
@@ -632,7 +632,7 @@ async def test_multi_chunk_requests_match_a_model(small, store):
     sectors = 2048
     origin_model = bytearray(read_at(O, 0, sectors * 512))
     snap_model = bytearray(origin_model)
-    async with dmsim.open_manager() as m:
+    async with dmsim.open_manager(durability=durability) as m:
         s = await mk(m, "s", "0 %d snapshot %s %s %s 8" % (sectors, O, C, store))
         o = await mk(m, "o", "0 %d snapshot-origin %s" % (sectors, O))
         for round_ in range(30):
@@ -669,7 +669,8 @@ async def test_multi_chunk_requests_match_a_model(small, store):
     assert read_at(O, 0, sectors * 512) == origin_model
 
 
-async def test_large_runs_read_back_through_block_index_and_after_reactivation(small):
+@pytest.mark.parametrize("durability", ["fsync", "process"])
+async def test_large_runs_read_back_through_block_index_and_after_reactivation(small, durability):
     """Origin writes of whole runs of chunks (blocks of 64 chunks that are one COW run)
     and partial ones: snapshot reads spanning linear blocks, partial blocks and untouched
     chunks agree with the original bytes, live and after the COW is activated again (the
@@ -677,7 +678,7 @@ async def test_large_runs_read_back_through_block_index_and_after_reactivation(s
     O, C, _ = small
     original = read_at(O, 0, SZ8 * 512)
     r = random.Random(3)
-    async with dmsim.open_manager() as m:
+    async with dmsim.open_manager(durability=durability) as m:
         s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, C))
         o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, O))
         await o.write(0, fill(1, 2048))                 # 4 whole blocks
@@ -704,7 +705,8 @@ async def test_large_runs_read_back_through_block_index_and_after_reactivation(s
 
 
 @pytest.mark.parametrize("store", ["P", "N"])
-async def test_concurrent_overlapping_origin_writes_keep_the_snapshot_view(small, store):
+@pytest.mark.parametrize("durability", ["fsync", "process"])
+async def test_concurrent_overlapping_origin_writes_keep_the_snapshot_view(small, durability, store):
     """Many origin writes at once, overlapping each other's chunks, of every size from a
     sector to several blocks of chunks: whatever order they finish in, every chunk is
     copied out once, before the first write to it, so the snapshot reads the original
@@ -717,7 +719,7 @@ async def test_concurrent_overlapping_origin_writes_keep_the_snapshot_view(small
     async def check_read(dev, start, count):      # the snapshot view holds during writes
         assert await dev.read(start, count) == original[start * 512:(start + count) * 512]
 
-    async with dmsim.open_manager() as m:
+    async with dmsim.open_manager(durability=durability) as m:
         s = await mk(m, "s", "0 %d snapshot %s %s %s 8" % (SZ8, O, C, store))
         o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, O))
         for round_ in range(4):
