@@ -784,13 +784,14 @@ class Snapshot(Target):
         if self._linear:
             b0, b1 = first >> LINEAR_BLOCK_SHIFT, last >> LINEAR_BLOCK_SHIFT
             base = self._linear.get(b0)
-            if base is not None and (b0 == b1 or list(map(self._linear.get, range(b0, b1 + 1)))
-                                     == list(range(base, base + ((b1 - b0 + 1) << LINEAR_BLOCK_SHIFT),
-                                                   1 << LINEAR_BLOCK_SHIFT))):
-                # every chunk is on the COW, in one run: one read
-                new = base + first - (b0 << LINEAR_BLOCK_SHIFT)
-                dsec = (new << shift) | (bio.sector & ((1 << shift) - 1))
-                return await self.cow.submit(Bio(Op.READ, dsec, bio.sectors, bio.data))
+            if base is not None:
+                if b0 == b1:            # every chunk is on the COW, in one run: one read
+                    new = base + first - (b0 << LINEAR_BLOCK_SHIFT)
+                    dsec = (new << shift) | (bio.sector & ((1 << shift) - 1))
+                    return await self.cow.submit(Bio(Op.READ, dsec, bio.sectors, bio.data))
+                bases = list(map(self._linear.get, range(b0, b1 + 1)))
+                if None not in bases:   # all on the COW: a read per run of blocks
+                    return await self._read_blocks(bio, b0, bases)
         chunks = range(first, last + 1)
         news = list(map(self.complete.get, chunks))
         n = len(news)
@@ -848,6 +849,36 @@ class Snapshot(Target):
                 self._untrack(chunk)
             if holes == n:
                 self._untrack_span(span)
+
+    async def _read_blocks(self, bio: Bio, b0: int, bases: list):
+        """A read whose chunks are all in blocks of :attr:`_linear` (``bases``: the COW
+        chunk of each block from ``b0``): one read per run of blocks consecutive on the
+        COW (a sequential write's runs break only at metadata chunks), per-chunk lookups
+        for none of them."""
+        shift = self.store.chunk_shift
+        block_sectors = 1 << (LINEAR_BLOCK_SHIFT + shift)
+        segs = []
+        sector = bio.sector
+        end = bio.end_sector
+        for i, base in enumerate(bases):
+            b_start = (b0 + i) * block_sectors
+            stop = min(end, b_start + block_sectors)
+            dsec = (base << shift) + sector - b_start
+            if segs and segs[-1][0] + segs[-1][1] == dsec:
+                segs[-1][1] += stop - sector
+            else:
+                segs.append([dsec, stop - sector])
+            sector = stop
+        if len(segs) == 1:
+            return await self.cow.submit(Bio(Op.READ, segs[0][0], bio.sectors, bio.data))
+        buf = bio.data if bio.data is not None else bytearray(to_bytes(bio.sectors))
+        mv = memoryview(buf)
+        offset = 0
+        for dsec, k in segs:
+            piece = Bio(Op.READ, dsec, k, mv[to_bytes(offset):to_bytes(offset + k)])
+            settle_read(piece, await self.cow.submit(piece))
+            offset += k
+        return buf
 
     async def _write_chunks(self, bio: Bio) -> None:
         await self.wait_for_in_progress()

@@ -704,6 +704,33 @@ async def test_large_runs_read_back_through_block_index_and_after_reactivation(s
         await check(s)
 
 
+async def test_reads_over_linear_blocks_split_only_at_metadata_chunks(small, monkeypatch):
+    """Sequential 1 MiB origin writes leave 256-chunk COW runs broken by the next area's
+    metadata chunk, each run whole blocks of the index: a snapshot read across the break
+    is one read per run, without per-chunk lookups (``_read_blocks``)."""
+    from dmsim.targets.snapshot import Snapshot
+    O, C, _ = small
+    original = read_at(O, 0, SZ8 * 512)
+    calls = []
+    real = Snapshot._read_blocks
+
+    async def spy(self, bio, b0, bases):
+        calls.append(bases)
+        return await real(self, bio, b0, bases)
+    monkeypatch.setattr(Snapshot, "_read_blocks", spy)
+    async with dmsim.open_manager() as m:
+        s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, C))
+        o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, O))
+        await o.write(0, fill(1, 2048))
+        await o.write(2048, fill(2, 2048))
+        target = m.find("s").live.targets[0]
+        assert target._linear == {0: 2, 1: 66, 2: 130, 3: 194, 4: 259, 5: 323, 6: 387, 7: 451}
+        assert await s.read(1000, 2001) == original[1000 * 512:3001 * 512]
+        assert calls == [[66, 130, 194, 259, 323]]
+        assert await s.read(512, 1024) == original[512 * 512:1536 * 512]    # one run
+        assert len(calls) == 2
+
+
 @pytest.mark.parametrize("store", ["P", "N"])
 @pytest.mark.parametrize("durability", ["fsync", "process"])
 async def test_concurrent_overlapping_origin_writes_keep_the_snapshot_view(small, durability, store):
