@@ -388,6 +388,18 @@ class PersistentStore(ExceptionStore):
         # commit_exceptions + _maybe_write_area, with the writes as plain calls
         if count > self.pending_count or self.callbacks or not self.cow.writes_now:
             return False
+        if (count == 1 and self.pending_count == 1 and self.valid
+                and self.current_committed < self.exceptions_per_area - 1):
+            # the common case: one exception, the area written now, not filling up
+            _PAIR.pack_into(self.area, 16 * self.current_committed, old, new)
+            self.current_committed += 1
+            self.pending_count = 0
+            try:
+                self.cow.try_write_now((NUM_SNAPSHOT_HDR_CHUNKS + (self.exceptions_per_area + 1)
+                                        * self.current_area) * self.chunk_sectors, bytes(self.area))
+            except DMError:
+                self.valid = 0
+            return True
         per_area = self.exceptions_per_area
         while count:
             k = min(count, per_area - self.current_committed)

@@ -470,20 +470,26 @@ class KcopydClient:
         sub = self.sub_job_sectors
         if not (0 < count <= SPLIT_COUNT * sub and src_sector >= 0 and dest_sector >= 0):
             return False
-        if not hasattr(src_dev, "can_copy_to") or not src_dev.can_copy_to(dest_dev):
+        can = getattr(src_dev, "can_copy_to", None)
+        if can is None or not can(dest_dev):
             return False
-        pages = pages_for(min(count, sub))
-        if not self.pages.try_take(pages):
+        pool = self.pages
+        pages = -(-min(count, sub) // PAGE_SECTORS)          # pages_for
+        if pool._waiters or pages > pool.capacity - pool.in_use:
             return False
+        # the pages are held only while this call runs, and nothing else runs meanwhile:
+        # taking and giving them back would change nothing anyone can see but the peak
+        if pool.in_use + pages > pool.peak_in_use:
+            pool.peak_in_use = pool.in_use + pages
         try:
-            # sub-job by sub-job, in order, as the slots would issue them
-            for offset in range(0, count, sub):
-                n = min(sub, count - offset)
-                src_dev.copy_to(dest_dev, src_sector + offset, dest_sector + offset, n)
+            if count <= sub:
+                src_dev.copy_to(dest_dev, src_sector, dest_sector, count)
+            else:               # sub-job by sub-job, in order, as the slots would issue them
+                for offset in range(0, count, sub):
+                    src_dev.copy_to(dest_dev, src_sector + offset, dest_sector + offset,
+                                    min(sub, count - offset))
         except DMError:
             return False
-        finally:
-            self.pages.give(pages)
         return True
 
     async def zero_async(self, dest_regions: Sequence[Region], flags: int = 0) -> tuple[int, int]:

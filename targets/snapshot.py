@@ -467,9 +467,9 @@ class Snapshot(Target):
         if first == last:           # (the common case, without the lists)
             if first in self.complete:
                 return True
-            if not store.room_for(1):
-                return False
-            ((new, _),) = store.prepare_exceptions(1)
+            new = store.prepare_exception()
+            if new is None:
+                return False        # full: the general path invalidates or overflows
             self._start_seq += 1
             src = first << shift
             if (kc.copy_now(origin, src, cow, new << shift, min(1 << shift, origin.size_sectors - src))
