@@ -37,6 +37,11 @@ from .errors import DMError
 #: copy_to uses copy_file_range only where the destination is aligned to the copy's
 #: size (up to this), see FileDevice._copy_through_buffer
 _ALIGNED_COPY_BYTES = 1 << 20
+#: from this size on splice beats copy_file_range even at aligned offsets (measured, ext4,
+#: fresh destination, per copy: 256 KiB 150 vs 160 us, 1 MiB 534 vs 664 us; 512 MiB in
+#: 512 KiB copies 0.216 vs 0.259 s, cp 0.266 s); below it copy_file_range (one syscall)
+#: is as fast or faster (4 KiB 9.3 vs 10.0 us, 64 KiB 40 vs 44 us)
+_SPLICE_MIN_BYTES = 256 << 10
 _copy_buffer: bytearray | None = None
 _splice = threading.local()     # .pipe: (read fd, write fd) of 1 MiB, or False: no splice
 _FALLOC_FL_KEEP_SIZE = 0x01
@@ -253,15 +258,18 @@ class FileDevice(BlockDevice):
                 and not dst.read_only and not self.closed and not dst.closed)
 
     def copy_to(self, dst: "FileDevice", src_sector: int, dst_sector: int, sectors: int) -> None:
-        """Copy sectors to another file with ``copy_file_range``: one in-kernel copy (or a
-        block share) where a read and a write would cost two; kcopyd's fast path."""
+        """Copy sectors to another file inside the kernel (kcopyd's fast path): splice
+        through a pipe for large or misaligned copies, ``copy_file_range`` for small
+        aligned ones (see :data:`_SPLICE_MIN_BYTES`), a buffer where neither works."""
         if src_sector + sectors > self.size_sectors or dst_sector + sectors > dst.size_sectors:
             raise DMError(errno.EIO, "access beyond end of device")
         off_in, off_out, left = to_bytes(src_sector), to_bytes(dst_sector), to_bytes(sectors)
-        if off_out % min(left, _ALIGNED_COPY_BYTES):
+        misaligned = off_out % min(left, _ALIGNED_COPY_BYTES)
+        if misaligned or left >= _SPLICE_MIN_BYTES:
             if _splice_copy(self.fd, dst.fd, off_in, off_out, left):
                 return None
-            return self._copy_through_buffer(dst, off_in, off_out, left)
+            if misaligned:
+                return self._copy_through_buffer(dst, off_in, off_out, left)
         try:
             while left:
                 n = os.copy_file_range(self.fd, dst.fd, left, off_in, off_out)

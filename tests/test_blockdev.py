@@ -162,9 +162,9 @@ async def test_memory_device_read_into_and_settle_read():
 @pytest.mark.parametrize("dst_sector", [0, 2048, 8, 2056])
 @pytest.mark.parametrize("splice", [True, False])
 async def test_copy_to_aligned_or_through_a_buffer(tmp_path, monkeypatch, dst_sector, splice):
-    """copy_to copies exactly whether it uses copy_file_range (destination aligned to the
-    copy), splice through a pipe or a buffer (not aligned, e.g. a COW's runs between
-    metadata chunks; the buffer where splice is not available)."""
+    """copy_to copies exactly whether it uses copy_file_range (small copies, destination
+    aligned), splice through a pipe (large copies, or not aligned: a COW's runs between
+    metadata chunks) or a buffer (not aligned, where splice is not available)."""
     from dmsim import blockdev
     used = []
     real = blockdev._splice_copy
@@ -180,7 +180,11 @@ async def test_copy_to_aligned_or_through_a_buffer(tmp_path, monkeypatch, dst_se
         with open(dst_path, "rb") as f:
             f.seek(dst_sector * 512)
             assert f.read((2048 + 1024 + 8) * 512) == payload[16 * 512:(16 + 3080) * 512]
-        assert bool(used) == bool(dst_sector % 2048)
+        assert len(used) == 1               # splice first for a copy this large or misaligned
+        src.copy_to(dst, 0, 0, 16)          # small and aligned: copy_file_range only
+        assert len(used) == 1
+        with open(dst_path, "rb") as f:
+            assert f.read(16 * 512) == payload[:16 * 512]
         with pytest.raises(DMError):
             src.copy_to(dst, 0, 12280, 16)                     # past the destination's end
     finally:
