@@ -539,6 +539,71 @@ class Snapshot(Target):
         _pending_done()
         return True
 
+    async def _write_now(self, bio: Bio, chunk: int) -> bool:
+        """A snapshot write to a chunk with no exception, done here and now when it can
+        be (as :meth:`origin_copy_now`, whose conditions it shares): a whole-chunk write
+        goes to its new COW chunk, a partial one has the origin chunk copied there
+        first; then the exception is committed, then a partial write lands.  False when
+        the general path must run (nothing done then); an I/O error ends as there."""
+        if (self.pending_exceptions_count or self.in_progress or self._tracked
+                or self._tracked_spans or self.merging or not self.store.commit_ready()):
+            return False
+        store = self.store
+        shift = store.chunk_shift
+        cs = 1 << shift
+        whole = bio.sectors == cs
+        src = chunk << shift
+        count = min(cs, self.origin.size_sectors - src)
+        if not whole:
+            can = getattr(self.origin, "can_copy_to", None)
+            if count <= 0 or can is None or not can(self.cow):
+                return False        # no inline copy-out from this origin
+        new = store.prepare_exception()
+        if new is None:
+            return False            # full: the general path invalidates or overflows
+        seq = self._start_seq
+        self._start_seq += 1
+        try:
+            if whole:
+                self.cow.try_write_now(new << shift, bio.data)
+                ok = True
+            else:
+                ok = self.kc.copy_now(self.origin, src, self.cow, new << shift, count)
+        except DMError:
+            ok = None               # the data write failed: the exception fails too
+        if ok and store.commit_now(chunk, new):
+            self._complete_seq += 1
+            if not store.valid:     # the area write failed: as the callback would
+                with trio.CancelScope(shield=True):
+                    await self.invalidate(errno.EIO)
+                _pending_done()
+                raise DMError(errno.EIO)
+            self.complete[chunk] = new
+            _pending_done()
+            if not whole:
+                await self.cow.submit(self._remap(new, bio))
+            return True
+        # hand the allocated chunk to the general path, as if it had started there
+        pe = _Pending(self, chunk, new, seq)
+        pe.started = True
+        self.pending[chunk] = pe
+        self.pending_exceptions_count += 1
+        if self._idle.is_set():
+            self._idle = trio.Event()
+        with trio.CancelScope(shield=True):
+            if ok is None:          # as _full_writes after a failed write
+                self.in_progress += 1
+                await self._copies_done([pe], [True])
+            elif whole:
+                await self._full_writes([(pe, bio)])
+            else:
+                await self.run_copies([pe])
+        if not pe.ok:
+            raise DMError(errno.EIO)
+        if not whole:
+            await self.cow.submit(self._remap(new, bio))
+        return True
+
     def start_copy(self, pe: _Pending) -> None:
         """``start_copy``: kcopyd the origin chunk (trimmed at the origin end) to the COW."""
         self.start_copies([pe])
@@ -1006,6 +1071,8 @@ class Snapshot(Target):
             return await self._tracked_io(self.origin, bio, chunk)
         pe = self.pending.get(chunk)
         if pe is None:
+            if await self._write_now(bio, chunk):
+                return None
             pe = self.insert_pending(chunk)
             if pe is None:
                 await self._no_space()

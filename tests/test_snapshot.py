@@ -319,6 +319,56 @@ async def test_copy_now_failures_fall_back_to_the_general_path(small, monkeypatc
         assert st(m, "s") == "0 16384 snapshot Invalid"
 
 
+@pytest.mark.parametrize("fail", [None, "whole", "partial"])
+async def test_snapshot_writes_done_at_once(small, monkeypatch, fail):
+    """Single-chunk snapshot writes with process durability (``Snapshot._write_now``): a
+    whole chunk goes straight to its COW chunk, a partial one has the origin chunk copied
+    first; both read back and reload.  A failed data write or copy-out fails the write
+    with EIO and invalidates the snapshot, as on the general path."""
+    from dmsim.blockdev import FileDevice
+    from dmsim.targets.snapshot import Snapshot
+    O, C, _ = small
+    done = []
+    real = Snapshot._write_now
+
+    async def spy(self, bio, chunk):
+        ok = await real(self, bio, chunk)
+        done.append(ok)
+        return ok
+    monkeypatch.setattr(Snapshot, "_write_now", spy)
+    original = read_at(O, 0, 64 * 512)
+    async with dmsim.open_manager(durability="process") as m:
+        s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, C))
+        await s.write(8, fill(1, 8))                    # whole chunk 1
+        await s.write(16 + 3, fill(2, 2))               # part of chunk 2
+        assert done == [True, True]
+        assert st(m, "s") == "0 16384 snapshot 32/32768 16"
+        expect = bytearray(original)
+        expect[8 * 512:16 * 512] = fill(1, 8)
+        expect[19 * 512:21 * 512] = fill(2, 2)
+        assert await s.read(0, 64) == bytes(expect)
+        if fail is not None:
+            def broken(*args):
+                raise DMError(errno.EIO)
+            monkeypatch.setattr(FileDevice, "try_write_now" if fail == "whole" else "copy_to", broken)
+            if fail == "partial":     # the queued kcopyd job must fail too
+                def eio(*args):
+                    raise OSError(errno.EIO, "EIO")
+                monkeypatch.setattr(FileDevice, "_read", eio)
+                monkeypatch.setattr(FileDevice, "_read_into", eio)
+            m.read_log()
+            with pytest.raises(DMError):
+                await s.write(40 if fail == "whole" else 41, fill(3, 8 if fail == "whole" else 1))
+            monkeypatch.undo()
+            assert st(m, "s") == "0 16384 snapshot Invalid"
+            assert m.read_log() == ["device-mapper: snapshots: Invalidating snapshot: Error reading/writing."]
+            return
+        await m.remove("s")
+        s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, C))
+        assert await s.read(0, 64) == bytes(expect)
+    assert read_at(O, 0, 64 * 512) == original
+
+
 @pytest.mark.parametrize("store", ["P", "PO"])
 async def test_full_cow_snapshot_write(small, store):
     O, _, L = small
