@@ -222,9 +222,10 @@ async def test_transient_store(small):
         assert "Snapshot exception store does not support snapshot-merge." in m.read_log()[-2]
 
 
-async def test_partial_snapshot_write_copies_then_overlays(small):
+@pytest.mark.parametrize("durability", ["fsync", "process"])
+async def test_partial_snapshot_write_copies_then_overlays(small, durability):
     O, C, _ = small
-    async with dmsim.open_manager() as m:
+    async with dmsim.open_manager(durability=durability) as m:
         s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, C))
         before = read_at(O, 0, SZ8 * 512)
         await s.write(9, fill(0xAB, 1))
@@ -236,9 +237,10 @@ async def test_partial_snapshot_write_copies_then_overlays(small):
         assert st(m, "s") == "0 16384 snapshot 24/32768 16"
 
 
-async def test_concurrent_origin_writes_share_one_copy(small):
+@pytest.mark.parametrize("durability", ["fsync", "process"])
+async def test_concurrent_origin_writes_share_one_copy(small, durability):
     O, C, _ = small
-    async with dmsim.open_manager() as m:
+    async with dmsim.open_manager(durability=durability) as m:
         s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, C))
         o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, O))
         old = read_at(O, 0, 4096)
@@ -369,10 +371,11 @@ async def test_snapshot_writes_done_at_once(small, monkeypatch, fail):
     assert read_at(O, 0, 64 * 512) == original
 
 
+@pytest.mark.parametrize("durability", ["fsync", "process"])
 @pytest.mark.parametrize("store", ["P", "PO"])
-async def test_full_cow_snapshot_write(small, store):
+async def test_full_cow_snapshot_write(small, store, durability):
     O, _, L = small
-    async with dmsim.open_manager() as m:
+    async with dmsim.open_manager(durability=durability) as m:
         s = await mk(m, "s", "0 %d snapshot %s %s %s 8" % (SZ8, O, L, store))
         for c in range(254):
             await s.write(c * 8, fill(3, 8))
@@ -390,9 +393,10 @@ async def test_full_cow_snapshot_write(small, store):
                 await s.write(0, fill(4, 8))
 
 
-async def test_second_area_and_reload(small):
+@pytest.mark.parametrize("durability", ["fsync", "process"])
+async def test_second_area_and_reload(small, durability):
     O, C, _ = small
-    async with dmsim.open_manager() as m:
+    async with dmsim.open_manager(durability=durability) as m:
         s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, C))
         o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, O))
         for c in range(300):
@@ -454,9 +458,10 @@ async def test_corrupt_area_refuses(small):
     assert md5_file(C) == before
 
 
-async def test_merge_puts_snapshot_back(small):
+@pytest.mark.parametrize("durability", ["fsync", "process"])
+async def test_merge_puts_snapshot_back(small, durability):
     O, C, _ = small
-    async with dmsim.open_manager() as m:
+    async with dmsim.open_manager(durability=durability) as m:
         s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, C))
         o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, O))
         for c in list(range(40)) + [100, 7, 2047]:
@@ -482,9 +487,10 @@ async def test_merge_puts_snapshot_back(small):
     assert read_at(C, 4, 4) == b"\x01\x00\x00\x00"
 
 
-async def test_merge_with_writes_during_merge(small):
+@pytest.mark.parametrize("durability", ["fsync", "process"])
+async def test_merge_with_writes_during_merge(small, durability):
     O, C, _ = small
-    async with dmsim.open_manager() as m:
+    async with dmsim.open_manager(durability=durability) as m:
         s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, C))
         o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, O))
         for c in range(600):
@@ -506,9 +512,10 @@ async def md5_raw(dev):
     return await dev.read(0, dev.size_sectors)
 
 
-async def test_handover_to_new_table(small):
+@pytest.mark.parametrize("durability", ["fsync", "process"])
+async def test_handover_to_new_table(small, durability):
     O, C, _ = small
-    async with dmsim.open_manager() as m:
+    async with dmsim.open_manager(durability=durability) as m:
         s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, C))
         o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, O))
         await o.write(0, fill(1, 8))
