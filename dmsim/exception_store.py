@@ -155,7 +155,7 @@ class TransientStore(ExceptionStore):
         return True     # nothing on disk
 
     def commit_ready(self) -> bool:
-        return True
+        return self.cow.writes_now      # (the callers write data as plain calls too)
 
     def room_for(self, count: int) -> bool:
         return (self.cow.size_sectors - self.next_free_sectors) >> self.chunk_shift >= count

@@ -565,8 +565,7 @@ class Snapshot(Target):
         self._start_seq += 1
         try:
             if whole:
-                self.cow.try_write_now(new << shift, bio.data)
-                ok = True
+                ok = self.cow.try_write_now(new << shift, bio.data)
             else:
                 ok = self.kc.copy_now(self.origin, src, self.cow, new << shift, count)
         except DMError:

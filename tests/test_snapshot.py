@@ -205,9 +205,10 @@ async def test_table_forms_and_default_chunk(small):
         assert tb(m, "s") == "0 16384 snapshot %s %s PO 8 2 discard_zeroes_cow discard_passdown_origin" % (O, C)
 
 
-async def test_transient_store(small):
+@pytest.mark.parametrize("durability", ["fsync", "process"])
+async def test_transient_store(small, durability):
     O, C, _ = small
-    async with dmsim.open_manager() as m:
+    async with dmsim.open_manager(durability=durability) as m:
         s = await mk(m, "s", "0 %d snapshot %s %s N 8" % (SZ8, O, C))
         o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, O))
         assert st(m, "s") == "0 16384 snapshot 0/32768 0"
@@ -217,6 +218,16 @@ async def test_transient_store(small):
         assert st(m, "s") == "0 16384 snapshot 8/32768 0"
         assert read_at(C, 0, 4096) == old
         assert await s.read(0, 8) == old
+        # snapshot writes: a whole chunk lands in the next COW chunk, a partial one
+        # after its origin chunk was copied there
+        orig = read_at(O, 0, 64 * 512)
+        await s.write(16, fill(7, 8))
+        await s.write(40 + 2, fill(8, 3))
+        assert st(m, "s") == "0 16384 snapshot 24/32768 0"
+        assert read_at(C, 4096, 4096) == fill(7, 8)
+        assert read_at(C, 8192, 4096) == orig[40 * 512:42 * 512] + fill(8, 3) + orig[45 * 512:48 * 512]
+        assert await s.read(16, 32) == fill(7, 8) + orig[24 * 512:42 * 512] + fill(8, 3) + orig[45 * 512:48 * 512]
+        assert read_at(O, 16 * 512, 32 * 512) == orig[16 * 512:48 * 512]
         with pytest.raises(DMError):
             await mk(m, "m", "0 %d snapshot-merge %s %s N 8" % (SZ8, O, C))
         assert "Snapshot exception store does not support snapshot-merge." in m.read_log()[-2]
