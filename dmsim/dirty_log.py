@@ -126,6 +126,12 @@ class CoreLog:
         if not self.flush_failed:
             self._set(self.clean_bits, region)
 
+    def resync_search_done(self) -> bool:
+        """Whether :meth:`get_resync_work` would return None and change nothing (its
+        cursor is past the last region: as in the kernel, a region that falls out of
+        sync later waits for the next resume)."""
+        return self.sync_search >= self.region_count
+
     def get_resync_work(self) -> int | None:
         """Next region >= the cursor that is out of sync and not recovering."""
         while self.sync_search < self.region_count:

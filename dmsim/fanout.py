@@ -211,18 +211,20 @@ async def write(dests: Sequence[tuple[BlockDevice, int]], sectors: int, data, fu
     results: list[DMError | None] = [None] * len(dests)
     files: list[int] = []        # indexes of the destinations the file fan-out writes
     others: list[int] = []
+    bad_length = data is not None and len(data) != to_bytes(sectors)
     for i, (dev, sector) in enumerate(dests):
         if not fans_out(dev):
             others.append(i)
             continue
-        try:
-            dev.check_bounds(Bio(Op.WRITE, sector, sectors, data, fua))
-            if dev.read_only:
-                raise DMError(errno.EPERM, "write to read-only device")
-        except DMError as e:
-            results[i] = e
-            continue
-        files.append(i)
+        # BlockDevice.check_bounds, then the read-only check, without a Bio per leg
+        if sectors and (sector < 0 or sector + sectors > dev.size_sectors):
+            results[i] = DMError(errno.EIO, "access beyond end of device")
+        elif bad_length:
+            results[i] = DMError(errno.EINVAL, "bio data length does not match its sector count")
+        elif dev.read_only:
+            results[i] = DMError(errno.EPERM, "write to read-only device")
+        else:
+            files.append(i)
     if not others:
         if files:
             await _write_files_of(dests, files, data, fua, results)
