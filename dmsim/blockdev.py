@@ -252,10 +252,15 @@ class FileDevice(BlockDevice):
         except OSError:
             self._write(off, bytes(n))
 
-    def can_copy_to(self, dst: "BlockDevice") -> bool:
-        """Whether :meth:`copy_to` may move data from here to ``dst`` inside the kernel."""
-        return (isinstance(dst, FileDevice) and self.io_mode == "inline" and dst.io_mode == "inline"
-                and not dst.read_only and not self.closed and not dst.closed)
+    def can_copy_to(self, dst: "BlockDevice", in_thread: bool = False) -> bool:
+        """Whether :meth:`copy_to` may move data from here to ``dst`` inside the kernel:
+        as a plain call (both files doing inline I/O), or with ``in_thread`` from a
+        worker thread (either doing thread I/O: a call that blocks the loop is what
+        thread I/O promises not to make)."""
+        if not (isinstance(dst, FileDevice) and not dst.read_only and not self.closed and not dst.closed):
+            return False
+        inline = self.io_mode == "inline" and dst.io_mode == "inline"
+        return not inline if in_thread else inline
 
     def copy_to(self, dst: "FileDevice", src_sector: int, dst_sector: int, sectors: int) -> None:
         """Copy sectors to another file inside the kernel (kcopyd's fast path): splice

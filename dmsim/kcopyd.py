@@ -46,7 +46,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import trio
 
-from . import fanout
+from . import fanout, syncthread
 from .bio import Bio, Op, PAGE_SECTORS, to_bytes
 from .errors import DMError, collapse_groups
 
@@ -631,7 +631,7 @@ class KcopydClient:
         job.issue_offset += sectors
         if job.issue_lot is not None:
             job.issue_lot.unpark_all()
-        if job.source is not None and not seq and self._copy_in_kernel(job, offset, sectors):
+        if job.source is not None and not seq and await self._copy_in_kernel(job, offset, sectors):
             return
         if job.source is not None:
             if seq and job.write_err:
@@ -661,23 +661,31 @@ class KcopydClient:
             job.seq_lot.unpark_all()
         await self._write(job, offset, sectors, data)
 
-    def _copy_in_kernel(self, job: _Job, offset: int, sectors: int) -> bool:
-        """File to file: one ``copy_file_range`` instead of a read and a write.
+    async def _copy_in_kernel(self, job: _Job, offset: int, sectors: int) -> bool:
+        """File to file: one in-kernel copy (:meth:`FileDevice.copy_to`) instead of a read
+        and a write.
 
         Only for one destination (several must be fed by one read), when both devices
-        are plain image files doing inline I/O and no throttle is limiting (a throttle at
-        100% is off, as in the kernel).  Any failure returns False and the chunk runs the
-        ordinary way, so read_err and write_err stay exact.
+        are plain image files and no throttle is limiting (a throttle at 100% is off, as
+        in the kernel).  With inline I/O the copy runs here; with thread I/O in one
+        :mod:`dmsim.syncthread` call, where a read and a write cost two hand-offs and a
+        copy through Python (a 1 GiB resync: 2.7 s against 0.55 s for cp).  Any failure
+        returns False and the chunk runs the ordinary way, so read_err and write_err
+        stay exact.
         """
         src = job.source.dev
         throttled = self.throttle is not None and self.throttle.percent < 100
         if len(job.dests) != 1 or throttled or not hasattr(src, "can_copy_to"):
             return False
         dest = job.dests[0]
-        if not src.can_copy_to(dest.dev):
-            return False
+        args = (dest.dev, job.source.sector + offset, dest.sector + offset, sectors)
         try:
-            src.copy_to(dest.dev, job.source.sector + offset, dest.sector + offset, sectors)
+            if src.can_copy_to(dest.dev):
+                src.copy_to(*args)
+            elif src.can_copy_to(dest.dev, in_thread=True):
+                await syncthread.run_sync(src.copy_to, *args)
+            else:
+                return False
         except DMError:
             return False
         return True

@@ -722,6 +722,41 @@ async def test_file_to_file_copy_in_kernel_and_fallback(tmp_path):
         d.close()
 
 
+@pytest.mark.parametrize("modes", [("thread", "thread"), ("inline", "thread")])
+async def test_file_copy_with_thread_io_runs_in_a_worker_thread(tmp_path, monkeypatch, modes):
+    """With thread I/O on either file, a file-to-file copy is still one in-kernel copy,
+    made from a worker thread (never on the Trio thread), sub-job by sub-job; a copy that
+    fails there falls back to read + write with exact error bits."""
+    import threading
+    from dmsim.blockdev import FileDevice
+
+    src_path, dst_path, small_path = tmp_path / "s", tmp_path / "d", tmp_path / "small"
+    payload = os.urandom(3000 * 512)
+    src_path.write_bytes(payload)
+    dst_path.write_bytes(bytes(len(payload)))
+    small_path.write_bytes(bytes(1000 * 512))
+    src = FileDevice(str(src_path), io_mode=modes[0])
+    dst = FileDevice(str(dst_path), io_mode=modes[1])
+    small = FileDevice(str(small_path), io_mode=modes[1])
+    threads = []
+    real = FileDevice.copy_to
+
+    def spy(self, *a):
+        threads.append(threading.current_thread() is threading.main_thread())
+        return real(self, *a)
+    monkeypatch.setattr(FileDevice, "copy_to", spy)
+    try:
+        async with open_kcopyd_client() as kc:
+            assert await kc.copy_async(Region(src, 0, 3000), [Region(dst, 0, 3000)]) == (0, 0)
+            assert threads and not any(threads)         # every sub-job off the Trio thread
+            assert dst_path.read_bytes() == payload
+            r, w = await kc.copy_async(Region(src, 0, 1024), [Region(small, 500, 1024)])
+            assert (r, w) == (0, 1)
+    finally:
+        for dev in (src, dst, small):
+            dev.close()
+
+
 async def test_small_file_copy_runs_inline_and_gives_pages_back(tmp_path):
     """A small file-to-file copy runs in the caller's task (no job is queued, the pages it
     borrowed are back at once; the callback form still calls back from the worker);
