@@ -182,6 +182,16 @@ async def _origin_write(snapshots, start: int, end: int, inline: list | None = N
     return waits
 
 
+async def _copy_now_all(snapshots, start: int, end: int) -> bool:
+    """:meth:`Snapshot.origin_copy_now` for every snapshot of an origin, in order; False
+    at the first that can't (those before it have their exceptions: the general path
+    that follows skips them)."""
+    for snap in list(snapshots):
+        if not await snap.origin_copy_now(start, end):
+            return False
+    return True
+
+
 def _in_one_chunk(key, start: int, end: int) -> bool:
     """Whether ``[start, end)`` is inside one chunk of every snapshot of ``key`` and
     each of them has its exception (or is skipped) for it: nothing left to copy."""
@@ -451,6 +461,8 @@ class Snapshot(Target):
         the write may go to the origin.  False: the general path (:func:`do_origin`)
         must run; nothing is left half done (what was allocated here is handed to it
         as pending exceptions, already copied and committed)."""
+        if (self.merging or not self.valid or not self.active) and not self.in_progress:
+            return True             # do_origin skips this snapshot too
         if (self.pending_exceptions_count or self.in_progress or self._tracked
                 or self._tracked_spans or self.merging or not self.valid or not self.active
                 or not self.store.commit_ready()):
@@ -1317,19 +1329,21 @@ class Origin(Target):
         snaps = _origins.get(self.key)
         if snaps:
             sector = bio.sector
+            # a write inside one chunk that every snapshot already has an exception for
+            # (a rewrite) goes straight through; otherwise the copy-outs, done at once
+            # snapshot by snapshot where they can be (Snapshot.origin_copy_now copies
+            # what do_origin would), the general path for the rest
             if split and sector // split != (end - 1) // split:
-                if not (len(snaps) == 1 and snaps[0].store.chunk_sectors == split
-                        and await snaps[0].origin_copy_now(sector, end)):
+                if not await _copy_now_all(snaps, sector, end):
                     await do_origin(self.key, sector, end, True)
-            elif len(snaps) == 1:           # a rewrite with one snapshot: two checks
+            elif len(snaps) == 1:           # one snapshot: two checks
                 s = snaps[0]
                 if s.in_progress > COW_THRESHOLD or not s.has_exception(sector):
-                    # a first write: its copy-out, done at once if it can be
-                    if not (split and s.store.chunk_sectors == split
-                            and await s.origin_copy_now(sector, end)):
+                    if not await s.origin_copy_now(sector, end):
                         await do_origin(self.key, sector, end, True)
             elif not all(s.in_progress <= COW_THRESHOLD and s.has_exception(sector) for s in snaps):
-                await do_origin(self.key, sector, end, True)
+                if not await _copy_now_all(snaps, sector, end):
+                    await do_origin(self.key, sector, end, True)
         return await self.dev.submit(bio)
 
     async def resume(self):

@@ -799,6 +799,47 @@ async def test_reads_over_linear_blocks_split_only_at_metadata_chunks(small, mon
         assert len(calls) == 2
 
 
+async def test_two_snapshots_copy_out_at_once_as_the_general_path(tmp_path, monkeypatch):
+    """Two snapshots of one origin (chunks of 4 and 8 KiB): with process durability each
+    origin write copies out to both at once (``_copy_now_all``); both COWs end up byte
+    for byte as the general path (fsync durability) leaves them, and both snapshots
+    still read the original."""
+    import dmsim.targets.snapshot as snapmod
+    results = {}
+    for durability in ("fsync", "process"):
+        d = tmp_path / durability
+        d.mkdir()
+        O, C1, C2 = str(d / "o.img"), str(d / "c1.img"), str(d / "c2.img")
+        make_random(O, 8, 7)
+        make_zero(C1, 16)
+        make_zero(C2, 16)
+        original = read_at(O, 0, SZ8 * 512)
+        done = []
+        real = snapmod._copy_now_all
+
+        async def spy(*a):
+            ok = await real(*a)
+            done.append(ok)
+            return ok
+        monkeypatch.setattr(snapmod, "_copy_now_all", spy)
+        r = random.Random(21)
+        async with dmsim.open_manager(durability=durability) as m:
+            s1 = await mk(m, "s1", "0 %d snapshot %s %s P 8" % (SZ8, O, C1))
+            s2 = await mk(m, "s2", "0 %d snapshot %s %s P 16" % (SZ8, O, C2))
+            o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, O))
+            for i in range(120):
+                start = r.randrange(SZ8 - 64)
+                await o.write(start, fill(i % 250 + 1, r.choice([1, 8, 16, 40, 64])))
+            assert await s1.read(0, SZ8) == original
+            assert await s2.read(0, SZ8) == original
+            status = (st(m, "s1"), st(m, "s2"))
+        monkeypatch.undo()
+        results[durability] = (status, md5_file(C1), md5_file(C2), md5_file(O))
+        if durability == "process":
+            assert done and all(done)
+    assert results["fsync"] == results["process"]
+
+
 @pytest.mark.parametrize("store", ["P", "N"])
 @pytest.mark.parametrize("durability", ["fsync", "process"])
 async def test_concurrent_overlapping_origin_writes_keep_the_snapshot_view(small, durability, store):
