@@ -434,15 +434,26 @@ class Snapshot(Target):
         """Allocate COW chunks for origin chunks ``first .. first+count-1``: one pending
         exception per run the store hands out (a metadata area splits a run); fewer
         chunks than asked when the COW is full."""
-        pes = []
+        pieces = []
         for new, n in self.store.prepare_exceptions(count):
-            pe = _Pending(self, first, new, self._start_seq, n)
-            self._start_seq += 1
-            if n == 1:
-                self.pending[first] = pe
-            else:
-                self.pending.update(zip(range(first, first + n), itertools.repeat(pe, n)))
+            pieces.append((first, new, n))
             first += n
+        pes = self._adopt(pieces, self._start_seq)
+        self._start_seq += len(pes)
+        return pes
+
+    def _adopt(self, pieces: list, seq: int) -> list:
+        """Pending exceptions for chunks already allocated (``pieces``: ``(old chunk, new
+        chunk, count)`` in allocation order, numbered from ``seq``), registered where
+        writers to those chunks find them and wait."""
+        pes = []
+        for old, new, k in pieces:
+            pe = _Pending(self, old, new, seq, k)
+            seq += 1
+            if k == 1:
+                self.pending[old] = pe
+            else:
+                self.pending.update(zip(range(old, old + k), itertools.repeat(pe, k)))
             pes.append(pe)
         if pes:
             self.pending_exceptions_count += len(pes)
@@ -523,16 +534,9 @@ class Snapshot(Target):
         else:
             # hand what was allocated to the general path, as if it had started there
             # (nothing is committed: it copies, commits and completes it all)
-            pes = []
-            for old, new, k in pieces:
-                pe = _Pending(self, old, new, seq, k)
-                seq += 1
+            pes = self._adopt(pieces, seq)
+            for pe in pes:
                 pe.started = True
-                self.pending.update(zip(range(old, old + k), itertools.repeat(pe, k)))
-                pes.append(pe)
-            self.pending_exceptions_count += len(pes)
-            if self._idle.is_set():
-                self._idle = trio.Event()
             with trio.CancelScope(shield=True):
                 await self.run_copies(pes)
             return False
@@ -595,12 +599,8 @@ class Snapshot(Target):
                 await self.cow.submit(self._remap(new, bio))
             return True
         # hand the allocated chunk to the general path, as if it had started there
-        pe = _Pending(self, chunk, new, seq)
+        (pe,) = self._adopt([(chunk, new, 1)], seq)
         pe.started = True
-        self.pending[chunk] = pe
-        self.pending_exceptions_count += 1
-        if self._idle.is_set():
-            self._idle = trio.Event()
         with trio.CancelScope(shield=True):
             if ok is None:          # as _full_writes after a failed write
                 self.in_progress += 1
