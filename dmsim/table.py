@@ -19,6 +19,7 @@ from .errors import DMError, errno_name
 if TYPE_CHECKING:  # pragma: no cover
     from .blockdev import BlockDevice
     from .device import MappedDevice
+    from .manager import Manager
 
 MAX_U64 = (1 << 64) - 1
 
@@ -96,7 +97,7 @@ class Table:
         self.targets: list = []
         self.devices: list["BlockDevice"] = []   # most recently first-used first
         self._holds: list["BlockDevice"] = []    # every get_device, to release at dtr
-        self.scope = None                        # cancel scope of background tasks
+        self.scope: _TaskScopes | None = None   # cancel scopes of background tasks
         self.destroyed = False
 
     @property
@@ -170,23 +171,23 @@ class _TaskScopes:
 
 
 class _Context:
-    """The :class:`~dmsim.targets.base.TargetContext` of one table."""
+    """The :class:`~dmsim.targets.base.TargetContext` of one table.
+
+    Everything a target may use is declared here (no ``getattr`` probing in targets):
+    the table it belongs to, that table's mapped device and the device's manager."""
 
     def __init__(self, table: Table):
-        self.table = table
-        self.manager = table.md.manager
+        self.table: Table = table
+        self.md: MappedDevice = table.md
+        self.manager: Manager = table.md.manager
 
     @property
     def mm(self) -> str:
-        return self.table.md.mm
+        return self.md.mm
 
     @property
     def read_only(self) -> bool:
         return self.table.read_only
-
-    @property
-    def md(self):
-        return self.table.md
 
     def get_device(self, name: str, write: bool = True):
         dev = self.manager.get_device(name, write and not self.table.read_only)
@@ -198,7 +199,7 @@ class _Context:
         self.manager.log(message)
 
     def event(self) -> None:
-        self.table.md.raise_event()
+        self.md.raise_event()
 
     def kcopyd_client(self, num_pages: int | None = None):
         return self.manager.kcopyd_client(num_pages)
@@ -222,7 +223,8 @@ class _Context:
         self.manager.nursery.start_soon(runner, name=name or getattr(async_fn, "__name__", None))
 
     def noflush_suspending(self) -> bool:
-        return self.table.md.noflush_suspending
+        """Whether the device is in a noflush suspend (``dm_noflush_suspending``)."""
+        return self.md.noflush_suspending
 
 
 async def build_table(md: "MappedDevice", lines: Sequence[TableLine], read_only: bool) -> Table:
@@ -232,7 +234,6 @@ async def build_table(md: "MappedDevice", lines: Sequence[TableLine], read_only:
     manager's log.  A failed table is destroyed again before the error leaves.
     """
     log = md.manager.log
-    mm = md.mm
     table = Table(md, read_only)
     ctx = _Context(table)
     if not lines:

@@ -22,6 +22,9 @@ from dmsim.errors import DMError, TargetError
 
 if TYPE_CHECKING:  # pragma: no cover
     from dmsim.blockdev import BlockDevice
+    from dmsim.device import MappedDevice
+    from dmsim.manager import Manager
+    from dmsim.table import Table
 
 STATUSTYPE_INFO = "info"
 STATUSTYPE_TABLE = "table"
@@ -32,6 +35,15 @@ class TargetContext:
 
     mm: str = "253:0"            # major:minor of the dm device, for log lines
     read_only: bool = False
+    #: the table this target belongs to, its mapped device and that device's manager
+    #: (always set by dm core; declared here so targets need no ``getattr`` probing)
+    table: "Table"
+    md: "MappedDevice"
+    manager: "Manager"
+
+    def noflush_suspending(self) -> bool:
+        """``dm_noflush_suspending``: the device is in a noflush suspend."""
+        return False
 
     def get_device(self, name: str, write: bool = True) -> "BlockDevice":
         raise NotImplementedError
