@@ -983,7 +983,8 @@ class Snapshot(Target):
                     j += 1
                 hi = min(end, (first + j) << shift)
                 dsec = (new << shift) | (lo & mask)
-                if direct and direct[-1][0] + direct[-1][1] == dsec:
+                if (direct and direct[-1][0] + direct[-1][1] == dsec
+                        and direct[-1][2] + direct[-1][1] == lo - start):
                     direct[-1][1] += hi - lo
                 else:
                     direct.append([dsec, hi - lo, lo - start])

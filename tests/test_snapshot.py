@@ -874,3 +874,26 @@ async def test_concurrent_overlapping_origin_writes_keep_the_snapshot_view(small
             await m.remove("s")
             s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, C))
             assert await s.read(0, SZ8) == original
+
+
+@pytest.mark.parametrize("durability", ["fsync", "process"])
+async def test_snapshot_write_over_cow_runs_not_contiguous_in_the_request(tmp_path, durability):
+    """Issue 11, bug 1: chunks 0 and 2 copied out to consecutive COW chunks; one write to
+    the snapshot over chunks 0-2 must not merge their COW runs (the request is not
+    contiguous there: chunk 1 lies between), or chunk 2 gets chunk 1's data."""
+    o, c = str(tmp_path / "o.img"), str(tmp_path / "c.img")
+    with open(o, "wb") as f:
+        f.write(b"o" * (1 << 20))
+    make_zero(c, 1)
+    async with dmsim.open_manager(durability=durability) as m:
+        s = await mk(m, "s", "0 2048 snapshot %s %s P 8" % (o, c))
+        org = await mk(m, "o", "0 2048 snapshot-origin %s" % o)
+        await org.write(0, b"X" * 4096)
+        await org.write(16, b"Y" * 4096)
+        await s.write(0, b"A" * 4096 + b"B" * 4096 + b"C" * 4096)
+        assert await s.read(0, 24) == b"A" * 4096 + b"B" * 4096 + b"C" * 4096
+        assert await org.read(0, 24) == b"X" * 4096 + b"o" * 4096 + b"Y" * 4096
+        await m.remove("o")
+        await m.remove("s")
+        s = await mk(m, "s", "0 2048 snapshot %s %s P 8" % (o, c))
+        assert await s.read(0, 24) == b"A" * 4096 + b"B" * 4096 + b"C" * 4096
