@@ -2,15 +2,15 @@
 
 In-process use needs only trio::
 
-    import trio, dmsim
+    import dmsim.api
 
     async def main():
-        async with dmsim.open_manager() as m:
-            await m.dmsetup("create", "lz", "--table", "0 8 zero")
+        async with dmsim.api.open_dm() as dm:
+            await dm.dmsetup("create", "lz", "--table", "0 8 zero")
 
 The FUSE daemon (``dmsim daemon``) needs pyfuse3; importing this package does not.
 """
-from .bio import Bio, Op, SECTOR_SIZE
+from .bio import SECTOR_SIZE, Bio, Op
 from .errors import DMError, TargetError
 from .manager import DeviceInfo, Manager, open_manager
 from .table import TableLine, parse_table_text

@@ -147,10 +147,10 @@ class DM:
 
     def __init__(self, mount_dir: str | None = None):
         self._mount_dir = mount_dir
-        self._thread = None
-        self._token = None
+        self._thread: threading.Thread | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
         self._adm: AsyncDM | None = None
-        self._stop = None
+        self._stop: trio.Event | None = None
         self._error: BaseException | None = None
 
     def __enter__(self) -> "DM":
@@ -181,6 +181,7 @@ class DM:
 
     def close(self) -> None:
         if self._thread is not None:
+            assert self._stop is not None
             trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
             self._thread.join()
             self._thread = None
@@ -192,6 +193,8 @@ class DM:
 
     @property
     def manager(self) -> Manager:
+        if self._adm is None:
+            raise RuntimeError("the DM is not open (use it in a with block)")
         return self._adm.manager
 
     def _call(self, fn, *args, **kw):

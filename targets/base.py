@@ -123,18 +123,37 @@ class Target:
 
 
 # -- helpers for constructors ------------------------------------------------------------
-def parse_u64(word: str, error: str, limit: int = (1 << 64) - 1) -> int:
-    """The kernel's strict decimal (``sscanf("%llu%c")``): digits only."""
-    if not word.isascii() or not word.isdigit():
-        raise TargetError(error)
-    value = int(word)
-    if value > limit:
+U32_MAX = (1 << 32) - 1
+
+
+def scan_uint(word: str | None, bits: int = 64) -> int | None:
+    """The kernel's ``sscanf(word, "%llu%c")`` (or ``"%u%c"`` with ``bits=32``): digits
+    only, no sign; None where sscanf would not return 1.  An overlong number wraps, as
+    ``simple_strntoull`` does (6.1 takes ``linear DEV 18446744073709551616`` as offset 0)."""
+    if not word or not word.isascii() or not word.isdigit():
+        return None
+    return int(word) % (1 << 64) % (1 << bits)
+
+
+def parse_uint(word: str | None, error: str, bits: int = 64) -> int:
+    """:func:`scan_uint`, failing the constructor with ``error``."""
+    value = scan_uint(word, bits)
+    if value is None:
         raise TargetError(error)
     return value
 
 
-def parse_u32(word: str, error: str) -> int:
-    return parse_u64(word, error, (1 << 32) - 1)
+def kstrtouint(word: str) -> int | None:
+    """The kernel's ``kstrtouint(s, 10)``: optional ``+``, digits, optional final
+    newline; out of range is an error (None), unlike sscanf."""
+    if word.endswith("\n"):
+        word = word[:-1]
+    if word.startswith("+"):
+        word = word[1:]
+    if not word or not word.isascii() or not word.isdigit():
+        return None
+    value = int(word)
+    return value if value <= U32_MAX else None
 
 
 async def passthrough(dev: "BlockDevice", bio: Bio, offset: int = 0):

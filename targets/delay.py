@@ -25,16 +25,9 @@ import trio
 from dmsim.bio import Op
 from dmsim.errors import DMError, TargetError
 
-from .base import STATUSTYPE_INFO, STATUSTYPE_TABLE, Target, passthrough, register
+from .base import STATUSTYPE_INFO, STATUSTYPE_TABLE, Target, passthrough, register, scan_uint
 
 HZ = 250          # Debian's CONFIG_HZ: delays are rounded up to whole jiffies
-
-
-def scan_uint(word: str, bits: int) -> int | None:
-    """``sscanf(word, "%llu%c")`` / ``"%u%c"``: digits only, wrapping like the kernel."""
-    if not word or not word.isascii() or not word.isdigit():
-        return None
-    return int(word) % (1 << 64) % (1 << bits)
 
 
 @dataclass

@@ -24,35 +24,12 @@ from __future__ import annotations
 import bisect
 import errno
 
-from dmsim.bio import Op, SECTOR_SHIFT
+from dmsim.bio import SECTOR_SHIFT, Op
 from dmsim.errors import DMError, TargetError
 
-from .base import STATUSTYPE_INFO, STATUSTYPE_TABLE, Target, passthrough, register
+from .base import STATUSTYPE_INFO, STATUSTYPE_TABLE, Target, kstrtouint, passthrough, register, scan_uint
 
 DUST_MAX_BLKSZ_SECTORS = 2097152
-U32_MAX = (1 << 32) - 1
-
-
-def kstrtouint(word: str) -> int | None:
-    """The kernel's ``kstrtouint(s, 10)``: optional ``+``, digits, optional final
-    newline; out of range is an error."""
-    if word.endswith("\n"):
-        word = word[:-1]
-    if word.startswith("+"):
-        word = word[1:]
-    if not word or not word.isascii() or not word.isdigit():
-        return None
-    value = int(word)
-    return value if value <= U32_MAX else None
-
-
-def scan_uint(word: str, bits: int) -> int | None:
-    """``sscanf(word, "%llu%c")`` / ``"%u%c"``: digits only, wrapping like the kernel."""
-    if not word or not word.isascii() or not word.isdigit():
-        return None
-    return int(word) % (1 << 64) % (1 << bits)
-
-
 @register
 class Dust(Target):
     name = "dust"

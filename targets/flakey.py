@@ -31,9 +31,8 @@ import trio
 from dmsim.bio import Op
 from dmsim.errors import DMError, TargetError
 
-from .base import STATUSTYPE_TABLE, Target, passthrough, register
+from .base import STATUSTYPE_TABLE, U32_MAX, Target, passthrough, register, scan_uint
 
-U32_MAX = (1 << 32) - 1
 MAX_FEATURE_ARGS = 6          # 6.1 (7 on 6.4, 11 on >= 6.5)
 
 # bi_opf bits as 6.1 defines them (include/linux/blk_types.h), for the corrupt flags mask
@@ -58,14 +57,6 @@ def bi_opf(bio) -> int:
     if bio.fua:
         opf |= REQ_FUA
     return opf
-
-
-def scan_uint(word: str | None, bits: int) -> int | None:
-    """The kernel's ``sscanf(word, "%u%c")`` (or ``%llu`` with bits=64): digits only, no
-    sign; an overlong number wraps like the kernel's ``simple_strntoull`` does."""
-    if word is None or not word or not word.isascii() or not word.isdigit():
-        return None
-    return int(word) % (1 << 64) % (1 << bits)
 
 
 @register

@@ -7,7 +7,7 @@ Status (info) is empty; table prints ``<dev> <offset>``.  Kernel: drivers/md/dm-
 """
 from dmsim.errors import DMError, TargetError
 
-from .base import STATUSTYPE_TABLE, Target, parse_u64, passthrough, register
+from .base import STATUSTYPE_TABLE, Target, parse_uint, passthrough, register
 
 
 @register
@@ -18,7 +18,7 @@ class Linear(Target):
     async def ctr(self, args):
         if len(args) != 2:
             raise TargetError("Invalid argument count")
-        self.start = parse_u64(args[1], "Invalid device sector")
+        self.start = parse_uint(args[1], "Invalid device sector")
         try:
             self.dev = self.ctx.get_device(args[0])
         except DMError as e:
