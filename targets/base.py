@@ -195,7 +195,16 @@ def lookup(name: str) -> type[Target] | None:
     return _registry.get(name)
 
 
+#: the order 6.1 registers the types in (built-ins, then the oracle's preloaded modules:
+#: dm_zero dm_snapshot dm_mirror dm_flakey dm_delay dm_dust); ``dmsetup targets`` lists
+#: the last registered first, and types not here as if loaded after these
+KERNEL_ORDER = ("error", "linear", "striped", "zero", "snapshot", "snapshot-origin",
+                "snapshot-merge", "mirror", "flakey", "delay", "dust")
+
+
 def registered() -> list[type[Target]]:
     """Every known type, most recently registered first (``dmsetup targets``)."""
     _load_all()
-    return [_registry[n] for n in reversed(_order)]
+    rank = {name: i for i, name in enumerate(KERNEL_ORDER)}
+    names = sorted(_order, key=lambda n: (rank.get(n, len(rank)), _order.index(n)))
+    return [_registry[n] for n in reversed(names)]
