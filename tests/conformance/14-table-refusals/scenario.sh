@@ -1,0 +1,36 @@
+# Tables the kernel refuses at load (6.1): a device mapped onto itself (blktests dm/001),
+# a cycle through two devices, sizes at the sector_t limits, odd lengths; and names.
+echo "== self"
+dmsetup create z --table "0 8 zero"
+dmsetup reload z --table "0 8 linear $(dev z) 0"; echo "rc=$?"
+dmsetup table z
+dmsetup info -c -o name,tables_loaded z
+echo "== cycle"
+dmsetup create a --table "0 8 zero"
+dmsetup create b --table "0 8 linear $(dev a) 0"
+dmsetup reload a --table "0 8 linear $(dev b) 0"; echo "rc=$?"
+dmsetup info -c -o name,tables_loaded a
+dmsetup clear a
+klog
+echo "== sizes"
+dmsetup create big --table "0 18014398509481983 zero"; echo "rc=$?"
+dmsetup table big
+dmsetup remove big
+dmsetup create big --table "0 18014398509481984 zero"; echo "rc=$?"
+dmsetup create big --table "0 18446744073709551615 zero"; echo "rc=$?"
+dmsetup create big --table "0 18446744073709551616 zero"; echo "rc=$?"
+dmsetup create big --table "0 -8 zero"; echo "rc=$?"
+dmsetup create big --table "0 0 zero"; echo "rc=$?"
+dmsetup create big --table "8 8 zero"; echo "rc=$?"
+klog
+echo "== names"
+dmsetup create "" --table "0 8 zero"; echo "rc=$?"
+dmsetup create "a/b" --table "0 8 zero"; echo "rc=$?"
+dmsetup create "." --table "0 8 zero"; echo "rc=$?"
+dmsetup create ".." --table "0 8 zero"; echo "rc=$?"
+dmsetup create "n1234567890123456789012345678901234567890123456789012345678901234567890123456789012345678901234567890123456789012345678901234567" --table "0 8 zero"; echo "rc=$?"
+dmsetup create "n12345678901234567890123456789012345678901234567890123456789012345678901234567890123456789012345678901234567890123456789012345678" --table "0 8 zero"; echo "rc=$?"
+dmsetup ls | sort
+klog
+dmsetup remove_all
+dmsetup ls
