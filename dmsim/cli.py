@@ -4,7 +4,7 @@
 
     dmsim daemon --mount DIR [--socket PATH] [--state-dir DIR] [--background]
                  [--page-cache | --direct-io] [--io-mode inline|thread]
-                 [--durability fsync|process] [--resync-throttle PCT] [--debug]
+                 [--durability fsync|process] [--resync-throttle PCT] [--nbd ADDR]... [--debug]
     dmsim [--socket PATH] dmsetup <dmsetup arguments>...
     dmsim [--socket PATH] <dmsetup command> <arguments>...     (create, ls, table, ...)
     dmsim [--socket PATH] klog        print and clear the kernel-log lines
@@ -84,13 +84,15 @@ def _daemon(argv: list[str]) -> int:
     p.add_argument("--resync-throttle", type=int, default=100, metavar="PCT",
                    help="limit mirror resync I/O to PCT%% of the time (the kernel's "
                         "raid1_resync_throttle; 100 = unlimited)")
+    p.add_argument("--nbd", action="append", default=[], metavar="ADDR",
+                   help="also export every device over NBD at unix:PATH or tcp:HOST:PORT (repeatable)")
     p.add_argument("--debug", action="store_true")
     a = p.parse_args(argv)
     direct_io = False if a.page_cache else (True if a.direct_io else None)
     return run_daemon(DaemonOptions(mount=a.mount, socket=a.socket, state_dir=a.state_dir,
                                     background=a.background, direct_io=direct_io,
                                     io_mode=a.io_mode, durability=a.durability,
-                                    resync_throttle=a.resync_throttle, debug=a.debug))
+                                    resync_throttle=a.resync_throttle, debug=a.debug, nbd=tuple(a.nbd)))
 
 
 def main(argv: list[str] | None = None) -> int:

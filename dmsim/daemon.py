@@ -45,6 +45,7 @@ class DaemonOptions:
     durability: str = "fsync"
     resync_throttle: int = 100
     debug: bool = False
+    nbd: tuple[str, ...] = ()         # NBD export addresses (dmsim.nbd.serve_nbd), none by default
 
     def resolve(self) -> "DaemonOptions":
         self.mount = os.path.abspath(self.mount)
@@ -136,6 +137,7 @@ async def serve_daemon(opts: DaemonOptions, state: StateDir, ready) -> None:
     from . import open_manager
     from .control import LocalControl
     from .fuse import Mount
+    from .nbd import serve_nbd
     from .server import serve
 
     from .targets import mirror
@@ -158,7 +160,10 @@ async def serve_daemon(opts: DaemonOptions, state: StateDir, ready) -> None:
 
                 async def run_server(task_status=trio.TASK_STATUS_IGNORED):
                     with server_scope:
-                        await serve(LocalControl(m), opts.socket, task_status=task_status)
+                        async with trio.open_nursery() as exports:   # NBD exports stop with the socket
+                            for address in opts.nbd:
+                                await exports.start(serve_nbd, m, address)
+                            await serve(LocalControl(m), opts.socket, task_status=task_status)
 
                 async def run_fuse():
                     await fs.run()
