@@ -3,8 +3,11 @@
 ::
 
     dmsim daemon --mount DIR [--socket PATH] [--state-dir DIR] [--background]
+                 [--owner USER] [--group GROUP] [--mode OCTAL]
                  [--page-cache | --direct-io] [--io-mode inline|thread]
                  [--durability fsync|process] [--resync-throttle PCT] [--nbd ADDR]... [--debug]
+    dmsim daemon stop [--socket PATH] [--state-dir DIR] [--timeout S]
+                                      stop the daemon and wait until it has exited
     dmsim [--socket PATH] dmsetup <dmsetup arguments>...
     dmsim [--socket PATH] <dmsetup command> <arguments>...     (create, ls, table, ...)
     dmsim [--socket PATH] klog        print and clear the kernel-log lines
@@ -22,6 +25,11 @@ import sys
 import trio
 
 from .errors import DMError
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print (lone surrogates as backslash escapes)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 USAGE = __doc__.split("::", 1)[1].split("The socket is", 1)[0].strip("\n")
 
@@ -63,14 +71,35 @@ async def _klog(socket: str | None) -> list[str]:
         return await ctl.read_log()
 
 
-def _daemon(argv: list[str]) -> int:
+def _daemon_stop(argv: list[str], socket: str | None) -> int:
+    from .daemon import STOP_TIMEOUT_SECONDS, stop_daemon
+
+    p = argparse.ArgumentParser(prog="dmsim daemon stop",
+                                description="Stop the daemon (SIGTERM) and wait until it has exited.")
+    p.add_argument("--socket", default=socket, help="control socket path (finds the state directory)")
+    p.add_argument("--state-dir", help="the daemon's state directory (default: the socket's directory)")
+    p.add_argument("--timeout", type=float, default=STOP_TIMEOUT_SECONDS, metavar="S",
+                   help="seconds to wait for the daemon to exit (default %(default)g)")
+    a = p.parse_args(argv)
+    return stop_daemon(a.socket, a.state_dir, a.timeout)
+
+
+def _daemon(argv: list[str], socket: str | None = None) -> int:
     from .daemon import DaemonOptions, run_daemon
 
+    if argv[:1] == ["stop"]:
+        return _daemon_stop(argv[1:], socket)
     p = argparse.ArgumentParser(prog="dmsim daemon", description="Serve dm devices as FUSE files.")
-    p.add_argument("--mount", required=True, help="directory where each device appears as a file")
-    p.add_argument("--socket", help="control socket path")
+    p.add_argument("--mount", required=True,
+                   help="directory where each device appears as a file (made if missing; "
+                        "/dev/mapper for dmsetup's paths)")
+    p.add_argument("--socket", default=socket, help="control socket path")
     p.add_argument("--state-dir", help="pid, lock and klog files (default: the socket's directory)")
     p.add_argument("--background", action="store_true", help="return once mount and socket are ready")
+    p.add_argument("--owner", metavar="USER", help="owner of the device files (default: the daemon's user)")
+    p.add_argument("--group", metavar="GROUP",
+                   help="group of the device files (default: disk when run as root, as /dev/dm-N)")
+    p.add_argument("--mode", metavar="OCTAL", help="permission bits of the device files (default: 0660)")
     p.add_argument("--page-cache", action="store_true",
                    help="every open through the kernel's FUSE page cache, written through "
                         "(default: like a block device, O_DIRECT opens direct, others buffered)")
@@ -89,10 +118,11 @@ def _daemon(argv: list[str]) -> int:
     p.add_argument("--debug", action="store_true")
     a = p.parse_args(argv)
     direct_io = False if a.page_cache else (True if a.direct_io else None)
-    return run_daemon(DaemonOptions(mount=a.mount, socket=a.socket, state_dir=a.state_dir,
+    return run_daemon(DaemonOptions(mount=a.mount, socket=a.socket or "", state_dir=a.state_dir or "",
                                     background=a.background, direct_io=direct_io,
                                     io_mode=a.io_mode, durability=a.durability,
-                                    resync_throttle=a.resync_throttle, debug=a.debug, nbd=tuple(a.nbd)))
+                                    resync_throttle=a.resync_throttle, debug=a.debug, nbd=tuple(a.nbd),
+                                    owner=a.owner, group=a.group, mode=a.mode))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd = argv[0]
     try:
         if cmd == "daemon":
-            return _daemon(argv[1:])
+            return _daemon(argv[1:], socket)
         if cmd == "klog":
             for line in trio.run(_klog, socket):
                 print(line)
@@ -139,7 +169,10 @@ def main(argv: list[str] | None = None) -> int:
             stream.flush()
         return rc
     except DMError as e:
-        print("dmsim: %s" % (e.message or e.strerror), file=sys.stderr)
+        print("dmsim: %s" % printable(e.message or e.strerror), file=sys.stderr)
+        return 1
+    except UnicodeEncodeError as e:   # argv bytes that are not UTF-8 (surrogate escapes)
+        print("dmsim: an argument is not valid UTF-8: %s" % printable(str(e.object)), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -4,6 +4,10 @@ Finding the socket: ``--socket`` (the ``path`` argument), else ``$DMSIM_SOCKET``
 ``$XDG_RUNTIME_DIR/dmsim/control``, else ``/run/dmsim/control`` (root) or
 ``/tmp/dmsim-<uid>/control`` (others).  The daemon's other files (pid, klog, log) live
 next to the socket, in its state directory.
+
+Before it connects, the client checks that the socket belongs to the caller or to root:
+another user could have made ``/tmp/dmsim-<uid>/control`` first, and would then see
+(and answer) every request.
 """
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ import errno
 import inspect
 import json
 import os
+import stat
+from typing import Any
 
 import trio
 
@@ -44,13 +50,16 @@ class RemoteControl:
         self._lock = trio.Lock()
         self._buf = bytearray()
 
-    async def connect(self) -> None:
+    async def connect(self) -> trio.SocketStream:
         if self._stream is None:
+            check_socket_owner(self.path)
             try:
                 self._stream = await trio.open_unix_socket(self.path)
             except OSError as e:
-                raise DMError(e.errno or errno.ECONNREFUSED,
-                              "cannot connect to the dmsim daemon at %s: %s" % (self.path, os.strerror(e.errno or errno.ECONNREFUSED))) from None
+                err = e.errno or errno.ECONNREFUSED
+                raise DMError(err, "cannot connect to the dmsim daemon at %s: %s"
+                              % (self.path, os.strerror(err))) from None
+        return self._stream
 
     async def aclose(self) -> None:
         if self._stream is not None:
@@ -65,9 +74,9 @@ class RemoteControl:
     async def __aexit__(self, *exc):
         await self.aclose()
 
-    async def _recv_exactly(self, n: int) -> bytes:
+    async def _recv_exactly(self, stream: trio.SocketStream, n: int) -> bytes:
         while len(self._buf) < n:
-            data = await self._stream.receive_some(1 << 16)
+            data = await stream.receive_some(1 << 16)
             if not data:
                 raise DMError(errno.ECONNRESET, "the dmsim daemon closed the connection")
             self._buf += data
@@ -78,14 +87,14 @@ class RemoteControl:
     async def call(self, method: str, **kwargs):
         """One request; returns the result or raises the daemon's DMError."""
         async with self._lock:
-            await self.connect()
+            stream = await self.connect()
             try:
-                await self._stream.send_all(encode_frame(
+                await stream.send_all(encode_frame(
                     {"v": PROTOCOL_VERSION, "method": method, "args": {k: to_wire(v) for k, v in kwargs.items()}}))
-                (n,) = _HEADER.unpack(await self._recv_exactly(_HEADER.size))
+                (n,) = _HEADER.unpack(await self._recv_exactly(stream, _HEADER.size))
                 if n > MAX_FRAME_BYTES:
                     raise DMError(errno.EMSGSIZE, "oversized reply from the daemon")
-                reply = json.loads(await self._recv_exactly(n))
+                reply = json.loads(await self._recv_exactly(stream, n))
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
                 await self.aclose()
                 raise DMError(getattr(e, "errno", None) or errno.ECONNRESET,
@@ -101,6 +110,20 @@ class RemoteControl:
         return from_wire(reply.get("ok"))
 
 
+def check_socket_owner(path: str) -> None:
+    """Refuse a socket that is not the caller's or root's (or not a socket)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return  # connecting reports it
+    uid = os.geteuid()
+    if st.st_uid not in (uid, 0):
+        raise DMError(errno.EPERM, "refusing the dmsim socket %s: it belongs to uid %d, not to you (uid %d) or root"
+                      % (path, st.st_uid, uid))
+    if not stat.S_ISSOCK(st.st_mode):
+        raise DMError(errno.ENOTSOCK, "%s is not a socket" % path)
+
+
 def _make_method(name: str):
     sig = inspect.signature(getattr(LocalControl, name))
 
@@ -112,7 +135,8 @@ def _make_method(name: str):
 
     method.__name__ = name
     method.__doc__ = getattr(LocalControl, name).__doc__
-    method.__signature__ = sig
+    fn: Any = method
+    fn.__signature__ = sig
     return method
 
 

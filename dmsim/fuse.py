@@ -23,6 +23,14 @@ Entry and attribute timeouts are zero: names and sizes change under dmsetup's co
 (create, remove, rename, a resume with a new table) and the kernel must ask again.
 This is the only module that imports pyfuse3.
 
+Files are owned and moded like the kernel's ``/dev/dm-N`` (uid 0, group ``disk``, 0660 for
+a root daemon; ``--owner/--group/--mode`` change it); the mount has ``default_permissions``,
+so the kernel checks them, also for other users on an ``allow_other`` mount.  Creating,
+linking or removing names fails with EACCES, like a ``/dev`` directory the caller cannot
+write.  Every operation runs under one last-resort handler (:func:`_guard_operations`): an
+unexpected exception fails that request with EIO and logs its traceback, and the session
+keeps serving.
+
 pyfuse3 3.5 has no fallocate hook, so FALLOC_FL_PUNCH_HOLE (mkfs's discard) gets
 EOPNOTSUPP from the kernel; that is harmless for mkfs.
 """
@@ -30,6 +38,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
+import grp
+import inspect
 import logging
 import os
 import stat
@@ -40,7 +51,7 @@ import trio
 from pyfuse3 import FUSEError
 
 from .bio import SECTOR_SIZE, to_bytes
-from .device import MappedDevice
+from .device import DM_MAJOR, MappedDevice
 from .errors import DMError
 from .manager import Manager
 
@@ -48,13 +59,82 @@ ROOT = pyfuse3.ROOT_INODE
 log = logging.getLogger("dmsim.fuse")
 
 
-def _fuse_error(e: BaseException) -> FUSEError:
+def _errno_of(e: BaseException) -> int | None:
+    """The errno an expected failure stands for (None: a bug)."""
+    if isinstance(e, FUSEError):
+        return e.errno
     if isinstance(e, DMError):
-        return FUSEError(e.errno)
+        return e.errno
     if isinstance(e, OSError) and e.errno:
-        return FUSEError(e.errno)
-    log.error("I/O request failed", exc_info=e)
-    return FUSEError(errno.EIO)
+        return e.errno
+    return None
+
+
+def _fuse_error(e: BaseException) -> FUSEError:
+    err = _errno_of(e)
+    if err is None:
+        log.error("I/O request failed", exc_info=e)
+        return FUSEError(errno.EIO)
+    return FUSEError(err)
+
+
+#: every pyfuse3 request handler (the ones :class:`DeviceFS` defines get the guard)
+OPERATIONS = tuple(n for n, fn in vars(pyfuse3.Operations).items()
+                   if not n.startswith("_") and inspect.iscoroutinefunction(fn))
+
+
+def _last_resort(op):
+    """Errors become the request's errno; anything unexpected is logged and answered EIO
+    (an exception escaping a handler would end ``pyfuse3.main``, and the daemon with it)."""
+    @functools.wraps(op)
+    async def guarded(self, *args, **kwargs):
+        try:
+            return await op(self, *args, **kwargs)
+        except Exception as e:
+            err = _errno_of(e)
+            if err is None:
+                log.exception("FUSE %s failed; answering EIO", op.__name__)
+                err = errno.EIO
+            if op.__name__ == "forget":   # no reply to carry an error
+                return None
+            raise FUSEError(err) from None
+
+    guarded.last_resort = True
+    return guarded
+
+
+def _guard_operations(cls):
+    """Put :func:`_last_resort` around every request handler ``cls`` defines."""
+    for name in OPERATIONS:
+        fn = cls.__dict__.get(name)
+        if fn is not None:
+            setattr(cls, name, _last_resort(fn))
+    return cls
+
+
+#: the largest size a file can show (st_size is a signed 64-bit off_t)
+MAX_FILE_BYTES = (1 << 63) - SECTOR_SIZE
+DEFAULT_MODE = 0o660
+
+
+def disk_gid() -> int:
+    """The ``disk`` group's id (0 where there is none), the group of ``/dev/dm-N``."""
+    try:
+        return grp.getgrnam("disk").gr_gid
+    except KeyError:
+        return 0
+
+
+def fs_name(name: str) -> bytes | None:
+    """``name`` as a directory entry, or None if no entry can carry it (a lone surrogate,
+    NUL, '/', empty or over 255 bytes: the manager refuses such names, the mount ignores them)."""
+    try:
+        raw = os.fsencode(name)
+    except UnicodeError:
+        return None
+    if not raw or b"\0" in raw or b"/" in raw or len(raw) > 255 or raw in (b".", b".."):
+        return None
+    return raw
 
 
 PAGE_BYTES = 4096
@@ -192,15 +272,19 @@ def _overlaps(index: int, bs: int, first_byte: int, end_byte: int | None) -> boo
     return (index + 1) * bs > first_byte and (end_byte is None or index * bs < end_byte)
 
 
+@_guard_operations
 class DeviceFS(pyfuse3.Operations):
     """The mount's operations over a :class:`Manager`."""
 
     supports_dot_lookup = True
 
-    def __init__(self, manager: Manager, direct_io: bool | None = None, keep_cache: bool = False):
+    def __init__(self, manager: Manager, direct_io: bool | None = None, keep_cache: bool = False,
+                 uid: int | None = None, gid: int | None = None, mode: int = DEFAULT_MODE):
         """``direct_io``: None (default) chooses per open like a block device (O_DIRECT or
         buffered, see the module docstring); True makes every open direct; False sends
-        every open through the kernel's FUSE page cache, written through (``--page-cache``)."""
+        every open through the kernel's FUSE page cache, written through (``--page-cache``).
+        ``uid``/``gid``/``mode``: the device files' owner, group and permission bits (by
+        default the daemon's uid, and group ``disk`` for root, as ``/dev/dm-N``)."""
         super().__init__()
         self.m = manager
         self.direct_io = direct_io
@@ -209,8 +293,9 @@ class DeviceFS(pyfuse3.Operations):
         self._buffered: dict[int, BufferCache] = {}     # fh -> its device's cache
         self.inflight = 0                                  # read/write/fsync requests
         manager.lock_fs_hooks.append(self.lock_fs)
-        self.uid = os.getuid()
-        self.gid = os.getgid()
+        self.uid = os.getuid() if uid is None else uid
+        self.gid = (disk_gid() if os.getuid() == 0 else os.getgid()) if gid is None else gid
+        self.mode = mode & 0o7777
         self.t0_ns = time.time_ns()
         self._next_ino = ROOT + 1
         self._ino_of: dict[MappedDevice, int] = {}
@@ -233,19 +318,21 @@ class DeviceFS(pyfuse3.Operations):
             e.st_mode = stat.S_IFDIR | 0o755
             e.st_nlink = 2
             e.st_size = 0
+            e.st_uid = os.getuid()
+            e.st_gid = os.getgid()
         else:
             md = self._md_of.get(inode)
             if md is None:
                 raise FUSEError(errno.ENOENT)
-            size = to_bytes(md.size_sectors) if not md.removed else 0
-            e.st_mode = stat.S_IFREG | (0o444 if md.read_only else 0o644)
+            size = min(to_bytes(md.size_sectors), MAX_FILE_BYTES) if not md.removed else 0
+            e.st_mode = stat.S_IFREG | (self.mode & ~0o222 if md.read_only else self.mode)
             e.st_nlink = 0 if md.removed else 1
             e.st_size = size
             e.st_blocks = size // 512
-            e.st_rdev = os.makedev(*md.devno)
+            e.st_rdev = os.makedev(DM_MAJOR, md.minor)
+            e.st_uid = self.uid
+            e.st_gid = self.gid
         e.st_ino = inode
-        e.st_uid = self.uid
-        e.st_gid = self.gid
         e.st_blksize = 4096
         e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = self.t0_ns
         e.attr_timeout = 0
@@ -282,10 +369,14 @@ class DeviceFS(pyfuse3.Operations):
         return ROOT
 
     async def readdir(self, fh, start_id, token):
-        names = self.m.names()
-        for i, name in enumerate(names[start_id:], start_id + 1):
-            md = self.m.devices[name]
-            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attr(self._ino(md)), i):
+        entries = []
+        for name, md in self.m.devices.items():
+            raw = fs_name(name)
+            if raw is not None:
+                entries.append((raw, md))
+        entries.sort(key=lambda entry: entry[0])
+        for i, (raw, md) in enumerate(entries[start_id:], start_id + 1):
+            if not pyfuse3.readdir_reply(token, raw, self._attr(self._ino(md)), i):
                 break
 
     async def releasedir(self, fh):
@@ -294,22 +385,44 @@ class DeviceFS(pyfuse3.Operations):
     async def statfs(self, ctx):
         s = pyfuse3.StatvfsData()
         s.f_bsize = s.f_frsize = 4096
-        s.f_blocks = sum(md.size_sectors for md in self.m.devices.values()) // 8
+        s.f_blocks = min(sum(md.size_sectors for md in self.m.devices.values()) // 8, (1 << 64) - 1)
         s.f_bfree = s.f_bavail = 0
         s.f_files = len(self.m.devices) + 1
         s.f_ffree = s.f_favail = 0
         s.f_namemax = 255
         return s
 
+    # -- names are dmsetup's to make: a directory the caller cannot write -------------------
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        raise FUSEError(errno.EACCES)
+
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        raise FUSEError(errno.EACCES)
+
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        raise FUSEError(errno.EACCES)
+
+    async def symlink(self, parent_inode, name, target, ctx):
+        raise FUSEError(errno.EACCES)
+
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        raise FUSEError(errno.EACCES)
+
+    async def unlink(self, parent_inode, name, ctx):
+        raise FUSEError(errno.EACCES)
+
+    async def rmdir(self, parent_inode, name, ctx):
+        raise FUSEError(errno.EACCES)
+
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        raise FUSEError(errno.EACCES)
+
     # -- opens -------------------------------------------------------------------------------
     async def open(self, inode, flags, ctx):
         md = self._md_of.get(inode)
         if md is None or md.removed:
             raise FUSEError(errno.ENXIO)
-        try:
-            self.m.open(md.name)
-        except DMError as e:
-            raise FUSEError(e.errno) from None
+        self.m.open(md.name)
         fh = self._next_fh
         self._next_fh += 1
         self._open[fh] = md
@@ -367,10 +480,6 @@ class DeviceFS(pyfuse3.Operations):
                 if err is not None:
                     raise FUSEError(err)
             await md.flush()
-        except FUSEError:
-            raise
-        except Exception as e:
-            raise _fuse_error(e) from None
         finally:
             if cache is not None:
                 cache.syncing -= 1
@@ -410,6 +519,7 @@ class DeviceFS(pyfuse3.Operations):
                 await trio.sleep(0.01)
                 if self.inflight:
                     quiet_since = trio.current_time()
+
     async def read(self, fh, off, size):
         with self._request():
             return await self._read(fh, off, size)
@@ -420,22 +530,19 @@ class DeviceFS(pyfuse3.Operations):
             raise FUSEError(errno.EBADF)
         if md.removed:
             raise FUSEError(errno.ENXIO)
-        try:
-            dev_bytes = to_bytes(md.size_sectors)
-            if off >= dev_bytes:
-                return b""
-            n = min(size, dev_bytes - off)
-            cache = self._buffered.get(fh)
-            if cache is not None:
-                return await cache.read(off, n)
-            cache = self.caches.get(md)
-            if cache is not None and cache.dirty:   # O_DIRECT: write the range back first
-                await cache.writeback(off, off + n)
-            if not off % SECTOR_SIZE and not n % SECTOR_SIZE:
-                return await md.read(off // SECTOR_SIZE, n // SECTOR_SIZE)
-            return await md.pread(off, n)
-        except Exception as e:
-            raise _fuse_error(e) from None
+        dev_bytes = to_bytes(md.size_sectors)
+        if off >= dev_bytes:
+            return b""
+        n = min(size, dev_bytes - off)
+        cache = self._buffered.get(fh)
+        if cache is not None:
+            return await cache.read(off, n)
+        cache = self.caches.get(md)
+        if cache is not None and cache.dirty:   # O_DIRECT: write the range back first
+            await cache.writeback(off, off + n)
+        if not off % SECTOR_SIZE and not n % SECTOR_SIZE:
+            return await md.read(off // SECTOR_SIZE, n // SECTOR_SIZE)
+        return await md.pread(off, n)
 
     async def write(self, fh, off, buf):
         with self._request():
@@ -447,40 +554,37 @@ class DeviceFS(pyfuse3.Operations):
             raise FUSEError(errno.EBADF)
         if md.removed:
             raise FUSEError(errno.ENXIO)
-        try:
-            dev_bytes = to_bytes(md.size_sectors)
-            if off >= dev_bytes:
-                raise FUSEError(errno.ENOSPC)
-            n = min(len(buf), dev_bytes - off)
-            if n != len(buf):
-                buf = memoryview(buf)[:n]
-            cache = self._buffered.get(fh)
-            if cache is not None:
-                await cache.write(off, buf)
-                return n
-            cache = self.caches.get(md)
-            if cache is not None:   # O_DIRECT: write back and invalidate the range first
-                await cache.writeback(off, off + n, drop=True)
-            if not off % SECTOR_SIZE and not n % SECTOR_SIZE:
-                await md.write(off // SECTOR_SIZE, buf)
-            else:
-                await md.pwrite(off, buf)
+        dev_bytes = to_bytes(md.size_sectors)
+        if off >= dev_bytes:
+            raise FUSEError(errno.ENOSPC)
+        n = min(len(buf), dev_bytes - off)
+        if n != len(buf):
+            buf = memoryview(buf)[:n]
+        cache = self._buffered.get(fh)
+        if cache is not None:
+            await cache.write(off, buf)
             return n
-        except FUSEError:
-            raise
-        except Exception as e:
-            raise _fuse_error(e) from None
+        cache = self.caches.get(md)
+        if cache is not None:   # O_DIRECT: write back and invalidate the range first
+            await cache.writeback(off, off + n, drop=True)
+        if not off % SECTOR_SIZE and not n % SECTOR_SIZE:
+            await md.write(off // SECTOR_SIZE, buf)
+        else:
+            await md.pwrite(off, buf)
+        return n
 
 
 class Mount:
     """One pyfuse3 session (pyfuse3 allows one per process)."""
 
     def __init__(self, manager: Manager, mount_dir: str, direct_io: bool | None = None,
-                 keep_cache: bool = False, debug: bool = False):
-        self.ops = DeviceFS(manager, direct_io=direct_io, keep_cache=keep_cache)
+                 keep_cache: bool = False, debug: bool = False, uid: int | None = None,
+                 gid: int | None = None, mode: int = DEFAULT_MODE):
+        self.ops = DeviceFS(manager, direct_io=direct_io, keep_cache=keep_cache, uid=uid, gid=gid, mode=mode)
         self.mount_dir = mount_dir
         opts = set(pyfuse3.default_options)
-        opts |= {"fsname=dmsim", "subtype=dmsim"}
+        # default_permissions: the kernel checks mode and owner (others are refused)
+        opts |= {"fsname=dmsim", "subtype=dmsim", "default_permissions"}
         if os.getuid() == 0:
             opts.add("allow_other")
         if debug:

@@ -10,6 +10,12 @@ length followed by that many bytes of UTF-8 JSON.  A request is
 gets an error reply and the connection stays usable.  Each connection is served by its
 own task, so a blocking ``wait`` holds up only its own client; a client that hangs up
 cancels its pending call.
+
+Device names are checked here, before any method runs: no NUL, no lone surrogate (JSON
+carries them, no file name can), at most ``DM_NAME_LEN - 1`` bytes (uuids
+``DM_UUID_LEN - 1``), and no ``/`` in a name being made (create, rename's new name).
+:func:`dispatch` is the one last-resort handler of a request: a bug in a method becomes
+that request's EIO reply, its traceback goes to the log, and the daemon keeps serving.
 """
 from __future__ import annotations
 
@@ -31,6 +37,11 @@ from .table import TableLine
 PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 16 << 20
 _HEADER = struct.Struct(">I")
+DM_NAME_LEN = 128      # with the terminating NUL, as in <linux/dm-ioctl.h>
+DM_UUID_LEN = 129
+_NAME_ARGS = ("name", "new_name")
+_UUID_ARGS = ("uuid", "new_uuid")
+_MADE_NAMES = {("create", "name"), ("rename", "new_name")}
 
 log = logging.getLogger("dmsim.server")
 
@@ -117,6 +128,27 @@ def _fits(value, hint) -> bool:
     return False
 
 
+def printable(text: str) -> str:
+    """``text`` safe to print and encode (lone surrogates as backslash escapes)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def check_name(method: str, key: str, value: str) -> None:
+    """Refuse a device name or uuid no kernel device can have (dmsetup's wording)."""
+    what = "Name" if key in _NAME_ARGS else "UUID"
+    shown = printable(value)
+    try:
+        size_bytes = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise DMError(errno.EINVAL, '%s "%s" invalid. It is not valid UTF-8.' % (what, shown)) from None
+    if "\0" in value:
+        raise DMError(errno.EINVAL, '%s "%s" invalid. It contains NUL.' % (what, shown.replace("\0", "\\0")))
+    if size_bytes >= (DM_NAME_LEN if key in _NAME_ARGS else DM_UUID_LEN):
+        raise DMError(errno.EINVAL, '%s "%s" too long.' % (what, shown))
+    if (method, key) in _MADE_NAMES and "/" in value:
+        raise DMError(errno.EINVAL, '%s "%s" invalid. It contains "/".' % (what, shown))
+
+
 def check_request(obj) -> tuple[str, dict]:
     """Validate a decoded request; return (method, keyword arguments) or raise DMError."""
     if not isinstance(obj, dict):
@@ -144,11 +176,18 @@ def check_request(obj) -> tuple[str, dict]:
     for key, value in kwargs.items():
         if key in hints and not _fits(value, hints[key]):
             raise DMError(errno.EINVAL, "bad type for %s argument %r" % (method, key))
+        if key in _NAME_ARGS + _UUID_ARGS and isinstance(value, str):
+            check_name(method, key, value)
     return method, kwargs
 
 
-async def dispatch(control, body: bytes) -> dict:
-    """One request frame in, one reply object out; never raises for bad input."""
+def _error_reply(err: int, message: str) -> dict:
+    return {"v": PROTOCOL_VERSION, "error": {"errno": err, "message": printable(message)}}
+
+
+async def dispatch(control, body: bytes) -> bytes:
+    """One request frame in, one reply frame out; never raises for bad input or a bug in a
+    method (the last-resort handler: EIO reply, traceback in the log)."""
     try:
         try:
             obj = json.loads(body.decode("utf-8"))
@@ -156,46 +195,54 @@ async def dispatch(control, body: bytes) -> dict:
             raise DMError(errno.EINVAL, "request is not valid UTF-8 JSON") from None
         method, kwargs = check_request(obj)
         result = await getattr(control, method)(**kwargs)
-        return {"v": PROTOCOL_VERSION, "ok": to_wire(result)}
+        return encode_frame({"v": PROTOCOL_VERSION, "ok": to_wire(result)})
     except DMError as e:
-        return {"v": PROTOCOL_VERSION, "error": {"errno": e.errno, "message": e.message or e.strerror}}
+        return encode_frame(_error_reply(e.errno, e.message or e.strerror or os.strerror(e.errno)))
     except Exception as e:  # an engine bug must not take the daemon down
         log.exception("control request failed")
-        return {"v": PROTOCOL_VERSION, "error": {"errno": errno.EIO, "message": "%s: %s" % (type(e).__name__, e)}}
+        return encode_frame(_error_reply(errno.EIO, "%s: %s" % (type(e).__name__, e)))
+
+
+async def _call_unless_hangup(control, reader: FrameReader, body: bytes) -> bytes | None:
+    """The request's reply, or None if the client went away (its call is cancelled)."""
+    reply = None
+    async with trio.open_nursery() as nursery:
+        async def call():
+            nonlocal reply
+            reply = await dispatch(control, body)
+            nursery.cancel_scope.cancel()
+
+        async def watch():
+            await reader.wait_hangup()
+            if reader.eof or len(reader.buf) > MAX_FRAME_BYTES:
+                nursery.cancel_scope.cancel()
+
+        nursery.start_soon(call)
+        nursery.start_soon(watch)
+    return reply
 
 
 async def handle_connection(control, stream: trio.SocketStream) -> None:
+    """Serve one client until it hangs up; anything unexpected ends only this connection."""
     reader = FrameReader(stream)
     try:
         while True:
             try:
                 body = await reader.next_frame()
             except ProtocolError as e:
-                await stream.send_all(encode_frame(
-                    {"v": PROTOCOL_VERSION, "error": {"errno": errno.EMSGSIZE if "limit" in str(e) else errno.EPROTO,
-                                                      "message": str(e)}}))
+                code = errno.EMSGSIZE if "limit" in str(e) else errno.EPROTO
+                await stream.send_all(encode_frame(_error_reply(code, str(e))))
                 return
             if body is None:
                 return
-            reply = None
-            async with trio.open_nursery() as nursery:
-                async def call():
-                    nonlocal reply
-                    reply = await dispatch(control, body)
-                    nursery.cancel_scope.cancel()
-
-                async def watch():
-                    await reader.wait_hangup()
-                    if reader.eof or len(reader.buf) > MAX_FRAME_BYTES:
-                        nursery.cancel_scope.cancel()
-
-                nursery.start_soon(call)
-                nursery.start_soon(watch)
+            reply = await _call_unless_hangup(control, reader, body)
             if reply is None:  # the client went away mid-call
                 return
-            await stream.send_all(encode_frame(reply))
+            await stream.send_all(reply)
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         pass
+    except Exception:
+        log.exception("control connection failed")
     finally:
         with trio.CancelScope(shield=True):
             await stream.aclose()
