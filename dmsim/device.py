@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .bio import Bio, Op, SECTOR_SIZE, settle_read, to_bytes
+from .bio import SECTOR_SIZE, Bio, Op, settle_read, to_bytes
 from .blockdev import BlockDevice
 from .errors import DMError
 
@@ -55,7 +55,7 @@ class MappedDevice(BlockDevice):
         self.name = name
         self.uuid = uuid
         self.minor = minor
-        self.devno = (DM_MAJOR, minor)
+        self.devno: tuple[int, int] = (DM_MAJOR, minor)
         self.kname = "dm-%d" % minor
         self.live: "Table | None" = None
         self.inactive: "Table | None" = None
@@ -63,9 +63,12 @@ class MappedDevice(BlockDevice):
         self.noflush_suspending = False
         self.deferred_remove = False
         self.removed = False
+        self.dying = False               # kill_io: every request fails, none reaches a target
+        self.quiesced = False            # the manager's last suspend before destruction ran
         self.open_count = 0
         self.event_nr = 0
         self._event = trio.Event()
+        self.suspend_lock = trio.Lock()  # md->suspend_lock: one suspend/resume at a time
         self._resumed = trio.Event()
         self._resumed.set()
         self._blocked = trio.Event()     # set while I/O is blocked (suspended)
@@ -75,18 +78,19 @@ class MappedDevice(BlockDevice):
 
     @property
     def mm(self) -> str:
-        return "%d:%d" % self.devno
+        return "%d:%d" % (DM_MAJOR, self.minor)
 
+    # properties over BlockDevice's plain attributes: they follow the live table
     @property
-    def size_sectors(self) -> int:
+    def size_sectors(self) -> int:  # type: ignore[override]
         return self.live.size_sectors if self.live else 0
 
     @property
-    def logical_block_size(self) -> int:
+    def logical_block_size(self) -> int:  # type: ignore[override]
         return self.live.logical_block_size if self.live else SECTOR_SIZE
 
     @property
-    def read_only(self) -> bool:
+    def read_only(self) -> bool:  # type: ignore[override]
         return bool(self.live and self.live.read_only)
 
     # -- events --------------------------------------------------------------------------
@@ -113,6 +117,16 @@ class MappedDevice(BlockDevice):
         self._resumed.set()
         self._blocked = trio.Event()
 
+    def kill_io(self) -> None:
+        """The device is going away: fail the requests a suspend holds and every new one
+        with EIO, before they reach a target (the kernel fails held bios at removal).
+
+        Releasing them instead would let a held origin write through after its snapshot
+        is gone: data the snapshot had to keep, overwritten without a copy-out."""
+        self.dying = True
+        self._resumed.set()      # held by a suspend
+        self._blocked.set()      # requeued by a noflush presuspend
+
     async def wait_drained(self) -> None:
         while self._inflight:
             await self._drained.wait()
@@ -120,17 +134,17 @@ class MappedDevice(BlockDevice):
     # -- I/O -------------------------------------------------------------------------------
     async def submit(self, bio: Bio):
         while True:
-            while self.suspended:
+            while self.suspended and not self.dying:
                 await self._resumed.wait()
-            if self.removed:
-                raise DMError(errno.ENXIO)
+            if self.dying or self.removed:
+                raise DMError(errno.EIO)
             self._inflight += 1
             if self._inflight == 1:
                 self._drained = trio.Event()
             try:
                 return await self._map(bio)
             except Requeue:
-                if not self.noflush_suspending and not self.suspended:
+                if self.dying or (not self.noflush_suspending and not self.suspended):
                     raise DMError(errno.EIO) from None
                 if not self.suspended:   # requeued from presuspend: held until resume
                     await self._blocked.wait()
@@ -173,7 +187,7 @@ class MappedDevice(BlockDevice):
             return await t.map(clone)
         results = await _map_clones(clones)
         if bio.op is Op.READ:
-            for (_, clone), result in zip(clones, results):
+            for (_, clone), result in zip(clones, results, strict=True):
                 settle_read(clone, result)
             return bio.data
         return None

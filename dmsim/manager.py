@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import stat
 from dataclasses import dataclass
@@ -24,6 +25,10 @@ from .table import TableLine, build_table, check_limits, split_args
 DRIVER_VERSION = (4, 47, 0)
 MAX_NAME = 127
 MAX_UUID = 128
+#: how long a removal (or shutdown) waits for in-flight I/O before destroying the tables
+DRAIN_SECONDS = 10.0
+
+pylog = logging.getLogger("dmsim.manager")
 
 
 @dataclass
@@ -215,22 +220,23 @@ class Manager:
         self.devices[name] = md
         return md
 
-    def peek_minor(self) -> int:
-        used = {md.minor for md in self.devices.values()}
-        return next(i for i in range(len(used) + 1) if i not in used)
-
     # -- DM_TABLE_LOAD / DM_TABLE_CLEAR --------------------------------------------------------
     async def load(self, name: str, lines: Sequence[TableLine], read_only: bool = False) -> None:
         md = self.find(name)
-        table = await build_table(md, lines, read_only)
-        if md.live is None:
-            try:
-                check_limits(table)
-            except DMError:
-                self.log("core: Cannot calculate initial queue limits")
-                self.log("ioctl: unable to set up device queue for new table.")
-                await table.destroy()
-                raise
+        table = await build_table(md, lines, read_only)   # destroys a failed table itself
+        try:
+            if md.live is None:
+                try:
+                    check_limits(table)
+                except DMError:
+                    self.log("core: Cannot calculate initial queue limits")
+                    self.log("ioctl: unable to set up device queue for new table.")
+                    raise
+            if md.removed:       # removed while the table was built
+                raise DMError(errno.ENXIO)
+        except BaseException:
+            await table.destroy()
+            raise
         old, md.inactive = md.inactive, table
         if old is not None:
             await old.destroy()
@@ -243,9 +249,13 @@ class Manager:
 
     # -- DM_DEV_SUSPEND ---------------------------------------------------------------------
     async def suspend(self, name: str, noflush: bool = False) -> None:
-        await self._suspend(self.find(name), noflush)
+        md = self.find(name)
+        async with md.suspend_lock:
+            await self._suspend(md, noflush)
 
     async def _suspend(self, md: MappedDevice, noflush: bool) -> None:
+        """``__dm_suspend``: interruptible until I/O has drained (then undone, as the
+        kernel's EINTR path does); the postsuspend hooks after that always run."""
         if md.suspended:
             return
         targets = md.live.targets if md.live else []
@@ -268,38 +278,51 @@ class Manager:
             raise
         finally:
             md.noflush_suspending = False
-        for t in targets:
-            await t.postsuspend()
+        with trio.CancelScope(shield=True):
+            for t in targets:
+                await t.postsuspend()
 
     async def resume(self, name: str, noflush: bool = False) -> None:
+        """``do_resume``: swap in the inactive table (suspending first) and resume.
+
+        A cancelled caller (client gone, Ctrl-C, timeout) can interrupt only the suspend;
+        the table then goes back to the inactive slot.  From the swap on, everything runs
+        to the end, shielded, as the kernel's ioctl does: a half-done resume would keep
+        the old table's devices open for good."""
         md = self.find(name)
-        new, md.inactive = md.inactive, None
-        if new is not None:
-            if not md.suspended:
-                await self._suspend(md, noflush)
-            try:
-                check_limits(new)
-            except DMError:
-                await new.destroy()
-                raise
-            old, md.live = md.live, new
-        elif not md.suspended:
-            return
-        else:
-            old = None
-        try:
-            if md.live is None:
-                raise DMError(errno.EINVAL)
-            for t in md.live.targets:
-                await t.preresume()
-            md.unblock_io()
-            for t in md.live.targets:
-                await t.resume()
-        finally:
-            # do_resume: the old table is destroyed after the new one resumed (or failed
-            # to), so targets can hand state over in their resume hooks
-            if old is not None:
-                await old.destroy()
+        async with md.suspend_lock:
+            new, md.inactive = md.inactive, None       # taken out of the slot, as the kernel does
+            if new is None:
+                if not md.suspended:
+                    return
+                old = None
+            else:
+                try:
+                    if not md.suspended:
+                        await self._suspend(md, noflush)
+                    check_limits(new)
+                except BaseException as e:
+                    with trio.CancelScope(shield=True):
+                        if isinstance(e, DMError) or md.inactive is not None or md.removed:
+                            await new.destroy()            # the kernel drops it (dm_swap_table failed)
+                        else:
+                            md.inactive = new              # interrupted: nothing happened
+                    raise
+                old, md.live = md.live, new
+            with trio.CancelScope(shield=True):
+                try:
+                    if md.live is None:
+                        raise DMError(errno.EINVAL)
+                    for t in md.live.targets:
+                        await t.preresume()
+                    md.unblock_io()
+                    for t in md.live.targets:
+                        await t.resume()
+                finally:
+                    # do_resume: the old table is destroyed after the new one resumed (or
+                    # failed to), so targets can hand state over in their resume hooks
+                    if old is not None:
+                        await old.destroy()
 
     # -- DM_DEV_REMOVE / DM_REMOVE_ALL ------------------------------------------------------------
     async def remove(self, name: str, deferred: bool = False) -> None:
@@ -313,9 +336,20 @@ class Manager:
 
     def _maybe_deferred_remove(self, md: MappedDevice) -> None:
         if md.deferred_remove and md.open_count == 0 and not md.removed:
-            self.nursery.start_soon(self._destroy, md)
+            self.nursery.start_soon(self._deferred_destroy, md)
+
+    async def _deferred_destroy(self, md: MappedDevice) -> None:
+        """A deferred remove runs in the manager's nursery: an error in it is logged,
+        never allowed to take the manager (and the daemon) down."""
+        try:
+            await self._destroy(md)
+        except Exception:
+            pylog.exception("deferred remove of %s failed", md.name)
 
     async def _destroy(self, md: MappedDevice) -> None:
+        """``__dm_destroy``: unlist the device, fail its held I/O, suspend its live table
+        if it runs (presuspend releases what targets hold), let in-flight I/O finish
+        (bounded), then destroy both tables (always, even for a cancelled caller)."""
         if md.removed:
             return
         md.removed = True
@@ -324,11 +358,39 @@ class Manager:
             md.raise_event()
         else:                     # no event, but waiters must notice the removal
             md._event.set()
-        for table in (md.inactive, md.live):
-            if table is not None:
-                await table.destroy()
-        md.inactive = md.live = None
-        md.unblock_io()
+        md.kill_io()
+        try:
+            await self._quiesce(md, trio.current_time() + DRAIN_SECONDS)
+        finally:
+            with trio.CancelScope(shield=True):
+                for table in (md.inactive, md.live):
+                    if table is not None:
+                        await table.destroy()
+                md.inactive = md.live = None
+
+    async def _quiesce(self, md: MappedDevice, deadline: float) -> None:
+        """The last suspend of a dying device (after :meth:`MappedDevice.kill_io`): the
+        presuspend and postsuspend hooks of a running table, and in-flight I/O drained
+        until ``deadline`` (what is still in flight then meets the destructors)."""
+        if md.quiesced:
+            return
+        md.quiesced = True
+        table = md.live if not md.suspended else None
+        if table is not None:
+            for t in table.targets:
+                try:
+                    await t.presuspend(False)
+                except Exception:
+                    pylog.exception("%s: presuspend of %s at removal failed", md.mm, t.name)
+        with trio.move_on_at(deadline):
+            await md.wait_drained()
+        if table is not None:
+            with trio.CancelScope(shield=True):
+                for t in table.targets:
+                    try:
+                        await t.postsuspend()
+                    except Exception:
+                        pylog.exception("%s: postsuspend of %s at removal failed", md.mm, t.name)
 
     async def remove_all(self) -> int:
         """Remove every unopened device, repeating while that frees more; return the number
@@ -450,10 +512,19 @@ class Manager:
         self._maybe_deferred_remove(md)
 
     async def shutdown(self) -> None:
-        """Fail held I/O, destroy every table (stacks top-down), close the files."""
+        """Fail held I/O on every device, let in-flight I/O finish (bounded), then
+        destroy every table, stacks top-down.
+
+        Every device is killed and drained before any table goes: an origin write in
+        flight still finds its snapshots, and one held by a suspend fails (EIO) instead
+        of being let through after the snapshots are gone."""
         self.closed = True
-        for md in list(self.devices.values()):
-            md.unblock_io()
+        devices = list(self.devices.values())
+        for md in devices:
+            md.kill_io()
+        deadline = trio.current_time() + DRAIN_SECONDS
+        for md in devices:
+            await self._quiesce(md, deadline)
         while self.devices:
             idle = [md for md in self.devices.values() if md.open_count == 0] or list(self.devices.values())
             for md in idle:

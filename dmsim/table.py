@@ -10,8 +10,11 @@ Two sides, as in the real system:
 from __future__ import annotations
 
 import errno
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
+
+import trio
 
 from .bio import SECTOR_SIZE
 from .errors import DMError, errno_name
@@ -22,6 +25,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .manager import Manager
 
 MAX_U64 = (1 << 64) - 1
+
+pylog = logging.getLogger("dmsim.table")
 
 
 @dataclass(frozen=True)
@@ -136,23 +141,32 @@ class Table:
         return True
 
     async def destroy(self) -> None:
-        """Run every destructor and release the devices (``dm_table_destroy``)."""
+        """Run every destructor and release the devices (``dm_table_destroy``).
+
+        Shielded: the kernel's destroy cannot be interrupted, and one cut short by a
+        cancelled caller would keep its devices open for good (never removable)."""
         if self.destroyed:
             return
         self.destroyed = True
-        for t in reversed(self.targets):
-            await t.dtr()
-        if self.scope is not None:
-            self.scope.cancel()
-        for dev in self._holds:
-            self.md.manager.put_device(dev)
-        self._holds.clear()
+        with trio.CancelScope(shield=True):
+            try:
+                for t in reversed(self.targets):
+                    try:
+                        await t.dtr()
+                    except Exception:  # one broken dtr must not keep the devices held
+                        pylog.exception("%s: destructor of %s failed", self.md.mm, t.name)
+            finally:
+                if self.scope is not None:
+                    self.scope.cancel()
+                for dev in self._holds:
+                    self.md.manager.put_device(dev)
+                self._holds.clear()
 
 
 class _TaskScopes:
     """The cancel scopes of a table's background tasks (cancelled together)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.scopes: set = set()
         self.cancelled = False
 
@@ -205,8 +219,6 @@ class _Context:
         return self.manager.kcopyd_client(num_pages)
 
     def start_task(self, async_fn, *args, name: str | None = None) -> None:
-        import trio
-
         if self.table.scope is None:
             self.table.scope = _TaskScopes()
         group = self.table.scope

@@ -100,7 +100,34 @@ class Hooks(tbase.Target):
         self.calls.append("resume")
 
 
-ALL = (Hold, Slow, Hooks)
+class Stall(tbase.Target):
+    """``test-stall DEV PHASE SECONDS``: holds DEV and sleeps in PHASE (ctr, preresume or
+    dtr), so that a test can cancel a load, resume or remove right there."""
+
+    name = "test-stall"
+
+    async def ctr(self, args):
+        self.dev = self.ctx.get_device(args[0])
+        self.phase, self.seconds = args[1], float(args[2])
+        INSTANCES.append(self)
+        if self.phase == "ctr":
+            await trio.sleep(self.seconds)
+
+    async def map(self, bio):
+        return await tbase.passthrough(self.dev, bio)
+
+    async def preresume(self):
+        if self.phase == "preresume":
+            await trio.sleep(self.seconds)
+
+    async def dtr(self):
+        await trio.sleep(self.seconds if self.phase == "dtr" else 0)
+
+    def iterate_devices(self):
+        return [(self.dev, 0, self.len)]
+
+
+ALL = (Hold, Slow, Hooks, Stall)
 
 
 def register_all():
@@ -404,7 +431,7 @@ async def test_removed_device_fails_held_io(m, test_targets, autojump_clock):
         n.start_soon(reader)
         await trio.sleep(1)
         await m.remove("s")
-    assert got == [errno.ENXIO]
+    assert got == [errno.EIO]
 
 
 async def test_split_read_assembles_pieces_in_one_buffer(m, img):

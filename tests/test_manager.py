@@ -5,11 +5,11 @@ import os
 import pytest
 import trio
 import trio.testing
+from test_device import INSTANCES, register_all, unregister_all
 
 import dmsim
 from dmsim.errors import DMError
 from dmsim.table import parse_table_text
-from test_device import INSTANCES, register_all, unregister_all
 
 
 @pytest.fixture
@@ -208,4 +208,177 @@ async def test_shutdown_with_held_io_and_stacks(tmp_path, img, test_targets, aut
 
         m.nursery.start_soon(reader)
         await trio.sleep(1)
-    assert got == [errno.ENXIO]
+    assert got == [errno.EIO]
+
+
+# -- shutdown and removal with held I/O (issue 11 bug 2) ----------------------------------------
+async def _origin_and_snapshot(m, tmp_path):
+    origin = tmp_path / "origin"
+    origin.write_bytes(b"o" * (1 << 20))
+    cow = tmp_path / "cow"
+    cow.write_bytes(bytes(1 << 20))
+    snap = await mk(m, "snap", "0 2048 snapshot %s %s P 8" % (origin, cow))
+    org = await mk(m, "org", "0 2048 snapshot-origin %s" % origin)
+    return str(origin), str(cow), org, snap
+
+
+async def test_shutdown_fails_held_origin_write_and_keeps_snapshot(tmp_path, autojump_clock):
+    """A write held by a suspended origin fails at shutdown; it must not reach the origin
+    after the snapshot is gone (it would be lost to the snapshot: no copy-out)."""
+    got = []
+    async with dmsim.open_manager() as m:
+        origin, cow, org, _ = await _origin_and_snapshot(m, tmp_path)
+        await m.suspend("org")
+
+        async def writer():
+            try:
+                await org.write(0, b"N" * 4096)
+                got.append("written")
+            except DMError as e:
+                got.append(e.errno)
+
+        m.nursery.start_soon(writer)
+        await trio.sleep(1)
+        assert got == []                     # held
+    assert got == [errno.EIO]
+    with open(origin, "rb") as f:
+        assert f.read(4096) == b"o" * 4096
+    async with dmsim.open_manager() as m:   # the snapshot reactivated still reads old data
+        snap = await mk(m, "snap", "0 2048 snapshot %s %s P 8" % (origin, cow))
+        assert await snap.read(0, 8) == b"o" * 4096
+
+
+async def test_remove_of_suspended_device_fails_held_write(m, img, autojump_clock):
+    """remove (and remove_all) of a suspended device fails its held writes with EIO
+    rather than letting them through to the table being destroyed."""
+    for verb in ("remove", "remove_all"):
+        md = await mk(m, "l", "0 8 linear %s 0" % img)
+        await m.suspend("l")
+        got = []
+
+        async def writer(md=md, got=got):
+            try:
+                await md.write(0, b"w" * 512)
+                got.append("written")
+            except DMError as e:
+                got.append(e.errno)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(writer)
+            await trio.sleep(1)
+            await (m.remove("l") if verb == "remove" else m.remove_all())
+        assert got == [errno.EIO], verb
+        with open(img, "rb") as f:
+            assert f.read(512) == bytes(512)
+        assert m._files == {}
+
+
+async def test_deferred_remove_fails_held_write(m, img, autojump_clock):
+    md = await mk(m, "l", "0 8 linear %s 0" % img)
+    h = m.open("l")
+    await m.remove("l", deferred=True)
+    await m.suspend("l")
+    got = []
+
+    async def writer():
+        try:
+            await md.write(0, b"w" * 512)
+        except DMError as e:
+            got.append(e.errno)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(writer)
+        await trio.sleep(1)
+        m.close(h)
+    await trio.sleep(1)
+    assert got == [errno.EIO] and "l" not in m.devices and m._files == {}
+
+
+async def test_shutdown_lets_inflight_io_finish_before_tables_go(tmp_path, test_targets, autojump_clock):
+    """In-flight I/O is drained (bounded) before any table is destroyed."""
+    got = []
+    async with dmsim.open_manager() as m:
+        md = await mk(m, "s", "0 64 test-slow 5")
+
+        async def reader():
+            try:
+                await md.read(0, 1)
+                got.append("read")
+            except DMError as e:
+                got.append(e.errno)
+
+        m.nursery.start_soon(reader)
+        await trio.sleep(0.01)
+    assert got == ["read"]
+
+
+# -- interrupted ioctls (issue 11 item 4) ---------------------------------------------------------
+async def test_interrupted_resume_puts_the_table_back(m, img, test_targets, autojump_clock):
+    """A resume cancelled while it suspends (in-flight I/O not drained yet) leaves the
+    inactive table in its slot: the device under it stays removable after a clear."""
+    await mk(m, "base", "0 64 linear %s 0" % img)
+    top = await mk(m, "top", "0 64 test-slow 5")
+    await m.load("top", parse_table_text("0 8 linear /dev/mapper/base 0"))
+    assert m.info("base").open_count == 1
+    async with trio.open_nursery() as n:
+        n.start_soon(top.read, 0, 1)          # in flight for 5 s
+        await trio.sleep(0.1)
+        with trio.move_on_after(1):
+            await m.resume("top")
+        info = m.info("top")
+        assert info.inactive_table and not info.suspended
+        assert m.table_lines("top", inactive=True)[0].params == "253:0 0"
+    await m.clear("top")
+    assert m.info("base").open_count == 0
+    await m.remove("base")
+
+
+async def test_interrupted_resume_after_the_swap_completes(m, img, test_targets, autojump_clock):
+    """Once the table is swapped in, a cancelled caller no longer stops the resume: the
+    device runs the new table and the old table's devices are released."""
+    await mk(m, "a", "0 64 linear %s 0" % img)
+    await mk(m, "b", "0 64 linear %s 0" % img)
+    await mk(m, "top", "0 8 linear /dev/mapper/a 0")
+    await m.load("top", parse_table_text("0 8 test-stall /dev/mapper/b preresume 5"))
+    with trio.move_on_after(1) as scope:
+        await m.resume("top")
+    assert scope.cancel_called
+    info = m.info("top")
+    assert not info.suspended and info.live_table and not info.inactive_table
+    assert m.table_lines("top")[0].type == "test-stall"
+    assert m.info("a").open_count == 0 and m.info("b").open_count == 1
+    await m.remove("a")
+
+
+async def test_interrupted_load_releases_its_devices(m, img, test_targets, autojump_clock):
+    """A load cancelled in its second ctr destroys what the first built, even when a
+    destructor must wait."""
+    await mk(m, "base", "0 64 linear %s 0" % img)
+    m.create("top")
+    with trio.move_on_after(1):
+        await m.load("top", parse_table_text("0 8 test-stall /dev/mapper/base dtr 2\n"
+                                             "8 8 test-stall %s ctr 5" % img))
+    assert not m.info("top").inactive_table
+    assert m.info("base").open_count == 0 and len(m._files) == 1   # base's own image
+    await m.remove("base")
+
+
+async def test_interrupted_remove_still_destroys_the_tables(m, img, test_targets, autojump_clock):
+    await mk(m, "base", "0 64 linear %s 0" % img)
+    await mk(m, "top", "0 8 test-stall /dev/mapper/base dtr 5")
+    with trio.move_on_after(1):
+        await m.remove("top")
+    assert "top" not in m.devices and m.info("base").open_count == 0
+
+
+async def test_interrupted_suspend_leaves_the_device_running(m, img, test_targets, autojump_clock):
+    md = await mk(m, "s", "0 64 test-slow 5")
+    async with trio.open_nursery() as n:
+        n.start_soon(md.read, 0, 1)
+        await trio.sleep(0.1)
+        with trio.move_on_after(1):
+            await m.suspend("s")
+        assert not m.info("s").suspended
+    await m.suspend("s")
+    assert m.info("s").suspended
+    await m.resume("s")
