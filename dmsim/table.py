@@ -25,6 +25,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .manager import Manager
 
 MAX_U64 = (1 << 64) - 1
+#: ``LLONG_MAX >> SECTOR_SHIFT``: a table ending beyond this is ``too large device``
+MAX_DEVICE_SECTORS = ((1 << 63) - 1) >> 9
 
 pylog = logging.getLogger("dmsim.table")
 
@@ -41,26 +43,64 @@ class TableLine:
 
 
 def parse_table_text(text: str, source: str = "") -> list[TableLine]:
-    """dmsetup's reading of table text.
+    """dmsetup's reading of table text (``_parse_line``: ``sscanf("%llu %llu %s %n")``).
 
     ``source`` names the input in the error (``""`` for ``--table``, ``"on stdin"``, or
-    a file name), as in ``Invalid format on line 1 of table .``.
+    a file name), as in ``Invalid format on line 1 of table .``.  Numbers read as
+    ``strtoull`` does (a sign is allowed, ``-1`` is 2^64-1, an overflow saturates): the
+    kernel, not dmsetup, refuses a device too large; a ``#`` starts a comment only at the
+    start of a line or after the target type.
     """
     lines = []
     for n, raw in enumerate(text.split("\n"), 1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
+        line = raw.strip(_C_SPACE)
+        if not line or line[0] == "#":
             continue
-        words = line.split(None, 3)
-        if len(words) < 3 or not _is_u64(words[0]) or not _is_u64(words[1]):
+        start = _scan_llu(line, 0)
+        length = _scan_llu(line, start[1]) if start else None
+        ttype = _scan_word(line, length[1]) if length else None
+        if start is None or length is None or ttype is None:
             raise DMError(errno.EINVAL, "Invalid format on line %d of table %s." % (n, source))
-        params = words[3].strip() if len(words) > 3 else ""
-        lines.append(TableLine(int(words[0]), int(words[1]), words[2], params))
+        kind, i = ttype
+        if len(kind.encode("utf-8", "surrogateescape")) >= DM_MAX_TYPE_NAME:
+            raise DMError(errno.EINVAL, "Target type name %s is too long." % kind)
+        params = line[i:].lstrip(_C_SPACE).split("#", 1)[0].rstrip(_C_SPACE)
+        lines.append(TableLine(start[0], length[0], kind, params))
     return lines
 
 
-def _is_u64(word: str) -> bool:
-    return word.isascii() and word.isdigit() and int(word) <= MAX_U64
+_C_SPACE = " \t\n\v\f\r"        # C's isspace in the C locale
+DM_MAX_TYPE_NAME = 16
+
+
+def _scan_llu(s: str, i: int) -> tuple[int, int] | None:
+    """``%llu`` at ``s[i:]``: (value, index after it), or None without digits."""
+    while i < len(s) and s[i] in _C_SPACE:
+        i += 1
+    negative = i < len(s) and s[i] == "-"
+    if i < len(s) and s[i] in "+-":
+        i += 1
+    j = i
+    while j < len(s) and "0" <= s[j] <= "9":
+        j += 1
+    if j == i:
+        return None
+    value = int(s[i:j])
+    if value > MAX_U64:
+        value = MAX_U64                  # strtoull's ERANGE
+    elif negative:
+        value = -value & MAX_U64
+    return value, j
+
+
+def _scan_word(s: str, i: int) -> tuple[str, int] | None:
+    """``%s`` at ``s[i:]``: the next run of non-space characters, or None."""
+    while i < len(s) and s[i] in _C_SPACE:
+        i += 1
+    j = i
+    while j < len(s) and s[j] not in _C_SPACE:
+        j += 1
+    return (s[i:j], j) if j > i else None
 
 
 _KERNEL_SPACE = frozenset(" \t\n\v\f\r")
@@ -278,6 +318,9 @@ async def _add_target(ctx: _Context, table: Table, line: TableLine, immutable):
         raise DMError(errno.EINVAL)
     if line.length == 0:
         log("table: %s: zero-length target" % mm)
+        raise DMError(errno.EINVAL)
+    if line.start + line.length > MAX_DEVICE_SECTORS:      # (also a sector_t overflow)
+        log("table: %s: too large device" % mm)
         raise DMError(errno.EINVAL)
     cls = lookup(line.type)
     if cls is None:
