@@ -565,11 +565,31 @@ async def test_numbers_are_strict_decimal(env, word):
                           "device-mapper: ioctl: error adding target to table"]
 
 
-@pytest.mark.parametrize("line", ["x 8 zero", "0 y zero", "-1 8 zero", "0 0x8 zero",
-                                  "0 18446744073709551616 zero"])
-async def test_start_and_length_are_u64(env, line):
+@pytest.mark.parametrize("line", ["x 8 zero", "0 y zero", "- 8 zero", "0 \uff18 zero"])
+async def test_start_and_length_must_be_numbers(env, line):
     assert await env.sh("create", "g", "--table", line) == \
         ("", "Invalid format on line 1 of table .\nCommand failed.\n", 1)
+
+
+@pytest.mark.parametrize("line,klog", [
+    # read as sscanf's %llu reads them; the kernel refuses them (oracle)
+    ("-1 8 zero", "table: 253:0: too large device"),
+    ("0 -1 zero", "table: 253:0: too large device"),
+    ("0 18446744073709551616 zero", "table: 253:0: too large device"),
+    ("0 0x8 zero", "table: 253:0: zero-length target"),
+    ("0 8abc zero", "table: 253:0: abc: unknown target type"),
+    ("0 8 zero#x", "table: 253:0: zero#x: unknown target type"),
+])
+async def test_numbers_read_as_strtoull(env, line, klog):
+    assert await env.sh("create", "g", "--table", line) == \
+        ("", "device-mapper: reload ioctl on g (253:0) failed: Invalid argument\nCommand failed.\n", 1)
+    assert env.klog() == ["device-mapper: " + klog, "device-mapper: ioctl: error adding target to table"]
+
+
+async def test_target_type_name_too_long(env):
+    assert await env.sh("create", "g", "--table", "0 8 abcdefghijklmnopq") == \
+        ("", "Target type name abcdefghijklmnopq is too long.\nCommand failed.\n", 1)
+    assert await env.ok("ls") == "No devices found\n"
 
 
 # -- 56-58: messages and --target -------------------------------------------------------------
