@@ -652,3 +652,97 @@ def format_metadata(path: str, data_block_size: int, nr_data_blocks: int = 0, *,
         os.close(fd)
     with PoolMetadata(path, data_block_size, durable=durable) as md:
         md.resize_data_dev(nr_data_blocks)
+
+
+# -- consistency check (our own, before thin_check sees it) ----------------------------------
+
+class RefCounter:
+    """Expected reference counts from walking the structures, and the problems found on the way."""
+
+    def __init__(self, md: PoolMetadata | None = None):
+        self.md = md
+        self.meta: dict[int, int] = {}
+        self.data: dict[int, int] = {}
+        self.problems: list[str] = []
+
+    def ref(self, b: int) -> bool:
+        """Count a reference to metadata block ``b``; whether this is the first (walk below it)."""
+        self.meta[b] = self.meta.get(b, 0) + 1
+        return self.meta[b] == 1
+
+    def tree(self, info: BTreeInfo, root: int, on_value: Callable[[int, bytes], None] | None = None,
+             lo: int = 0, is_root: bool = True) -> None:
+        if not self.ref(root):
+            return
+        try:
+            n = info.read_node(root)
+        except DMError as e:
+            self.problems.append("block %d: %s" % (root, e.message))
+            return
+        keys = list(n.keys)
+        if keys != sorted(set(keys)):
+            self.problems.append("block %d: keys out of order" % root)
+        if keys and keys[0] < lo:
+            self.problems.append("block %d: lowest key %d below the parent's %d" % (root, keys[0], lo))
+        if not is_root and n.nr_entries < n.max_entries // 3:
+            self.problems.append("block %d: %d entries, fewer than %d" % (root, n.nr_entries, n.max_entries // 3))
+        if n.is_leaf:
+            if n.value_size != info.value_type.size:
+                self.problems.append("block %d: value size %d, wants %d" % (root, n.value_size, info.value_type.size))
+            if on_value is not None:
+                for i in range(n.nr_entries):
+                    on_value(n.keys[i], n.value(i))
+            return
+        for i in range(n.nr_entries):
+            self.tree(info, n.value64(i), on_value, n.keys[i], False)
+
+    def space_map(self, sm: DiskSpaceMap | MetadataSpaceMap) -> None:
+        for ie in sm.bitmaps:
+            if ie.location:
+                self.ref(ie.location)
+        self.tree(sm.ref_info, sm.ref_count_root)
+        if isinstance(sm, DiskSpaceMap):
+            self.tree(sm.index_info, sm.index_root)
+        else:
+            self.ref(sm.index_location)
+
+    def mapping(self, root: int) -> None:
+        md = self.md
+        assert md is not None
+
+        def on_data(_vb: int, v: bytes) -> None:
+            b = int.from_bytes(v, "little") >> 24
+            self.data[b] = self.data.get(b, 0) + 1
+
+        def on_dev(_dev: int, v: bytes) -> None:
+            self.tree(md.bl_info, int.from_bytes(v, "little"), on_data)
+
+        self.tree(md.tl_info, root, on_dev)
+
+
+def check_metadata(md: PoolMetadata) -> list[str]:
+    """Problems in *committed* metadata: tree shape and every reference count, metadata and data.
+
+    Walks what the superblock names (call right after a commit): node order and fill, value
+    sizes, and counts recomputed from every reference, compared with both space maps.
+    """
+    c = RefCounter(md)
+    c.ref(THIN_SUPERBLOCK_LOCATION)
+    c.mapping(md.root)
+    c.tree(md.details_info, md.details_root)
+    c.space_map(md.data_sm)
+    c.space_map(md.metadata_sm)
+    if md.sb.held_root:
+        c.ref(md.sb.held_root)
+        snap = Superblock.unpack(md.tm.peek(md.sb.held_root, SB_VALIDATOR).data)
+        c.mapping(snap.data_mapping_root)
+        c.tree(md.details_info, snap.device_details_root)
+    for name, want, sm in (("metadata", c.meta, md.metadata_sm), ("data", c.data, md.data_sm)):
+        have = sm.counts()
+        for b in sorted(set(want) | set(have)):
+            if want.get(b, 0) != have.get(b, 0):
+                c.problems.append("%s block %d: count %d, referenced %d times" % (name, b, have.get(b, 0),
+                                                                                 want.get(b, 0)))
+        if sm.nr_allocated != len(have):
+            c.problems.append("%s space map: nr_allocated %d, %d blocks in use" % (name, sm.nr_allocated, len(have)))
+    return c.problems
