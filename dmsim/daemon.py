@@ -309,7 +309,59 @@ class Watchdog:
         self.exit(1)
 
 
-async def serve_daemon(opts: DaemonOptions, state: StateDir, ready, watchdog: Watchdog | None = None) -> None:
+class SignalThread:
+    """SIGTERM and SIGINT, taken by a thread of their own (``sigwait``; the signals are
+    blocked everywhere else), so that a stop is heard even while the Trio thread is stuck
+    in a system call: the first arms the watchdog and asks the loop to stop, a second one
+    ends the process at once."""
+
+    SIGNALS = frozenset((signal.SIGTERM, signal.SIGINT))
+
+    def __init__(self, watchdog: Watchdog):
+        self.watchdog = watchdog
+        self.lock = threading.Lock()
+        self.token: trio.lowlevel.TrioToken | None = None
+        self.stop: Callable[[], object] | None = None
+        self.received = 0
+
+    def start(self) -> None:
+        """Block the signals (threads started later inherit that) and start the thread."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
+        threading.Thread(target=self._run, name="dmsim-signals", daemon=True).start()
+
+    def stop_blocking(self) -> None:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)
+
+    def attach(self, token: trio.lowlevel.TrioToken, stop: Callable[[], object]) -> None:
+        """Where to deliver a stop (a signal that came earlier is delivered now)."""
+        with self.lock:
+            self.token, self.stop = token, stop
+            pending = self.received
+        if pending:
+            stop()
+
+    def _run(self) -> None:
+        while True:
+            signum = signal.sigwait(self.SIGNALS)
+            self.deliver(signum)
+
+    def deliver(self, signum: int) -> None:
+        with self.lock:
+            self.received += 1
+            first = self.received == 1
+            token, stop = self.token, self.stop
+        if not first:
+            self.watchdog.fire("signal %d during shutdown" % signum)
+            return
+        log.info("signal %d: shutting down", signum)
+        self.watchdog.arm(SHUTDOWN_SECONDS + WATCHDOG_GRACE_SECONDS)
+        if token is not None and stop is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(stop)
+
+
+async def serve_daemon(opts: DaemonOptions, state: StateDir, ready, watchdog: Watchdog,
+                       signals: "SignalThread") -> None:
     """Run until a signal or an external unmount; ``ready()`` once mount and socket are up."""
     from . import open_manager
     from .control import LocalControl
@@ -318,7 +370,6 @@ async def serve_daemon(opts: DaemonOptions, state: StateDir, ready, watchdog: Wa
     from .server import serve
     from .targets import mirror
 
-    watchdog = watchdog or Watchdog(opts)
     # raid1_resync_throttle: the share of time mirror resync I/O may be in flight
     mirror.resync_throttle.percent = opts.resync_throttle
     if opts.resync_throttle < 100:
@@ -349,27 +400,17 @@ async def serve_daemon(opts: DaemonOptions, state: StateDir, ready, watchdog: Wa
                     fs.mounted = False
                     stop.set()
 
-                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                    try:
-                        await nursery.start(run_server)
-                    except DMError as e:
-                        raise DaemonError(e.message or e.strerror) from None
-                    nursery.start_soon(run_fuse)
-                    ready()
-
-                    async def watch_signals():
-                        async for signum in signals:
-                            if stop.is_set():
-                                watchdog.fire("signal %d during shutdown" % signum)
-                                return
-                            log.info("signal %d: shutting down", signum)
-                            stop.set()
-
-                    nursery.start_soon(watch_signals)
-                    await stop.wait()
-                    watchdog.arm(SHUTDOWN_SECONDS + WATCHDOG_GRACE_SECONDS)
-                    server_scope.cancel()
-                    await shut_down(m, fs.ops, trio.current_time() + SHUTDOWN_SECONDS)
+                try:
+                    await nursery.start(run_server)
+                except DMError as e:
+                    raise DaemonError(e.message or e.strerror) from None
+                nursery.start_soon(run_fuse)
+                signals.attach(trio.lowlevel.current_trio_token(), stop.set)
+                ready()
+                await stop.wait()
+                watchdog.arm(SHUTDOWN_SECONDS + WATCHDOG_GRACE_SECONDS)
+                server_scope.cancel()
+                await shut_down(m, fs.ops, trio.current_time() + SHUTDOWN_SECONDS)
                 nursery.cancel_scope.cancel()
         finally:
             fs.unmount()
@@ -455,11 +496,13 @@ def _run(opts: DaemonOptions, ready, made_mount: bool, on_error: Callable[[str],
     """Lock the state directory, serve, clean up whatever happened; the exit status."""
     state = StateDir(opts.state_dir)
     watchdog = Watchdog(opts)
+    signals = SignalThread(watchdog)
+    signals.start()
     try:
         state.acquire()
         _warn_hidden(opts.mount)
         with collapse_groups():
-            trio.run(serve_daemon, opts, state, ready, watchdog)
+            trio.run(serve_daemon, opts, state, ready, watchdog, signals)
         return 0
     except (DaemonError, DMError) as e:
         print("dmsim daemon: %s" % e, file=sys.stderr, flush=True)
