@@ -321,3 +321,110 @@ async def test_direct_read_sees_buffered_write(mounted):
     finally:
         await run(os.close, dfd)
         await run(os.close, fd)
+
+
+# -- the edge: last-resort handler, sizes and names FUSE cannot show, permissions ---------------
+
+def test_every_operation_has_the_last_resort_handler():
+    from dmsim.fuse import OPERATIONS, DeviceFS
+
+    defined = [n for n in OPERATIONS if n in vars(DeviceFS)]
+    assert {"lookup", "getattr", "readdir", "open", "read", "write", "fsync", "release", "create"} <= set(defined)
+    assert all(getattr(DeviceFS, n).last_resort for n in defined)
+
+
+async def test_a_bug_in_an_operation_fails_that_request_only(mounted, monkeypatch, caplog):
+    """An unexpected exception in open is that open's EIO, with the traceback in the log;
+    the mount goes on serving (before, pyfuse3.main died and left a dead mount)."""
+    m, mnt, img = mounted
+    await make_linear(m, "lin", img, 8)
+
+    def broken(name):
+        raise RuntimeError("bug in open")
+
+    monkeypatch.setattr(m, "open", broken)
+    with pytest.raises(OSError) as e:
+        await run(os.open, mnt + "/lin", os.O_RDONLY)
+    assert e.value.errno == errno.EIO
+    assert "FUSE open failed" in caplog.text and "RuntimeError: bug in open" in caplog.text
+    monkeypatch.undo()
+    assert await run(os.listdir, mnt) == ["lin"]
+    fd = await run(os.open, mnt + "/lin", os.O_RDONLY)
+    try:
+        assert await run(os.pread, fd, 512, 0) == bytes(512)
+    finally:
+        await run(os.close, fd)
+
+
+async def test_huge_device_and_unlistable_names_never_break_ls(mounted, monkeypatch):
+    """A size past what st_size holds is clamped; names no directory entry can carry (a lone
+    surrogate, NUL) are left out of the listing instead of ending the session."""
+    from dmsim.fuse import MAX_FILE_BYTES
+    from dmsim.table import Table
+
+    m, mnt, img = mounted
+    for name in ("big", "bad1", "bad2", "ok"):
+        m.create(name)
+        await m.load(name, [TableLine(0, 8, "zero")])
+        await m.resume(name)
+    monkeypatch.setattr(Table, "size_sectors", property(lambda self: 1 << 60))
+    m.devices["\ud800x"] = m.devices.pop("bad1")
+    m.devices["a\x00b"] = m.devices.pop("bad2")
+    try:
+        assert sorted(await run(os.listdir, mnt)) == ["big", "ok"]
+        assert (await run(os.stat, mnt + "/big")).st_size == MAX_FILE_BYTES
+        await run(os.statvfs, mnt)
+    finally:
+        m.devices["bad1"] = m.devices.pop("\ud800x")
+        m.devices["bad2"] = m.devices.pop("a\x00b")
+        monkeypatch.undo()
+    assert sorted(await run(os.listdir, mnt)) == ["bad1", "bad2", "big", "ok"]
+
+
+async def test_files_are_root_disk_0660_and_names_cannot_be_made(mounted):
+    """As /dev/dm-N: 0660, the daemon's user (root), group disk; a read-only table drops the
+    write bits.  O_CREAT of a missing name, mkdir, unlink: EACCES (not ENOSYS)."""
+    from dmsim.fuse import disk_gid
+
+    m, mnt, img = mounted
+    await make_linear(m, "lin", img, 8)
+    m.create("ro")
+    await m.load("ro", [TableLine(0, 8, "zero")], read_only=True)
+    await m.resume("ro")
+    st = await run(os.stat, mnt + "/lin")
+    assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o660, os.getuid(),
+                                                           disk_gid() if os.getuid() == 0 else os.getgid())
+    assert (await run(os.stat, mnt + "/ro")).st_mode & 0o7777 == 0o440
+
+    def attempts():
+        out = []
+        for fn in (lambda: os.open(mnt + "/new", os.O_CREAT | os.O_WRONLY, 0o600),
+                   lambda: os.mkdir(mnt + "/d"), lambda: os.unlink(mnt + "/lin"),
+                   lambda: os.rename(mnt + "/lin", mnt + "/lin2"), lambda: os.symlink("x", mnt + "/s")):
+            try:
+                fn()
+                out.append(0)
+            except OSError as e:
+                out.append(e.errno)
+        return out
+
+    assert await run(attempts) == [errno.EACCES] * 5
+    assert sorted(await run(os.listdir, mnt)) == ["lin", "ro"]
+
+
+async def test_owner_group_mode_are_configurable(tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    async with dmsim.open_manager(mount_dir=str(mnt)) as m:
+        fs = Mount(m, str(mnt), uid=54321, gid=54322, mode=0o640)
+        assert "default_permissions" in fs.opts
+        fs.mount()
+        try:
+            async with trio.open_nursery() as n:
+                n.start_soon(fs.run)
+                m.create("z")
+                st = await run(os.stat, str(mnt / "z"))
+                assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o640, 54321, 54322)
+                n.cancel_scope.cancel()
+        finally:
+            fs.unmount()
