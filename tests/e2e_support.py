@@ -1,6 +1,7 @@
 """What the end-to-end tests share: running commands with a timeout, and a ``world``
 that undoes everything whatever failed (umount, losetup -d, the daemon by pid, the FUSE
 mount).  Those tests need root (losetup, mount) and /dev/fuse; CI runs them as root."""
+import contextlib
 import os
 import signal
 import subprocess
@@ -44,6 +45,11 @@ class World(dict):
         out = self.dmsim("daemon", "--mount", self["mnt"], "--background").stdout
         self["pid"] = int(out.split()[1].split("=")[1])
 
+    def stop_daemon(self):
+        """``dmsim daemon stop``: returns once the daemon has unmounted and exited."""
+        self.dmsim("daemon", "stop")
+        self["pid"] = None
+
     def wait_closed(self, name):
         """A loop device lets go of its file asynchronously after ``losetup -d``."""
         for _ in range(50):
@@ -67,13 +73,10 @@ def world(tmp_path):
         if w["loop"]:
             subprocess.run(["losetup", "-d", w["loop"]], capture_output=True)
         if w["pid"]:
-            try:
-                os.kill(w["pid"], signal.SIGTERM)
-                for _ in range(100):
-                    os.kill(w["pid"], 0)
-                    time.sleep(0.1)
-                os.kill(w["pid"], signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            r = subprocess.run([sys.executable, "-m", "dmsim", "daemon", "stop", "--timeout", "30"],
+                               env=w["env"], capture_output=True, timeout=60)
+            if r.returncode:   # not stopped in time (or never ours): end it
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(w["pid"], signal.SIGKILL)
         if mounted(w["mnt"]):
             subprocess.run(["fusermount3", "-u", "-z", w["mnt"]], capture_output=True)
