@@ -78,7 +78,10 @@ async def merge_snapshot(manager, name: str, origin_name: str | None = None, wai
             raise DMError(errno.EIO, "snapshot merge failed: %s" % target.status("info"))
         if allocated == metadata:
             break
-        await trio.sleep(poll_seconds)
+        if target._merge_running:
+            await target.wait_merge_stopped()
+        else:
+            await trio.sleep(poll_seconds)          # suspended meanwhile: look again later
     origin_path = target.origin.path or target.origin.ref
     await manager.load(origin_name, _line(size, "snapshot-origin", origin_path))
     await manager.resume(origin_name)

@@ -1229,6 +1229,10 @@ class SnapshotMerge(Snapshot):
         self._merge_stopped = trio.Event()
         self.ctx.start_task(self._merge_loop, name="snapshot-merge")
 
+    async def wait_merge_stopped(self) -> None:
+        """Wait until the merge stops: done, failed, or stopped by a suspend."""
+        await self._merge_stopped.wait()
+
     async def stop_merge(self) -> None:
         """``stop_merge``: let the current step finish, then wait for the merge to stop."""
         self._merge_shutdown = True
