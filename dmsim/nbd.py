@@ -124,6 +124,8 @@ MAX_INFLIGHT_REQUESTS = 64
 MAX_INFLIGHT_BYTES = 128 << 20
 MAX_CONNECTIONS = 1024
 HANDSHAKE_TIMEOUT_SECONDS = 60
+#: connections waiting to be accepted (a full Unix socket backlog fails connect with EAGAIN)
+LISTEN_BACKLOG = 1024
 #: replies up to this size go out as one send (header and data joined)
 _JOIN_BYTES = 64 << 10
 _RECV_BYTES = 256 << 10
@@ -261,12 +263,12 @@ class _Connection:
             with trio.move_on_after(HANDSHAKE_TIMEOUT_SECONDS) as timer:
                 go = await self.handshake()
             if timer.cancelled_caught:
-                log.info("NBD: handshake timed out")
+                log.debug("NBD: handshake timed out")
             elif go:
                 await self.transmission()
         except _Hangup as e:
             if str(e):
-                log.info("NBD: closing a connection: %s", e)
+                log.debug("NBD: closing a connection: %s", e)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
         except Exception:  # a bug here must end this connection only
@@ -455,7 +457,7 @@ class _Connection:
                     break
                 magic, flags, cmd, cookie, offset, length = _REQUEST.unpack(header)
                 if magic != REQUEST_MAGIC:
-                    log.info("NBD: bad request magic 0x%x; closing", magic)
+                    log.debug("NBD: bad request magic 0x%x; closing", magic)
                     break
                 if cmd == CMD_DISC:
                     break
@@ -463,7 +465,7 @@ class _Connection:
                 data = None
                 if cmd == CMD_WRITE:
                     if length > MAX_PAYLOAD_BYTES:
-                        log.info("NBD: write payload of %d bytes; closing", length)
+                        log.debug("NBD: write payload of %d bytes; closing", length)
                         break
                     await self.budget.acquire(cost)
                     try:
@@ -571,12 +573,13 @@ async def serve_nbd(manager: Manager, address: str, *, task_status=trio.TASK_STA
             sock = await bind_socket(where)
         except OSError as e:
             raise DMError(e.errno or errno.EINVAL, "cannot listen on %s: %s" % (address, e.strerror)) from None
+        sock.listen(LISTEN_BACKLOG)
         st = os.stat(where)
         listeners: list = [trio.SocketListener(sock)]
         bound = "unix:" + where
     else:
         try:
-            listeners = list(await trio.open_tcp_listeners(port, host=where))
+            listeners = list(await trio.open_tcp_listeners(port, host=where, backlog=LISTEN_BACKLOG))
         except OSError as e:
             raise DMError(e.errno or errno.EADDRNOTAVAIL,
                           "cannot listen on %s: %s" % (address, e.strerror or e)) from None
