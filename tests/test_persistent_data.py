@@ -47,8 +47,9 @@ def make_file(tmp_path, blocks=1024, name="meta.img"):
 class Store:
     """A minimal client of the stack: block 0 holds the metadata space map root and tree roots."""
 
-    def __init__(self, path, create, nr_roots=0):
-        self.bm = BlockManager(path, durable=False)
+    def __init__(self, path, create, nr_roots=0, cache_blocks=24):
+        # a small cache, so eviction and re-reads happen inside transactions
+        self.bm = BlockManager(path, durable=False, cache_blocks=cache_blocks)
         self.tm = TransactionManager(self.bm)
         if create:
             self.sm = MetadataSpaceMap.create(self.tm, self.bm.nr_blocks)

@@ -69,7 +69,9 @@ class BlockManager:
         self._fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
         size = os.lseek(self._fd, 0, os.SEEK_END)
         self.nr_blocks = size // block_size
-        self._cache: OrderedDict[int, Block] = OrderedDict()
+        self._cache: dict[int, Block] = {}
+        # clean blocks in use order, the candidates for eviction; dirty blocks are pinned
+        self._lru: OrderedDict[int, Block] = OrderedDict()
         self._dirty: dict[int, Block] = {}
         self.reads = 0
         self.writes = 0
@@ -100,7 +102,8 @@ class BlockManager:
                           % (location, self.nr_blocks))
         blk = self._cache.get(location)
         if blk is not None:
-            self._cache.move_to_end(location)
+            if not blk.dirty:
+                self._lru.move_to_end(location)
             if zero:
                 blk.data = bytearray(self.block_size)
                 blk.view = None
@@ -126,18 +129,22 @@ class BlockManager:
             validator.check(data, location)
             blk = Block(location, bytearray(data), validator)
             blk.checked = validator is not NO_VALIDATOR
-        self._cache[location] = blk
         self._evict()
+        self._cache[location] = blk
+        self._lru[location] = blk
         return blk
 
     def _evict(self) -> None:
-        while len(self._cache) > self.cache_blocks:
-            for loc, blk in self._cache.items():
-                if not blk.dirty and not blk.readers and not blk.writer:
-                    del self._cache[loc]
-                    break
-            else:
-                return
+        """Drop the least recently used clean blocks over the limit (dirty ones stay until flushed)."""
+        lru = self._lru
+        while len(lru) >= self.cache_blocks:
+            loc, blk = lru.popitem(last=False)
+            if blk.readers or blk.writer:
+                lru[loc] = blk  # in use: keep, try the next
+                if all(b.readers or b.writer for b in lru.values()):
+                    return
+                continue
+            del self._cache[loc]
 
     def read_lock(self, location: int, validator: Validator = NO_VALIDATOR) -> Block:
         """A shared lock on a block, read and validated if not cached."""
@@ -165,6 +172,7 @@ class BlockManager:
         if not blk.dirty:
             blk.dirty = True
             self._dirty[blk.location] = blk
+            self._lru.pop(blk.location, None)
 
     def unlock(self, blk: Block) -> None:
         if blk.writer:
@@ -183,6 +191,9 @@ class BlockManager:
         if self.read_only:
             raise DMError(errno.EPERM, "metadata is read only")
         self._mark_dirty(blk)
+
+    def cached_blocks(self) -> int:
+        return len(self._cache)
 
     def is_locked(self, location: int) -> bool:
         blk = self._cache.get(location)
@@ -212,7 +223,9 @@ class BlockManager:
             self._pwritev(bufs, todo[i] * self.block_size)
             i = j
         for loc in todo:
-            self._dirty.pop(loc).dirty = False
+            blk = self._dirty.pop(loc)
+            blk.dirty = False
+            self._lru[loc] = blk
         self.writes += len(todo)
         if todo and self.durable:
             os.fsync(self._fd)
@@ -238,15 +251,18 @@ class BlockManager:
             blk.dirty = False
             self._cache.pop(loc, None)
         self._dirty.clear()
+        self._evict()
 
     def invalidate(self) -> None:
         """Drop the whole cache (dirty blocks too): the next reads come from disk."""
         self._dirty.clear()
         self._cache.clear()
+        self._lru.clear()
 
     def write_raw(self, location: int, data: bytes) -> None:
         """Write one block's bytes now, bypassing cache and validators (tests, zeroing)."""
         self._cache.pop(location, None)
+        self._lru.pop(location, None)
         self._dirty.pop(location, None)
         os.pwrite(self._fd, data, location * self.block_size)
 

@@ -288,7 +288,7 @@ class BTreeInfo:
 
     def _insert_raw(self, root: int, vt: ValueType, key: int,
                     parent: Node | None, parent_i: int) -> tuple[int, Node, int]:
-        """Walk down from ``root`` shadowing and splitting full nodes; (new root, leaf, index to insert at).
+        """Walk down from ``root`` shadowing, making room in full nodes; (new root, leaf, index to insert at).
 
         ``parent``/``parent_i`` is the upper-level leaf slot holding ``root`` (patched to the shadow).
         """
@@ -301,12 +301,12 @@ class BTreeInfo:
                 parent.set_value64(parent_i, b)
             if top:
                 new_root = b
-            if n.full():
+            if not self._has_space_for_insert(n, key):
                 if top:
-                    parent, parent_i, b, n = self._split_beneath(b, n, key)
+                    parent, parent_i, n = self._split_beneath(n, key)
                 else:
                     assert parent is not None
-                    parent_i, b, n = self._split_sibling(parent, parent_i, n, key)
+                    n = self._rebalance_or_split(parent, parent_i, n, vt, key)
             i = n.lower_bound(key)
             if n.is_leaf:
                 break
@@ -320,7 +320,17 @@ class BTreeInfo:
             i += 1
         return new_root, n, i
 
-    def _split_beneath(self, b: int, n: Node, key: int) -> tuple[Node, int, int, Node]:
+    @staticmethod
+    def _has_space_for_insert(n: Node, key: int) -> bool:
+        """A full leaf still takes an overwrite of a key it holds (``has_space_for_insert``)."""
+        if not n.full():
+            return True
+        if n.is_leaf:
+            i = n.lower_bound(key)
+            return i >= 0 and n.keys[i] == key
+        return False
+
+    def _split_beneath(self, n: Node, key: int) -> tuple[Node, int, Node]:
         """A full root: its entries go to two new children, the root becomes internal over them."""
         nr = n.nr_entries
         nr_left = nr // 2
@@ -331,19 +341,75 @@ class BTreeInfo:
         n.max_entries = calc_max_entries(8)
         n.set_entries(array("Q", [left.keys[0], right.keys[0]]), bytearray(le64(lb) + le64(rb)))
         if key < right.keys[0]:
-            return n, 0, lb, left
-        return n, 1, rb, right
+            return n, 0, left
+        return n, 1, right
 
-    def _split_sibling(self, parent: Node, parent_i: int, n: Node, key: int) -> tuple[int, int, Node]:
-        """A full non-root node: its upper half moves to a new right sibling."""
-        nr = n.nr_entries
-        nr_left = nr // 2
-        rb, right = self._new_node(n, *n.take(nr_left, nr))
-        n.set_entries(*n.take(0, nr_left))
-        parent.insert_at(parent_i + 1, right.keys[0], le64(rb))
-        if key < right.keys[0]:
-            return parent_i, parent.value64(parent_i), n
-        return parent_i + 1, rb, right
+    # SPACE_THRESHOLD: a sibling with fewer free entries is not worth moving entries to
+    SPACE_THRESHOLD = 8
+
+    def _rebalance_or_split(self, parent: Node, pi: int, n: Node, vt: ValueType, key: int) -> Node:
+        """Make room in a full non-root node (dm-btree.c ``rebalance_or_split``): move entries to an
+        unshared sibling with room, else split one node into two (at either end of the parent, or
+        next to a shared sibling) or two into three; returns the node now covering ``key``."""
+        tm = self.tm
+        nr_parent = parent.nr_entries
+        left_shared = right_shared = False
+        if pi > 0:
+            lb = parent.value64(pi - 1)
+            left_shared = tm.ref(lb) > 1
+            if not left_shared:
+                sib = self.read_node(lb)
+                if sib.max_entries - sib.nr_entries >= self.SPACE_THRESHOLD:
+                    left = self._shadow_child(parent, pi - 1, vt)
+                    self._redistribute(parent, pi - 1, [left, n])
+                    return left if key < n.keys[0] else n
+        if pi < nr_parent - 1:
+            rb = parent.value64(pi + 1)
+            right_shared = tm.ref(rb) > 1
+            if not right_shared:
+                sib = self.read_node(rb)
+                if sib.max_entries - sib.nr_entries >= self.SPACE_THRESHOLD:
+                    right = self._shadow_child(parent, pi + 1, vt)
+                    self._redistribute(parent, pi, [n, right])
+                    return n if key < right.keys[0] else right
+        if left_shared or right_shared or nr_parent <= 2 or pi == 0 or pi + 1 == nr_parent:
+            # split_one_into_two
+            _rb, right = self._new_node(n, array("Q"), bytearray())
+            parent.insert_at(pi + 1, 0, le64(_rb))
+            self._redistribute(parent, pi, [n, right])
+            return n if key < right.keys[0] else right
+        # split_two_into_three: the node and its left sibling, a new middle between them
+        left = self._shadow_child(parent, pi - 1, vt)
+        mb, middle = self._new_node(n, array("Q"), bytearray())
+        parent.insert_at(pi, 0, le64(mb))
+        self._redistribute(parent, pi - 1, [left, middle, n], three=True)
+        if key < middle.keys[0]:
+            return left
+        return middle if key < n.keys[0] else n
+
+    @staticmethod
+    def _redistribute(parent: Node, first: int, nodes: list[Node], three: bool = False) -> None:
+        """Spread the entries of adjacent siblings (``redistribute2``/``redistribute3``) and fix the
+        parent's keys; ``first`` is the parent index of ``nodes[0]``."""
+        keys = array("Q")
+        values = bytearray()
+        for m in nodes:
+            keys += m.keys
+            values += m.values
+        total = len(keys)
+        if three:
+            t_left = total // 3
+            t_center = (total - t_left) // 2
+            sizes = [t_left, t_center, total - t_left - t_center]
+        else:
+            sizes = [total // 2, total - total // 2]
+        vs = nodes[0].value_size
+        at = 0
+        for j, (m, size) in enumerate(zip(nodes, sizes, strict=True)):
+            m.set_entries(keys[at:at + size], values[at * vs:(at + size) * vs])
+            if j:
+                parent.keys[first + j] = m.keys[0]
+            at += size
 
     def insert(self, root: int, keys: Sequence[int], value: bytes) -> tuple[int, bool]:
         """``dm_btree_insert_notify``: (new root, whether the key was new).
