@@ -124,7 +124,8 @@ def check_private_dir(path: str, what: str) -> None:
         raise DaemonError("%s %s belongs to uid %d, not to the daemon's user (uid %d); refusing it"
                           % (what, path, st.st_uid, uid))
     if st.st_mode & 0o022:
-        raise DaemonError("%s %s is writable by %s (mode %04o); refusing it (chmod go-w)"
+        raise DaemonError("%s %s is writable by %s (mode %04o); refusing it (use a directory "
+                          "only the daemon's user can write)"
                           % (what, path, "others" if st.st_mode & 0o002 else "its group",
                              st.st_mode & 0o7777))
 
