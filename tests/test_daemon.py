@@ -609,8 +609,10 @@ _tables = st.one_of(
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(name=_names, table=_tables)
-def test_cli_fuzz_names_and_tables(fuzz_daemon, name, table):
+@given(name=_names, table=_tables, other=_names,
+       verb=st.sampled_from(["info", "table", "status", "deps", "suspend", "resume", "remove", "rename",
+                             "message", "reload"]))
+def test_cli_fuzz_names_and_tables(fuzz_daemon, name, table, other, verb):
     """Whatever the name and table, the CLI answers (an error or success, never a
     traceback), and afterwards the daemon still lists its devices and the mount lists too."""
     from dmsim import cli
@@ -619,11 +621,14 @@ def test_cli_fuzz_names_and_tables(fuzz_daemon, name, table):
     old = os.environ.get("DMSIM_SOCKET")
     os.environ["DMSIM_SOCKET"] = d.socket
     try:
-        try:
-            rc = cli.main(["create", name, "--table", table])
-        except SystemExit as e:          # argparse's usage errors
-            rc = e.code
-        assert rc in (0, 1, 2)
+        then = {"rename": [name, other], "message": [name, "0", other], "reload": [name, "--table", table]}
+        for argv in (["create", name, "--table", table], [verb] + then.get(verb, [name])):
+            try:
+                rc = cli.main(argv)
+            except SystemExit as e:      # argparse's usage errors
+                rc = e.code
+            assert rc in (0, 1, 2)
+        cli.main(["resume", other if verb == "rename" else name])
         os.listdir(d.mnt)                # never a dead mount
         assert cli.main(["remove_all"]) == 0
     finally:
