@@ -1,7 +1,8 @@
 """``dmsim daemon``: one process owning the devices, their FUSE files and the socket.
 
-One Trio root nursery holds the FUSE session, the control socket server, the
-:class:`~dmsim.manager.Manager` and the signal watcher.  Files in the state directory
+One Trio root nursery holds the FUSE session, the control socket server and the
+:class:`~dmsim.manager.Manager`; SIGTERM and SIGINT are taken by a thread of their own
+(:class:`SignalThread`).  Files in the state directory
 (default: the socket's directory): ``pid``, ``lock`` (flock'd while the daemon runs, so a
 second daemon on the same state directory is refused), ``klog`` (every kernel-log line,
 appended), ``daemon.log`` (stderr of a ``--background`` daemon).  The state directory and
@@ -329,9 +330,6 @@ class SignalThread:
         """Block the signals (threads started later inherit that) and start the thread."""
         signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
         threading.Thread(target=self._run, name="dmsim-signals", daemon=True).start()
-
-    def stop_blocking(self) -> None:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)
 
     def attach(self, token: trio.lowlevel.TrioToken, stop: Callable[[], object]) -> None:
         """Where to deliver a stop (a signal that came earlier is delivered now)."""
