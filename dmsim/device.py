@@ -63,6 +63,8 @@ class MappedDevice(BlockDevice):
         self.noflush_suspending = False
         self.deferred_remove = False
         self.removed = False
+        self.live_logical_block_size = SECTOR_SIZE   # the queue limit, set at the swap
+        self.has_disk = False            # set by the first table load (the kernel's add_disk)
         self.dying = False               # kill_io: every request fails, none reaches a target
         self.quiesced = False            # the manager's last suspend before destruction ran
         self.open_count = 0
@@ -87,7 +89,9 @@ class MappedDevice(BlockDevice):
 
     @property
     def logical_block_size(self) -> int:  # type: ignore[override]
-        return self.live.logical_block_size if self.live else SECTOR_SIZE
+        """The live table's, as computed when it was swapped in (the kernel's queue
+        limits): never a walk down the stack."""
+        return self.live_logical_block_size if self.live else SECTOR_SIZE
 
     @property
     def read_only(self) -> bool:  # type: ignore[override]

@@ -11,15 +11,15 @@ import contextlib
 import errno
 import logging
 import os
-import stat
 from dataclasses import dataclass
 from typing import Sequence
 
 import trio
 
 from .blockdev import BlockDevice, FileDevice
-from .device import DM_MAJOR, MappedDevice
+from .device import MappedDevice
 from .errors import DMError, collapse_groups
+from .resolve import Mount, Resolved, resolve, resolve_all
 from .table import TableLine, build_table, check_limits, split_args
 
 DRIVER_VERSION = (4, 47, 0)
@@ -27,6 +27,8 @@ MAX_NAME = 127
 MAX_UUID = 128
 #: how long a removal (or shutdown) waits for in-flight I/O before destroying the tables
 DRAIN_SECONDS = 10.0
+#: dm devices stacked at most this deep (dmsim's limit: each level nests the I/O path)
+MAX_STACK_DEPTH = 64
 
 pylog = logging.getLogger("dmsim.manager")
 
@@ -70,6 +72,8 @@ class Manager:
         # mount writes back its buffered data for the device there)
         self.lock_fs_hooks: list = []
         self.closed = False
+        #: the mount root's (st_dev, st_ino) as last seen from a worker thread
+        self.mount_root_id: tuple[int, int] | None = None
 
     # -- kernel log ---------------------------------------------------------------------------
     def log(self, message: str) -> None:
@@ -97,93 +101,73 @@ class Manager:
                 return md
         return None
 
-    def resolve_dm(self, name: str) -> MappedDevice | None:
-        """A dm device named by ``253:N``, ``/dev/mapper/NAME`` or ``<mount>/NAME``."""
-        if ":" in name and "/" not in name:
-            major, _, minor = name.partition(":")
-            if major.isdigit() and minor.isdigit() and int(major) == DM_MAJOR:
-                md = self.find_by_minor(int(minor))
-                if md is None:
-                    raise DMError(errno.ENXIO)
-                return md
-            return None
-        path = os.path.abspath(name)
-        parent, base = os.path.split(path)
-        dirs = ["/dev/mapper"]
-        if self.mount_dir:
-            dirs.append(self.mount_dir)
-        if parent in dirs and (self.mount_dir is None or parent != "/dev/mapper" or not os.path.exists(path)):
-            md = self.devices.get(base)
-            if md is None:
-                raise DMError(errno.ENODEV)
-            return md
-        if parent.startswith("/dev/dm-") or (parent == "/dev" and base.startswith("dm-") and base[3:].isdigit()):
-            return self.find_by_minor(int(base[3:]))
-        return None
+    async def resolve_names(self, names: Sequence[str], cwd: str) -> dict[str, Resolved | DMError]:
+        """Resolve a table's device names in a worker thread (see :mod:`dmsim.resolve`):
+        nothing here waits on our own mount or on a slow path from the Trio thread."""
+        resolved, root_id = await resolve_all(names, cwd, self.mount_dir, in_thread=self.mount_dir is not None)
+        if root_id is not None:
+            self.mount_root_id = root_id
+        return resolved
 
-    def get_device(self, name: str, write: bool = True) -> BlockDevice:
-        """``dm_get_device``: open (and hold) an underlying device by path or number."""
-        md = self.resolve_dm(name)
-        if md is not None:
+    def get_device(self, name: str, write: bool = True, *, holder: MappedDevice | None = None,
+                   resolved: Resolved | DMError | None = None, cwd: str | None = None) -> BlockDevice:
+        """``dm_get_device``: open (and hold) an underlying device by path or number.
+
+        ``resolved`` is the name's :func:`resolve_names` answer; without it the same
+        resolution runs here (it never enters the mount; only a path reaching the mount
+        by a way not known yet could wait on it).  ``holder`` is the device whose table
+        is being loaded: a table may not map its own device, nor one that maps it
+        (EINVAL: a cycle would recurse for ever)."""
+        if resolved is None:
+            try:
+                resolved = resolve(name, cwd or _getcwd(), Mount.of(self.mount_dir, self.mount_root_id))
+            except DMError as e:
+                resolved = e
+        if isinstance(resolved, DMError):
+            raise DMError(resolved.errno, resolved.message)
+        if resolved.kind != "file":
+            md = self._dm_of(resolved)
+            if holder is not None:
+                self._check_acyclic(md, holder)
             md.open_count += 1
             return md
-        path = name
-        if ":" in name and "/" not in name:
-            major, _, minor = name.partition(":")
-            if not (major.isdigit() and minor.isdigit()):
-                raise DMError(errno.ENODEV)
-            link = "/sys/dev/block/%s:%s" % (int(major), int(minor))
-            if not os.path.exists(link):
-                raise DMError(errno.ENODEV)
-            path = "/dev/" + os.path.basename(os.path.realpath(link))
-        try:
-            real = os.path.realpath(path)
-            st = os.stat(real)
-        except OSError:
-            raise DMError(errno.ENODEV) from None
-        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-            raise DMError(errno.ENOTBLK)
-        md = self._loop_onto_mount(st)
-        if md is not None:
-            md.open_count += 1
-            return md
-        key = (real, write)
+        key = (resolved.path, write)
         entry = self._files.get(key)
         if entry is None:
-            dev = FileDevice(real, read_only=not write, io_mode=self.io_mode,
-                                 durability=self.durability)
+            dev = FileDevice(resolved.path, read_only=not write, io_mode=self.io_mode,
+                             durability=self.durability)
             entry = self._files[key] = [dev, 0]
         entry[1] += 1
         return entry[0]
 
-    def _loop_onto_mount(self, st: os.stat_result) -> MappedDevice | None:
-        """A loop device whose backing file is one of our FUSE files is that dm device.
-
-        Its I/O would otherwise leave the daemon through the loop driver and come back
-        through FUSE to the same daemon, which is busy waiting for it: a deadlock.  A loop
-        with an offset or size limit cannot be mapped that simply and is refused.
-        """
-        if not stat.S_ISBLK(st.st_mode) or os.major(st.st_rdev) != 7 or not self.mount_dir:
-            return None
-        sysdir = "/sys/dev/block/%d:%d/loop" % (os.major(st.st_rdev), os.minor(st.st_rdev))
-        try:
-            with open(os.path.join(sysdir, "backing_file")) as f:
-                backing = f.read().strip()
-            with open(os.path.join(sysdir, "offset")) as f:
-                offset = int(f.read())
-            with open(os.path.join(sysdir, "sizelimit")) as f:
-                sizelimit = int(f.read())
-        except (OSError, ValueError):
-            return None
-        parent, name = os.path.split(backing)
-        if parent != self.mount_dir:
-            return None
-        if offset or sizelimit:
-            raise DMError(errno.EBUSY, "loop device over a dmsim file with an offset")
-        md = self.devices.get(name)
-        if md is None:
+    def _dm_of(self, r: Resolved) -> MappedDevice:
+        """The dm device a resolution names; one that never had a table has no disk yet
+        (the kernel adds it at the first load): ENXIO by number, ENODEV by path (no node)."""
+        if r.kind == "dm-minor":
+            md = self.find_by_minor(r.minor)
+            if md is None or not md.has_disk:
+                raise DMError(errno.ENXIO)
+            return md
+        md = self.devices.get(r.name)
+        if md is None or not md.has_disk:
             raise DMError(errno.ENODEV)
         return md
+
+    def _check_acyclic(self, md: MappedDevice, holder: MappedDevice) -> None:
+        """EINVAL if ``md`` is ``holder`` or stacks on it through any live or inactive
+        table (a cycle would recurse for ever), or if the stack through ``holder`` would
+        get deeper than :data:`MAX_STACK_DEPTH` (each level nests the I/O path once).
+        Iterative: a deep stack must not exhaust Python's stack here either."""
+        below = _longest_path(md, _lower_devices, stop=holder)
+        if below is None:
+            raise DMError(errno.EINVAL)
+        above = _longest_path(holder, self._upper_devices)
+        if (above or 1) + below > MAX_STACK_DEPTH:
+            self.log("table: %s: dm device stack deeper than %d levels" % (holder.mm, MAX_STACK_DEPTH))
+            raise DMError(errno.EINVAL)
+
+    def _upper_devices(self, md: MappedDevice) -> list[MappedDevice]:
+        return [o for o in self.devices.values() if md in _lower_devices(o)]
 
     def put_device(self, dev: BlockDevice) -> None:
         if isinstance(dev, MappedDevice):
@@ -221,9 +205,12 @@ class Manager:
         return md
 
     # -- DM_TABLE_LOAD / DM_TABLE_CLEAR --------------------------------------------------------
-    async def load(self, name: str, lines: Sequence[TableLine], read_only: bool = False) -> None:
+    async def load(self, name: str, lines: Sequence[TableLine], read_only: bool = False,
+                   cwd: str | None = None) -> None:
+        """``DM_TABLE_LOAD``; relative device paths resolve against ``cwd`` (the caller's:
+        the CLI sends it), else this process's working directory."""
         md = self.find(name)
-        table = await build_table(md, lines, read_only)   # destroys a failed table itself
+        table = await build_table(md, lines, read_only, cwd or _getcwd())   # destroys a failed table itself
         try:
             if md.live is None:
                 try:
@@ -238,6 +225,7 @@ class Manager:
             await table.destroy()
             raise
         old, md.inactive = md.inactive, table
+        md.has_disk = True       # dm_setup_md_queue: the disk exists from the first load on
         if old is not None:
             await old.destroy()
 
@@ -309,6 +297,7 @@ class Manager:
                             md.inactive = new              # interrupted: nothing happened
                     raise
                 old, md.live = md.live, new
+                md.live_logical_block_size = new.logical_block_size
             with trio.CancelScope(shield=True):
                 try:
                     if md.live is None:
@@ -530,6 +519,45 @@ class Manager:
             for md in idle:
                 md.open_count = 0
                 await self._destroy(md)
+
+
+def _lower_devices(md: MappedDevice) -> list[MappedDevice]:
+    """The dm devices ``md``'s live and inactive tables use."""
+    out: list[MappedDevice] = []
+    for table in (md.live, md.inactive):
+        if table is not None:
+            out.extend(d for d in table.devices if isinstance(d, MappedDevice) and d not in out)
+    return out
+
+
+def _longest_path(start: MappedDevice, edges, stop: MappedDevice | None = None) -> int | None:
+    """Levels on the longest path from ``start`` along ``edges`` (``start`` alone: 1),
+    or None if ``stop`` is reachable.  Iterative depth-first search with memo."""
+    depth: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[MappedDevice, list[MappedDevice] | None]] = [(start, None)]
+    while stack:
+        node, children = stack.pop()
+        if node is stop:
+            return None
+        if children is None:
+            if id(node) in depth:
+                continue
+            on_path.add(id(node))
+            kids = edges(node)
+            stack.append((node, kids))
+            stack.extend((k, None) for k in kids if id(k) not in depth and id(k) not in on_path)
+        else:
+            on_path.discard(id(node))
+            depth[id(node)] = 1 + max((depth.get(id(k), 0) for k in children), default=0)
+    return depth[id(start)]
+
+
+def _getcwd() -> str:
+    try:
+        return os.getcwd()
+    except OSError:          # removed under us
+        return "/"
 
 
 @contextlib.asynccontextmanager

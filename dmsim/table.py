@@ -230,10 +230,12 @@ class _Context:
     Everything a target may use is declared here (no ``getattr`` probing in targets):
     the table it belongs to, that table's mapped device and the device's manager."""
 
-    def __init__(self, table: Table):
+    def __init__(self, table: Table, cwd: str = "/", resolved: dict | None = None):
         self.table: Table = table
         self.md: MappedDevice = table.md
         self.manager: Manager = table.md.manager
+        self.cwd = cwd                   # relative device paths resolve against it
+        self.resolved: dict = resolved or {}   # the table's words, resolved ahead (dmsim.resolve)
 
     @property
     def mm(self) -> str:
@@ -244,7 +246,8 @@ class _Context:
         return self.table.read_only
 
     def get_device(self, name: str, write: bool = True):
-        dev = self.manager.get_device(name, write and not self.table.read_only)
+        dev = self.manager.get_device(name, write and not self.table.read_only, holder=self.md,
+                                      resolved=self.resolved.get(name), cwd=self.cwd)
         if not self.table.hold(dev):
             self.manager.put_device(dev)
         return dev
@@ -279,18 +282,23 @@ class _Context:
         return self.md.noflush_suspending
 
 
-async def build_table(md: "MappedDevice", lines: Sequence[TableLine], read_only: bool) -> Table:
+async def build_table(md: "MappedDevice", lines: Sequence[TableLine], read_only: bool,
+                      cwd: str = "/") -> Table:
     """Construct every line with the kernel's checks (``populate_table``).
 
     Raises DMError with the errno the ioctl returns; the kernel's log lines go to the
-    manager's log.  A failed table is destroyed again before the error leaves.
+    manager's log.  A failed table is destroyed again before the error leaves.  Every
+    word of the table that could name a device is resolved first, off the Trio thread
+    (relative ones against ``cwd``), so the constructors never wait on a path.
     """
     log = md.manager.log
-    table = Table(md, read_only)
-    ctx = _Context(table)
     if not lines:
         log("ioctl: populate_table: no targets specified")
         raise DMError(errno.EINVAL)
+    words = [w for line in lines for w in split_args(line.params)]
+    resolved = await md.manager.resolve_names(words, cwd) if words else {}
+    table = Table(md, read_only)
+    ctx = _Context(table, cwd, resolved)
     immutable = None
     try:
         for line in lines:

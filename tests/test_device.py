@@ -310,7 +310,7 @@ async def test_requeue_without_noflush_suspend_is_eio(m, img, test_targets):
     md = await mk(m, "mp", "0 64 test-hold %s 0" % img)
 
     class Always(tbase.Target):
-        name = "test-requeue-always"
+        name = "test-requeue"
 
         async def ctr(self, args):
             pass
@@ -320,7 +320,7 @@ async def test_requeue_without_noflush_suspend_is_eio(m, img, test_targets):
 
     tbase.register(Always)
     try:
-        await m.load("mp", parse_table_text("0 64 test-requeue-always"))
+        await m.load("mp", parse_table_text("0 64 test-requeue"))
         await m.resume("mp")
         with pytest.raises(DMError) as ei:
             await md.read(0, 1)

@@ -382,3 +382,73 @@ async def test_interrupted_suspend_leaves_the_device_running(m, img, test_target
     await m.suspend("s")
     assert m.info("s").suspended
     await m.resume("s")
+
+
+# -- tables that map their own device, cycles, deep stacks (issue 12) ----------------------------
+LOOKUP_EINVAL = ["device-mapper: table: 253:%d: linear: Device lookup failed (-EINVAL)",
+                 "device-mapper: ioctl: error adding target to table"]
+
+
+@pytest.mark.parametrize("ref", ["/dev/mapper/s", "253:0", "/dev/dm-0"])
+async def test_table_mapping_its_own_device_is_refused(m, ref):
+    """blktests dm/001: reloading a device with a table that maps the device itself fails
+    (dm_get_device: ``dev == disk_devt(t->md->disk)``), and nothing else changes."""
+    await mk(m, "s", "0 8 zero")
+    m.read_log()
+    with pytest.raises(DMError) as ei:
+        await m.load("s", parse_table_text("0 8 linear %s 0" % ref))
+    assert errno_of(ei) == errno.EINVAL
+    assert m.read_log() == [line % 0 if "%d" in line else line for line in LOOKUP_EINVAL]
+    assert not m.info("s").inactive_table and m.info("s").open_count == 0
+    assert await m.find("s").read(0, 1) == bytes(512)
+
+
+async def test_cycles_are_refused_at_load(m):
+    await mk(m, "a", "0 8 zero")
+    await mk(m, "b", "0 8 linear /dev/mapper/a 0")
+    await mk(m, "c", "0 8 linear /dev/mapper/b 0")
+    m.read_log()
+    for name, ref in (("a", "/dev/mapper/b"), ("a", "/dev/mapper/c"), ("b", "253:2")):
+        with pytest.raises(DMError) as ei:
+            await m.load(name, parse_table_text("0 8 linear %s 0" % ref))
+        assert errno_of(ei) == errno.EINVAL, (name, ref)
+        minor = m.find(name).minor
+        assert m.read_log() == [line % minor if "%d" in line else line for line in LOOKUP_EINVAL]
+    # through an inactive table too: d's inactive table maps a; a may not map d
+    await mk(m, "d", "0 8 zero")
+    await m.load("d", parse_table_text("0 8 linear /dev/mapper/a 0"))
+    with pytest.raises(DMError):
+        await m.load("a", parse_table_text("0 8 linear /dev/mapper/d 0"))
+    assert [m.info(n).open_count for n in "abcd"] == [2, 1, 0, 0]
+
+
+async def test_device_without_a_table_has_no_disk(m):
+    """The kernel adds the disk at the first table load: before it, a table naming the
+    device fails by number with ENXIO and by path with ENODEV (no node), as on the oracle."""
+    m.create("e")
+    m.create("t")
+    for ref, err in (("253:0", errno.ENXIO), ("/dev/mapper/e", errno.ENODEV)):
+        with pytest.raises(DMError) as ei:
+            await m.load("t", parse_table_text("0 8 linear %s 0" % ref))
+        assert errno_of(ei) == err
+    await m.load("e", parse_table_text("0 8 zero"))          # loaded, not resumed: it has a disk
+    await m.load("t", parse_table_text("0 8 linear 253:0 0"))
+
+
+async def test_stack_depth_is_bounded_without_recursion(m):
+    """64 levels work (I/O and the limits, computed without walking the stack); a 65th,
+    above or below, is refused."""
+    from dmsim.manager import MAX_STACK_DEPTH
+
+    await mk(m, "d0", "0 8 zero")
+    for i in range(1, MAX_STACK_DEPTH):
+        await mk(m, "d%d" % i, "0 8 linear /dev/mapper/d%d 0" % (i - 1))
+    top = m.find("d%d" % (MAX_STACK_DEPTH - 1))
+    assert await top.read(0, 8) == bytes(4096) and top.logical_block_size == 512
+    m.create("over")
+    with pytest.raises(DMError) as ei:
+        await m.load("over", parse_table_text("0 8 linear %s 0" % top.mm))
+    assert errno_of(ei) == errno.EINVAL
+    await mk(m, "under", "0 8 zero")
+    with pytest.raises(DMError):                              # d0 would be one level deeper
+        await m.load("d0", parse_table_text("0 8 linear /dev/mapper/under 0"))
