@@ -126,9 +126,7 @@ MAX_CONNECTIONS = 1024
 HANDSHAKE_TIMEOUT_SECONDS = 60
 #: connections waiting to be accepted (a full Unix socket backlog fails connect with EAGAIN)
 LISTEN_BACKLOG = 1024
-#: replies up to this size go out as one send (header and data joined)
-_JOIN_BYTES = 64 << 10
-_RECV_BYTES = 256 << 10
+_RECV_BYTES = 64 << 10
 
 _REQUEST = struct.Struct(">IHHQQI")
 _OPTION = struct.Struct(">QII")
@@ -249,7 +247,9 @@ class _Connection:
         self.stream = stream
         self.sock = stream.socket
         self.buf = bytearray()
-        self.send_lock = trio.Lock()
+        self._chunk = bytearray(_RECV_BYTES)     # recv lands here (no allocation per recv)
+        self._sending = False                    # a message is being sent (a cheap send lock)
+        self._send_waiters = trio.lowlevel.ParkingLot()
         self.broken = False
         self.structured = False
         self.no_zeroes = False
@@ -282,12 +282,12 @@ class _Connection:
     # -- bytes in and out --------------------------------------------------------------------------
     async def _fill(self) -> None:
         try:
-            data = await self.sock.recv(_RECV_BYTES)
+            got = await self.sock.recv_into(self._chunk)
         except OSError as e:
             raise _Hangup("") from e
-        if not data:
+        if not got:
             raise _Hangup("")
-        self.buf += data
+        self.buf += memoryview(self._chunk)[:got]
 
     async def recv_exact(self, n: int) -> bytes:
         while len(self.buf) < n:
@@ -316,16 +316,25 @@ class _Connection:
         return out
 
     async def send(self, *parts) -> None:
-        """Send one message (its parts back to back); a peer that has gone is noted, not
-        raised: its reader sees the end too."""
-        if self.broken:
-            return
-        async with self.send_lock:
-            try:
-                for part in parts:
-                    await self.stream.send_all(part)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                self.broken = True
+        """Send one message (its parts in one ``sendmsg`` where they fit; messages never
+        interleave); a peer that has gone is noted, not raised: its reader sees the end
+        too.  The lock is a flag and a parking lot: a trio.Lock costs more per reply."""
+        while self._sending:
+            await self._send_waiters.park()
+        self._sending = True
+        try:
+            views = [memoryview(p) for p in parts if len(p)] if not self.broken else []
+            while views:
+                sent = await (self.sock.sendmsg(views) if len(views) > 1 else self.sock.send(views[0]))
+                while views and sent >= len(views[0]):
+                    sent -= len(views.pop(0))
+                if sent:
+                    views[0] = views[0][sent:]
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            self.broken = True
+        finally:
+            self._sending = False
+            self._send_waiters.unpark()
 
     # -- handshake ---------------------------------------------------------------------------------
     async def handshake(self) -> bool:
@@ -547,10 +556,7 @@ class _Connection:
                                  8 + len(result)) + struct.pack(">Q", offset)
         else:
             header = _SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
-        if len(result) <= _JOIN_BYTES:
-            await self.send(header + result)
-        else:
-            await self.send(header, result)
+        await self.send(header, result)
 
     async def reply_error(self, cmd: int, cookie: int, err: int, message: str) -> None:
         if self.structured:
