@@ -9,8 +9,11 @@ plain data (:func:`to_wire` / :func:`from_wire` convert them for the socket), er
 from __future__ import annotations
 
 import dataclasses
+import errno
+import os
 from dataclasses import dataclass
 
+from .errors import DMError
 from .manager import DRIVER_VERSION, DeviceInfo, Manager
 from .table import TableLine
 
@@ -44,8 +47,13 @@ class LocalControl:
         md = self.m.create(name, uuid)
         return self.m.info(md.name)
 
-    async def load(self, name: str, lines: list[TableLine], read_only: bool = False) -> None:
-        await self.m.load(name, lines, read_only)
+    async def load(self, name: str, lines: list[TableLine], read_only: bool = False,
+                   cwd: str | None = None) -> None:
+        """``cwd``: the caller's working directory, for relative device paths (the CLI
+        sends its own; without it they resolve against this process's)."""
+        if cwd is not None and not os.path.isabs(cwd):
+            raise DMError(errno.EINVAL, "cwd must be an absolute path")
+        await self.m.load(name, lines, read_only, cwd)
 
     async def suspend(self, name: str, noflush: bool = False) -> None:
         await self.m.suspend(name, noflush)

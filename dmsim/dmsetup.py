@@ -287,8 +287,13 @@ def format_columns(infos, options: str | None = None, noheadings: bool = False,
     return "".join(line + "\n" for line in out)
 
 
-def format_lines(lines) -> list[str]:
-    return ["%d %d %s %s" % (ln.start, ln.length, ln.type, ln.params) for ln in lines]
+def _cwd() -> str | None:
+    """Our working directory, sent with a table: relative device paths in it are ours,
+    not the daemon's."""
+    try:
+        return os.getcwd()
+    except OSError:
+        return None
 
 
 def _dep_text(dep, how: str | None) -> str:
@@ -356,7 +361,7 @@ class Dmsetup:
             return
         devno = (info.major, info.minor)
         try:
-            await self.ctl.load(name, lines, self.a.readonly)
+            await self.ctl.load(name, lines, self.a.readonly, cwd=_cwd())
         except DMError as e:
             self.o.error(ioctl_error("reload", name, e, "", devno))
             try:
@@ -386,7 +391,7 @@ class Dmsetup:
             raise UsageError("load <device> [<table>|<table_file>]")
         name = args[0]
         lines = self._parse_or_fail(args[1] if len(args) > 1 else None)
-        await self._ioctl("reload", name, self.ctl.load(name, lines, self.a.readonly))
+        await self._ioctl("reload", name, self.ctl.load(name, lines, self.a.readonly, cwd=_cwd()))
 
     reload = load
 

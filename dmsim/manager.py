@@ -23,8 +23,8 @@ from .resolve import Mount, Resolved, resolve, resolve_all
 from .table import TableLine, build_table, check_limits, split_args
 
 DRIVER_VERSION = (4, 47, 0)
-MAX_NAME = 127
-MAX_UUID = 128
+MAX_NAME = 127          # bytes: DM_NAME_LEN with its NUL
+MAX_UUID = 128          # bytes: DM_UUID_LEN with its NUL
 #: how long a removal (or shutdown) waits for in-flight I/O before destroying the tables
 DRAIN_SECONDS = 10.0
 #: dm devices stacked at most this deep (dmsim's limit: each level nests the I/O path)
@@ -192,10 +192,12 @@ class Manager:
 
     # -- DM_DEV_CREATE ----------------------------------------------------------------------
     def create(self, name: str, uuid: str = "") -> MappedDevice:
-        if not name or len(name) > MAX_NAME or "/" in name:
+        if not name:
+            self.log("ioctl: name not supplied when creating device")
             raise DMError(errno.EINVAL)
-        if uuid and len(uuid) > MAX_UUID:
-            raise DMError(errno.EINVAL)
+        self._check_name(name)
+        if uuid:
+            self._check_uuid(uuid)
         if name in self.devices or (uuid and any(md.uuid == uuid for md in self.devices.values())):
             raise DMError(errno.EBUSY)
         used = {md.minor for md in self.devices.values()}
@@ -203,6 +205,19 @@ class Manager:
         md = MappedDevice(self, name, uuid, minor)
         self.devices[name] = md
         return md
+
+    def _check_name(self, name: str) -> None:
+        """A name the kernel takes (``check_name``, the ioctl's DM_NAME_LEN), and one a
+        FUSE directory and every client can show: no ``/``, NUL, lone surrogate, ``.``
+        or ``..``, at most 127 bytes of UTF-8."""
+        if "/" in name or name in (".", "..") or _bad_bytes(name) or len(name.encode()) > MAX_NAME:
+            self.log("ioctl: invalid device name")
+            raise DMError(errno.EINVAL)
+
+    @staticmethod
+    def _check_uuid(uuid: str) -> None:
+        if _bad_bytes(uuid) or len(uuid.encode()) > MAX_UUID:
+            raise DMError(errno.EINVAL)
 
     # -- DM_TABLE_LOAD / DM_TABLE_CLEAR --------------------------------------------------------
     async def load(self, name: str, lines: Sequence[TableLine], read_only: bool = False,
@@ -398,9 +413,12 @@ class Manager:
     # -- DM_DEV_RENAME --------------------------------------------------------------------------
     def rename(self, name: str, new_name: str | None = None, new_uuid: str | None = None) -> None:
         md = self.find(name)
+        new = new_uuid if new_uuid is not None else new_name
+        if not new or _bad_bytes(new) or len(new.encode()) > (MAX_UUID if new_uuid is not None else MAX_NAME):
+            self.log("ioctl: Invalid new mapped device name or uuid string supplied.")
+            raise DMError(errno.EINVAL)
         if new_uuid is not None:
-            if not new_uuid or len(new_uuid) > MAX_UUID:
-                raise DMError(errno.EINVAL)
+            self._check_uuid(new_uuid)
             if md.uuid:
                 self.log("ioctl: Unable to change uuid of mapped device %s to %s because uuid is already set to %s"
                          % (md.name, new_uuid, md.uuid))
@@ -409,8 +427,8 @@ class Manager:
                 raise DMError(errno.EBUSY)
             md.uuid = new_uuid
         else:
-            if not new_name or len(new_name) > MAX_NAME or "/" in new_name:
-                raise DMError(errno.EINVAL)
+            assert new_name is not None
+            self._check_name(new_name)
             if new_name in self.devices:
                 self.log("ioctl: Unable to change name on mapped device %s to one that already exists: %s"
                          % (md.name, new_name))
@@ -519,6 +537,17 @@ class Manager:
             for md in idle:
                 md.open_count = 0
                 await self._destroy(md)
+
+
+def _bad_bytes(text: str) -> bool:
+    """A NUL (C strings end there) or a lone surrogate (no UTF-8 form) in ``text``."""
+    if "\0" in text:
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _lower_devices(md: MappedDevice) -> list[MappedDevice]:

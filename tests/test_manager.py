@@ -183,13 +183,43 @@ async def test_read_only_table_opens_file_read_only_and_shares_rw(m, img):
 
 
 async def test_names_validated(m):
-    for bad in ("", "a/b", "x" * 128):
+    """Names the kernel takes and a FUSE directory can show; the rest EINVAL, with the
+    kernel's log line, and listing keeps working."""
+    m.read_log()
+    with pytest.raises(DMError) as ei:
+        m.create("")
+    assert errno_of(ei) == errno.EINVAL
+    assert m.read_log() == ["device-mapper: ioctl: name not supplied when creating device"]
+    for bad in ("a/b", "x" * 128, "a\0b", "a\udc80b", "\ud800", ".", "..", "\u00e9" * 64):
         with pytest.raises(DMError) as ei:
             m.create(bad)
-        assert errno_of(ei) == errno.EINVAL
+        assert errno_of(ei) == errno.EINVAL, repr(bad)
+        assert m.read_log() == ["device-mapper: ioctl: invalid device name"]
     m.create("x" * 127)
-    with pytest.raises(DMError):
-        m.create("u", uuid="y" * 129)
+    m.create("\u00e9" * 63 + "x")                    # 127 bytes of UTF-8
+    m.create("control")                               # 6.1 takes it (oracle)
+    m.create("a b\t\x01")
+    for bad in ("y" * 129, "u\0", "u\udcff"):
+        with pytest.raises(DMError):
+            m.create("u", uuid=bad)
+    m.create("u", uuid="y" * 128)
+    assert len(m.names()) == 5
+
+
+async def test_rename_validates_the_new_name(m):
+    m.create("r")
+    m.read_log()
+    for kw in ({"new_name": ""}, {"new_name": "x" * 128}, {"new_uuid": "u" * 129}, {"new_name": "a\0"}):
+        with pytest.raises(DMError) as ei:
+            m.rename("r", **kw)
+        assert errno_of(ei) == errno.EINVAL
+        assert m.read_log() == ["device-mapper: ioctl: Invalid new mapped device name or uuid string supplied."]
+    for bad in ("a/b", ".", ".."):
+        with pytest.raises(DMError):
+            m.rename("r", new_name=bad)
+        assert m.read_log() == ["device-mapper: ioctl: invalid device name"]
+    m.rename("r", new_name="s")
+    assert m.names() == ["s"]
 
 
 async def test_shutdown_with_held_io_and_stacks(tmp_path, img, test_targets, autojump_clock):
