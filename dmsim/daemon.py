@@ -388,10 +388,7 @@ async def serve_daemon(opts: DaemonOptions, state: StateDir, ready, watchdog: Wa
 
                 async def run_server(task_status=trio.TASK_STATUS_IGNORED):
                     with server_scope:
-                        async with trio.open_nursery() as exports:   # NBD exports stop with the socket
-                            for address in opts.nbd:
-                                await exports.start(serve_nbd, m, address)
-                            await serve(LocalControl(m), opts.socket, task_status=task_status)
+                        await serve(LocalControl(m), opts.socket, task_status=task_status)
 
                 async def run_fuse():
                     await fs.run()
@@ -401,6 +398,8 @@ async def serve_daemon(opts: DaemonOptions, state: StateDir, ready, watchdog: Wa
 
                 try:
                     await nursery.start(run_server)
+                    for address in opts.nbd:   # NBD exports, served like the FUSE files to the end
+                        await nursery.start(serve_nbd, m, address)
                 except DMError as e:
                     raise DaemonError(e.message or e.strerror) from None
                 nursery.start_soon(run_fuse)
