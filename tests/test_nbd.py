@@ -937,10 +937,15 @@ async def test_daemon_exports_and_survives_garbage(tmp_path, images):
         with trio.fail_after(10):
             while (await dmsim_cmd("remove", "lin", check=False)).returncode:
                 await trio.sleep(0.05)
+        await dmsim_cmd("create", "keep", "--table", "0 8192 linear %s 0" % img)
+        c = await Raw.connect("unix:" + sock2)        # connected through the shutdown
+        await c.go("keep")
+        assert (await c.call(nbd.CMD_READ, 0, 4096)).data == want[:4096]
         os.kill(pid, signal.SIGTERM)
         with trio.fail_after(30):
             while os.path.exists(state / "pid"):
                 await trio.sleep(0.05)
+            assert await c.closed_by_server()
         assert not os.path.exists(sock1) and not os.path.exists(sock2)
         pid = None
     finally:
