@@ -6,7 +6,8 @@ Layers, bottom up, each usable by dm-thin, dm-cache, dm-era or dm-clone metadata
 * :mod:`.block_manager`: 4 KiB blocks of a file, locked, validated, cached, flushed;
 * :mod:`.transaction_manager`: shadowing (copy-on-write) and the two-step commit;
 * :mod:`.space_map`: reference counts (bitmaps, index, overflow btree), disk and metadata maps;
-* :mod:`.btree`: the kernel's btrees, one or several levels, with pluggable value types.
+* :mod:`.btree`: the kernel's btrees, one or several levels, with pluggable value types;
+* :mod:`.array`, :mod:`.bitset`: arrays of fixed-size values and bitsets over btrees (dm-cache, dm-era).
 """
 from .block_manager import METADATA_BLOCK_SIZE, Block, BlockManager
 from .btree import BTreeInfo, Node, ValueType, calc_max_entries
