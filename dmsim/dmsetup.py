@@ -7,6 +7,7 @@ the one place where engine errors become dmsetup's text: ``device-mapper: <op> i
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from .table import TableLine, parse_table_text
 
 LIBRARY_VERSION = "1.02.185 (2022-05-18)"
 DM_NAME_LEN = 128
+DM_UUID_LEN = 129
 
 
 class UsageError(Exception):
@@ -24,6 +26,93 @@ class UsageError(Exception):
 
 class CommandFailed(Exception):
     """The command printed its error; dmsetup adds ``Command failed.``."""
+
+
+# -- name mangling (libdm's default "auto" mode) ---------------------------------------------
+#: the characters udev takes in a node name; the rest is sent to the kernel as ``\\xNN``
+_WHITELIST = frozenset(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz#+-.:=@_")
+
+
+class BadName(Exception):
+    """A name or uuid libdm refuses before any ioctl; ``lines`` are its messages."""
+
+    def __init__(self, *lines: str):
+        super().__init__(*lines)
+        self.lines = list(lines)
+
+
+def _raw(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")      # argv's undecodable bytes come back
+
+
+def mangle(text: str, what: str = "name", buf_len: int = DM_NAME_LEN) -> str:
+    """libdm's ``mangle_string`` in auto mode: every byte off the whitelist becomes
+    ``\\xNN``; an already mangled name is kept; mixing both, or a result that does not fit
+    ``buf_len`` bytes with its NUL, raises :class:`BadName`."""
+    if "\\x5cx" in text:
+        raise BadName('The %s "%s" seems to be mangled more than once. This is not allowed in auto mode.'
+                      % (what, text))
+    b = _raw(text)
+    out = bytearray()
+    need = None                  # None: not known yet, False: kept mangled, True: mangling
+    i = 0
+    while i < len(b):
+        if b[i] == 0x5C and b[i + 1:i + 2] == b"x":
+            if len(b) - i < 4 or need is True:
+                raise _mixed(what, text)
+            if buf_len - len(out) < 4:
+                raise _too_long(what, text)
+            out += b[i:i + 4]
+            i += 4
+            need = False
+            continue
+        if b[i] in _WHITELIST:
+            if buf_len - len(out) < 1:
+                raise _too_long(what, text)
+            out.append(b[i])
+        else:
+            if need is False:
+                raise _mixed(what, text)
+            if buf_len - len(out) < 4:
+                raise _too_long(what, text)
+            out += b"\\x%02x" % b[i]
+            need = True
+        i += 1
+    if buf_len - len(out) < 1:
+        raise _too_long(what, text)
+    return out.decode("utf-8", "surrogateescape")
+
+
+def _mixed(what: str, text: str) -> BadName:
+    return BadName('The %s "%s" contains mixed mangled and unmangled characters or it\'s already mangled '
+                   'improperly.' % (what, text))
+
+
+def _too_long(what: str, text: str) -> BadName:
+    return BadName('Mangled form of the %s too long for "%s".' % (what, text))
+
+
+def unmangle(text: str) -> str:
+    """A kernel name or uuid as dmsetup prints it: ``\\xNN`` decoded.  (libdm refuses a
+    kernel name with bytes off the whitelist, which only a client other than dmsetup can
+    make; it is shown as it is here.)"""
+    if "\\x" not in text:
+        return text
+    b = _raw(text)
+    out = bytearray()
+    i = 0
+    while i < len(b):
+        if b[i] == 0x5C and b[i + 1:i + 2] == b"x" and _is_hex(b[i + 2:i + 4]):
+            out.append(int(b[i + 2:i + 4], 16))
+            i += 4
+        else:
+            out.append(b[i])
+            i += 1
+    return out.decode("utf-8", "surrogateescape")
+
+
+def _is_hex(two: bytes) -> bool:
+    return len(two) == 2 and all(c in b"0123456789abcdefABCDEF" for c in two)
 
 
 # -- options --------------------------------------------------------------------------------
@@ -106,8 +195,9 @@ def parse_args(argv: list[str]) -> Args:
                         raise _bad_usage("dmsetup: option '%s' requires an argument" % name)
                     value = argv[i]
                     i += 1
-                if _VALUED[name]:
-                    setattr(a, _VALUED[name], value)
+                attr = _VALUED[name]
+                if attr:
+                    setattr(a, attr, value)
             else:
                 raise _bad_usage("dmsetup: unrecognized option '%s'" % word)
         elif word.startswith("-") and word != "-":
@@ -125,8 +215,9 @@ def parse_args(argv: list[str]) -> Args:
                         i += 1
                     else:
                         raise _bad_usage("dmsetup: option requires an argument -- '%s'" % opt[1])
-                    if _VALUED[opt]:
-                        setattr(a, _VALUED[opt], value)
+                    attr = _VALUED[opt]
+                    if attr:
+                        setattr(a, attr, value)
                     break
                 else:
                     raise _bad_usage("dmsetup: invalid option -- '%s'" % opt[1])
@@ -167,7 +258,7 @@ class _Stream:
 class _Out:
     """stdout and stderr, kept in the order written (scenarios merge them)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.chunks: list[tuple[int, str]] = []
         self.out = _Stream(self.chunks, 1)
         self.err = _Stream(self.chunks, 2)
@@ -209,7 +300,7 @@ def _tables(info) -> str:
 def format_info(info) -> str:
     """The ``dmsetup info`` block of one device (ends with an empty line)."""
     lines = [
-        "Name:              %s" % info.name,
+        "Name:              %s" % unmangle(info.name),
         "State:             %s" % _state(info),
         "Read Ahead:        256",
         "Tables present:    %s" % _tables(info),
@@ -219,7 +310,7 @@ def format_info(info) -> str:
         "Number of targets: %d" % info.target_count,
     ]
     if info.uuid:
-        lines.append("UUID: %s" % info.uuid)
+        lines.append("UUID: %s" % unmangle(info.uuid))
     return "\n".join(lines) + "\n"
 
 
@@ -234,14 +325,14 @@ def _attr(info) -> str:
 
 # field: (heading, min width, numeric, getter)
 FIELDS = {
-    "name": ("Name", 16, False, lambda i: i.name),
+    "name": ("Name", 16, False, lambda i: unmangle(i.name)),
     "major": ("Maj", 3, True, lambda i: i.major),
     "minor": ("Min", 3, True, lambda i: i.minor),
     "attr": ("Stat", 4, False, _attr),
     "open": ("Open", 4, True, lambda i: i.open_count),
     "segments": ("Targ", 4, True, lambda i: i.target_count),
     "events": ("Event", 6, True, lambda i: i.event_nr),
-    "uuid": ("UUID", 32, False, lambda i: i.uuid),
+    "uuid": ("UUID", 32, False, lambda i: unmangle(i.uuid)),
     "devno": ("DevNo", 5, False, lambda i: "%d:%d" % (i.major, i.minor)),
     "tables_loaded": ("Tables", 6, False, lambda i: {"LIVE & INACTIVE": "Both", "LIVE": "Live",
                                                      "INACTIVE": "Inactive", "None": "None"}[_tables(i)]),
@@ -278,10 +369,10 @@ def format_columns(infos, options: str | None = None, noheadings: bool = False,
     for k, n in enumerate(names):
         heading, minw, _, _ = FIELDS[n]
         widths.append(max([minw, len(heading)] + [len(str(r[k])) for r in rows]))
-    out = [" ".join(FIELDS[n][0].ljust(w) for n, w in zip(names, widths))]
+    out = [" ".join(FIELDS[n][0].ljust(w) for n, w in zip(names, widths, strict=True))]
     for row in rows:
         cells = []
-        for n, w, v in zip(names, widths, row):
+        for n, w, v in zip(names, widths, row, strict=True):
             cells.append(str(v).rjust(w) if FIELDS[n][2] else str(v).ljust(w))
         out.append(" ".join(cells))
     return "".join(line + "\n" for line in out)
@@ -298,7 +389,7 @@ def _cwd() -> str | None:
 
 def _dep_text(dep, how: str | None) -> str:
     if how == "devname":
-        return "(%s)" % dep.name
+        return "(%s)" % unmangle(dep.name)
     if how == "blkdevname":
         return "(%s)" % dep.kname
     if dep.major is None:
@@ -328,18 +419,92 @@ class Dmsetup:
             return parse_table_text(text, file_arg)
         return parse_table_text(self.stdin or "", "on stdin")
 
-    def _check_name(self, name: str) -> None:
+    def _fail(self, *lines: str):
+        for line in lines:
+            self.o.error(line)
+        raise CommandFailed()
+
+    async def _kname(self, name: str, create: bool = False) -> str:
+        """``dm_task_set_name``: the kernel's name for ``name`` (mangled), or the name of
+        the device a path names (``/dev/mapper/NAME``, ``mapper/NAME``, the mount's files);
+        prints libdm's message and fails otherwise."""
         if "/" in name:
-            self.o.error('Name "%s" invalid. It contains "/".' % name)
-            raise CommandFailed()
-        if len(name.encode()) >= DM_NAME_LEN:
-            self.o.error('Name "%s" too long.' % name)
-            raise CommandFailed()
+            if create:
+                self._fail('Name "%s" invalid. It contains "/".' % name)
+            path = name
+            if not path.startswith("/") and len(path) >= 3 and path.count("/") == 1:
+                path = "/dev/" + path
+            parent, base = os.path.split(os.path.normpath(path)) if path.startswith("/") else ("", "")
+            dirs = {"/dev/mapper"}
+            mount = await self.ctl.mount_dir()
+            if mount:
+                dirs.add(os.path.normpath(mount))
+            if parent not in dirs or not base or base not in await self.ctl.names():
+                self._fail("Device %s not found" % name)
+            return base                          # an existing path: not mangled again
+        if len(_raw(name)) >= DM_NAME_LEN:
+            self._fail('Name "%s" too long.' % name)
+        try:
+            return mangle(name)
+        except BadName as e:
+            if "mangled more than once" in e.lines[0]:
+                self._fail(*e.lines)
+            self._fail(*e.lines, 'Failed to mangle device name "%s".' % name)
+        raise AssertionError("unreachable")
+
+    def _kuuid(self, uuid: str) -> str:
+        """``dm_task_set_uuid``."""
+        try:
+            return mangle(uuid, "UUID", DM_UUID_LEN)
+        except BadName as e:
+            if "mangled more than once" in e.lines[0]:
+                self._fail(*e.lines)
+            self._fail(*e.lines, 'Failed to mangle device uuid "%s".' % uuid)
+        raise AssertionError("unreachable")
+
+    def _knewname(self, new: str) -> str:
+        """``dm_task_set_newname``."""
+        if "/" in new:
+            self._fail('Name "%s" invalid. It contains "/".' % new)
+        if len(_raw(new)) >= DM_NAME_LEN:
+            self._fail('Name "%s" too long' % new)
+        if not new:
+            self._fail("Non empty new name is required.")
+        try:
+            return mangle(new, "new name")
+        except BadName as e:
+            if "mangled more than once" in e.lines[0]:
+                self._fail(*e.lines)
+            self._fail(*e.lines, 'Failed to mangle new device name "%s"' % new)
+        raise AssertionError("unreachable")
+
+    def _knewuuid(self, new: str) -> str:
+        """``dm_task_set_newuuid``."""
+        if len(_raw(new)) >= DM_UUID_LEN:
+            self._fail('Uuid "%s" too long' % new)
+        try:
+            return mangle(new, "new UUID", DM_UUID_LEN)
+        except BadName as e:
+            if "mangled more than once" in e.lines[0]:
+                self._fail(*e.lines)
+            self._fail(*e.lines, 'Failed to mangle new device UUID "%s"' % new)
+        raise AssertionError("unreachable")
+
+    async def _kname_in_loop(self, name: str) -> str | None:
+        """:meth:`_kname` for one of several devices: a refused name is reported (with
+        its ``Command failed.``) and skipped."""
+        try:
+            return await self._kname(name)
+        except CommandFailed:
+            self.o.error("Command failed.")
+            return None
 
     async def _names_or_all(self, args) -> tuple[list[str], bool]:
+        """The names given, or every device's as dmsetup shows it (unmangled: each is
+        mangled again for its own ioctl, as dmsetup does)."""
         if args:
             return list(args), len(args) > 1
-        return await self.ctl.names(), True
+        return [unmangle(n) for n in await self.ctl.names()], True
 
     # create ------------------------------------------------------------------------------
     async def create(self, args):
@@ -349,11 +514,12 @@ class Dmsetup:
                              "[--addnodeonresume|--addnodeoncreate] [--readahead {[+]<sectors>|auto|none}] "
                              "[-n|--notable|--table {<table>|<table_file>}]")
         name = args[0]
-        self._check_name(name)
-        lines = [] if self.a.notable else self._parse_or_fail(args[1] if len(args) > 1 else None)
+        kname = await self._kname(name, create=True)
         uuid = self.a.uuid or ""
+        kuuid = self._kuuid(uuid) if uuid else ""
+        lines = [] if self.a.notable else self._parse_or_fail(args[1] if len(args) > 1 else None)
         try:
-            info = await self.ctl.create(name, uuid)
+            info = await self.ctl.create(kname, kuuid)
         except DMError as e:
             self.o.error(ioctl_error("create", name, e, uuid))
             raise CommandFailed() from None
@@ -361,22 +527,18 @@ class Dmsetup:
             return
         devno = (info.major, info.minor)
         try:
-            await self.ctl.load(name, lines, self.a.readonly, cwd=_cwd())
+            await self.ctl.load(kname, lines, self.a.readonly, cwd=_cwd())
         except DMError as e:
             self.o.error(ioctl_error("reload", name, e, "", devno))
-            try:
-                await self.ctl.remove(name)
-            except DMError:
-                pass
+            with contextlib.suppress(DMError):
+                await self.ctl.remove(kname)
             raise CommandFailed() from None
         try:
-            await self.ctl.resume(name)
+            await self.ctl.resume(kname)
         except DMError as e:
             self.o.error(ioctl_error("resume", name, e, "", devno))
-            try:
-                await self.ctl.remove(name)
-            except DMError:
-                pass
+            with contextlib.suppress(DMError):
+                await self.ctl.remove(kname)
             raise CommandFailed() from None
 
     def _parse_or_fail(self, file_arg):
@@ -390,8 +552,9 @@ class Dmsetup:
         if not args or len(args) > 2:
             raise UsageError("load <device> [<table>|<table_file>]")
         name = args[0]
+        kname = await self._kname(name)
         lines = self._parse_or_fail(args[1] if len(args) > 1 else None)
-        await self._ioctl("reload", name, self.ctl.load(name, lines, self.a.readonly, cwd=_cwd()))
+        await self._ioctl("reload", name, self.ctl.load(kname, lines, self.a.readonly, cwd=_cwd()))
 
     reload = load
 
@@ -405,15 +568,15 @@ class Dmsetup:
     # suspend / resume / clear / remove / rename -------------------------------------------
     async def suspend(self, args):
         for name in await self._require(args, "suspend [--noflush] [--nolockfs] <device>..."):
-            await self._ioctl("suspend", name, self.ctl.suspend(name, self.a.noflush))
+            await self._ioctl("suspend", name, self.ctl.suspend(await self._kname(name), self.a.noflush))
 
     async def resume(self, args):
         for name in await self._require(args, "resume [--noflush] [--nolockfs] <device>..."):
-            await self._ioctl("resume", name, self.ctl.resume(name, self.a.noflush))
+            await self._ioctl("resume", name, self.ctl.resume(await self._kname(name), self.a.noflush))
 
     async def clear(self, args):
         for name in await self._require(args, "clear <device>"):
-            await self._ioctl("clear", name, self.ctl.clear(name))
+            await self._ioctl("clear", name, self.ctl.clear(await self._kname(name)))
 
     async def _require(self, args, usage):
         if not args:
@@ -424,9 +587,10 @@ class Dmsetup:
         for name in await self._require(args, "remove [--deferred] [-f|--force] [--retry] <device>..."):
             # dmsetup stops at the first device that fails (oracle: 'remove nosuch t'
             # leaves t in place)
+            kname = await self._kname(name)
             if self.a.force:
-                await self._force_error_table(name)
-            await self._ioctl("remove", name, self._remove_retry(name))
+                await self._force_error_table(kname)
+            await self._ioctl("remove", name, self._remove_retry(kname))
 
     async def _remove_retry(self, name):
         tries = 25 if self.a.retry else 1
@@ -464,12 +628,15 @@ class Dmsetup:
         if self.a.setuuid is not None:
             if len(args) != 1:
                 raise UsageError("rename <device> [--setuuid] <new_name_or_uuid>")
-            await self._ioctl("rename", args[0], self.ctl.rename(args[0], None, self.a.setuuid))
+            kname = await self._kname(args[0])
+            new_uuid = self._knewuuid(self.a.setuuid)
+            await self._ioctl("rename", args[0], self.ctl.rename(kname, None, new_uuid))
             return
         if len(args) != 2:
             raise UsageError("rename <device> [--setuuid] <new_name_or_uuid>")
-        self._check_name(args[1])
-        await self._ioctl("rename", args[0], self.ctl.rename(args[0], args[1], None))
+        kname = await self._kname(args[0])
+        new_name = self._knewname(args[1])
+        await self._ioctl("rename", args[0], self.ctl.rename(kname, new_name, None))
 
     # message / wait ---------------------------------------------------------------------------
     async def message(self, args):
@@ -482,7 +649,8 @@ class Dmsetup:
         text = " ".join(args[2:])
         if not args[2:]:
             self.o.error("No message supplied.")
-        reply = await self._ioctl("message", name, self.ctl.message(name, int(sector), text))
+        kname = await self._kname(name)
+        reply = await self._ioctl("message", name, self.ctl.message(kname, int(sector), text))
         if reply:
             self.o.out.write(reply if reply.endswith("\n") else reply + "\n")
 
@@ -490,7 +658,8 @@ class Dmsetup:
         if not args or len(args) > 2:
             raise UsageError("wait <device> [<event_nr>]")
         event_nr = int(args[1]) if len(args) > 1 and args[1].isdigit() else 0
-        info = await self._ioctl("waitevent", args[0], self.ctl.wait(args[0], event_nr))
+        kname = await self._kname(args[0])
+        info = await self._ioctl("waitevent", args[0], self.ctl.wait(kname, event_nr))
         if self.a.verbose:
             self.o.out.write(format_info(info) + "\n")
 
@@ -502,8 +671,12 @@ class Dmsetup:
             return
         infos, failed = [], False
         for name in names:
+            kname = await self._kname_in_loop(name)
+            if kname is None:
+                failed = True
+                continue
             try:
-                infos.append(await self.ctl.info(name, self.a.inactive))
+                infos.append(await self.ctl.info(kname, self.a.inactive))
             except DMError as e:
                 if e.errno != errno.ENXIO:
                     self.o.error(ioctl_error("info", name, e))
@@ -531,19 +704,20 @@ class Dmsetup:
                 lines = await self.ctl.table_lines(name, "table") or []
                 if any(ln.type == self.a.target for ln in lines):
                     info = await self.ctl.info(name)
-                    self.o.print("%s\t(%d, %d)" % (name, info.major, info.minor))
+                    self.o.print("%s\t(%d, %d)" % (unmangle(name), info.major, info.minor))
             return
         if self.a.tree:
             await self._tree(names)
             return
         for name in names:
             info = await self.ctl.info(name)
+            shown = unmangle(name)
             if self.a.options == "devname":
-                self.o.print("%s\t(%s)" % (name, name))
+                self.o.print("%s\t(%s)" % (shown, shown))
             elif self.a.options == "blkdevname":
-                self.o.print("%s\t(dm-%d)" % (name, info.minor))
+                self.o.print("%s\t(dm-%d)" % (shown, info.minor))
             else:
-                self.o.print("%s\t(%d:%d)" % (name, info.major, info.minor))
+                self.o.print("%s\t(%d:%d)" % (shown, info.major, info.minor))
 
     async def _tree(self, names):
         """``ls --tree``: each top-level device with what it stacks on, indented."""
@@ -553,7 +727,7 @@ class Dmsetup:
 
         def walk(name, prefix, last, top):
             info = infos.get(name)
-            label = "%s (%d:%d)" % (name, info.major, info.minor) if info else name
+            label = "%s (%d:%d)" % (unmangle(name), info.major, info.minor) if info else unmangle(name)
             self.o.print(("" if top else prefix + ("`-" if last else "|-")) + label)
             children = deps.get(name, [])
             for k, d in enumerate(children):
@@ -575,8 +749,12 @@ class Dmsetup:
             return
         failed = False
         for name in names:
+            kname = await self._kname_in_loop(name)
+            if kname is None:
+                failed = True
+                continue
             try:
-                lines = await self.ctl.table_lines(name, kind, self.a.inactive, self.a.noflush)
+                lines = await self.ctl.table_lines(kname, kind, self.a.inactive, self.a.noflush)
             except DMError as e:
                 if kind == "info" and e.errno == errno.ENXIO:
                     self.o.error("Device does not exist.")
@@ -609,8 +787,12 @@ class Dmsetup:
             return
         failed = False
         for name in names:
+            kname = await self._kname_in_loop(name)
+            if kname is None:
+                failed = True
+                continue
             try:
-                deps = await self.ctl.deps(name, self.a.inactive)
+                deps = await self.ctl.deps(kname, self.a.inactive)
             except DMError as e:
                 self.o.error(ioctl_error("deps", name, e))
                 self.o.error("Command failed.")

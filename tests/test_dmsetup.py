@@ -763,3 +763,66 @@ async def test_getopt_errors_like_dmsetup():
         assert (err, rc) == ("dmsetup: unrecognized option '--nosuch'\nCouldn't process command line.\n", 1)
         out, err, rc = await dmsetup.run(ctl, ["info", "-co", "name", "--noheadings"])
         assert (out, rc) == ("No devices found\n", 0)
+
+
+# -- names as libdm takes them: checks and auto mangling (recorded on the oracle) ------------------
+async def test_names_too_long_for_every_command(env):
+    long = "x" * 128
+    for verb in (["create", long, "--table", "0 8 zero"], ["info", long], ["remove", long]):
+        assert await env.sh(*verb) == ("", 'Name "%s" too long.\nCommand failed.\n' % long, 1)
+    await env.ok("create", "z", "--table", "0 8 zero")
+    assert await env.sh("rename", "z", long) == ("", 'Name "%s" too long\nCommand failed.\n' % long, 1)
+    assert await env.sh("rename", "z", "a/b") == ("", 'Name "a/b" invalid. It contains "/".\nCommand failed.\n', 1)
+    assert await env.sh("rename", "z", "") == ("", "Non empty new name is required.\nCommand failed.\n", 1)
+    u129 = "u" * 129
+    assert await env.sh("rename", "z", "--setuuid", u129) == \
+        ("", 'Uuid "%s" too long\nCommand failed.\n' % u129, 1)
+    assert await env.sh("create", "u2", "-u", u129, "--table", "0 8 zero") == \
+        ("", 'Mangled form of the UUID too long for "%s".\nFailed to mangle device uuid "%s".\nCommand failed.\n'
+         % (u129, u129), 1)
+    await env.ok("create", "u1", "-u", "u" * 128, "--table", "0 8 zero")
+    assert await env.sh("create", "", "--table", "0 8 zero") == \
+        ("", "device-mapper: create ioctl on   failed: Invalid argument\nCommand failed.\n", 1)
+    assert env.klog() == ["device-mapper: ioctl: name not supplied when creating device"]
+    assert await env.ok("ls") == "u1\t(253:1)\nz\t(253:0)\n"
+
+
+async def test_names_are_mangled_for_the_kernel_and_shown_unmangled(env):
+    await env.ok("create", "a b", "--table", "0 8 zero")
+    assert env.m.names() == ["a\\x20b"]                   # the kernel's name (udev's node name)
+    assert await env.ok("ls") == "a b\t(253:0)\n"
+    assert (await env.ok("info", "a b")).startswith("Name:              a b\n")
+    assert await env.ok("table") == "a b: 0 8 zero \n"
+    assert await env.sh("create", "a\\x20b", "--table", "0 8 zero") == \
+        ("", "device-mapper: create ioctl on a\\x20b  failed: Device or resource busy\nCommand failed.\n", 1)
+    assert (await env.ok("info", "a\\x20b")).startswith("Name:              a b\n")
+    assert await env.sh("create", "a\\x20 b", "--table", "0 8 zero") == \
+        ("", 'The name "a\\x20 b" contains mixed mangled and unmangled characters or it\'s already mangled '
+             'improperly.\nFailed to mangle device name "a\\x20 b".\nCommand failed.\n', 1)
+    assert await env.sh("create", "a\\x5cxb", "--table", "0 8 zero") == \
+        ("", 'The name "a\\x5cxb" seems to be mangled more than once. This is not allowed in auto mode.\n'
+             'Command failed.\n', 1)
+    e40 = "\u00e9" * 40
+    assert await env.sh("create", e40, "--table", "0 8 zero") == \
+        ("", 'Mangled form of the name too long for "%s".\nFailed to mangle device name "%s".\nCommand failed.\n'
+         % (e40, e40), 1)
+    await env.ok("create", "u1", "-u", "u 1", "--table", "0 8 zero")
+    assert "UUID: u 1\n" in await env.ok("info", "u1")
+    assert env.m.info("u1").uuid == "u\\x201"
+    await env.ok("create", "x\udcff", "--table", "0 8 zero")      # an argv byte that is not UTF-8
+    assert "x\\xff" in env.m.names()
+    await env.ok("rename", "a b", "c d")
+    assert await env.ok("ls") == "c d\t(253:0)\nu1\t(253:1)\nx\udcff\t(253:2)\n"
+    await env.ok("remove", "c d")
+    # dmsetup's own quirk: a name typed mangled stays mangled, then shows unmangled and
+    # cannot be found again under the name shown
+    await env.ok("create", "q\\x41", "--table", "0 8 zero")
+    assert (await env.sh("status"))[1].startswith("Device does not exist.\nCommand failed.\n")
+
+
+async def test_names_given_as_paths(env):
+    await env.ok("create", "u1", "--table", "0 8 zero")
+    for path in ("/dev/mapper/u1", "mapper/u1"):
+        assert (await env.ok("info", path)).startswith("Name:              u1\n")
+    for path in ("nosuch/x", "/nosuch/x", "/dev/mapper/nosuch"):
+        assert await env.sh("info", path) == ("", "Device %s not found\nCommand failed.\n" % path, 1)
