@@ -28,9 +28,9 @@ from typing import Iterable
 
 import trio
 
+from .device import DM_MAJOR
 from .errors import DMError
 
-DM_MAJOR = 253
 LOOP_MAJOR = 7
 MAX_SYMLINKS = 40               # the kernel's MAXSYMLINKS
 RESOLVE_TIMEOUT_SECONDS = 10.0
