@@ -10,6 +10,7 @@ mount at /dev/mapper: each must resolve to the dm device in-process, within a ti
 import errno
 import os
 import subprocess
+import sys
 
 import pytest
 import trio
@@ -261,3 +262,36 @@ async def test_fuse_mounted_at_dev_mapper(tmp_path):
                 n.cancel_scope.cancel()
         finally:
             fs.unmount()
+
+
+@needs_fuse
+@pytest.mark.timeout(120)
+def test_daemon_cli_paths(tmp_path):
+    """Through the daemon: a relative table path is the CLI's (its cwd is sent with the
+    load, the daemon's own cwd is elsewhere), and a symlink to a device file resolves to
+    the dm device instead of hanging the daemon on its own mount."""
+    from test_daemon import Daemon
+
+    d = Daemon(tmp_path)
+    try:
+        d.start()
+        work = tmp_path / "work"
+        work.mkdir()
+        (work / "a.img").write_bytes(os.urandom(1 << 20))
+
+        def run(*args):
+            return subprocess.run([sys.executable, "-m", "dmsim.cli", *args], env=d.env, cwd=str(work),
+                                  capture_output=True, text=True, timeout=20)
+
+        r = run("create", "base", "--table", "0 2048 linear a.img 0")
+        assert r.returncode == 0, r.stderr
+        assert run("table", "base").stdout == "0 2048 linear %s 0\n" % (work / "a.img")
+        os.symlink(os.path.join(d.mnt, "base"), work / "zl")
+        r = run("create", "top", "--table", "0 8 linear zl 8")
+        assert r.returncode == 0, r.stderr
+        assert run("table", "top").stdout == "0 8 linear 253:0 8\n"
+        r = run("create", "bad", "--table", "0 8 linear %s/base/x 0" % d.mnt)
+        assert r.returncode == 1 and "No such device" in r.stderr
+        assert run("ls").returncode == 0                     # still answering
+    finally:
+        d.cleanup()
