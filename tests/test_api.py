@@ -91,7 +91,7 @@ def test_blocking_dm(img):
 def test_blocking_dm_rejects_private_attributes():
     with DM() as dm:
         with pytest.raises(AttributeError):
-            dm._nothing
+            _ = dm._nothing
         assert dm.manager.names() == []
 
 
