@@ -30,6 +30,7 @@ handshake slower than :data:`HANDSHAKE_TIMEOUT_SECONDS`) closes that connection 
 """
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import os
@@ -127,6 +128,7 @@ HANDSHAKE_TIMEOUT_SECONDS = 60
 #: connections waiting to be accepted (a full Unix socket backlog fails connect with EAGAIN)
 LISTEN_BACKLOG = 1024
 _RECV_BYTES = 64 << 10
+_IOV_MAX = 1024
 
 _REQUEST = struct.Struct(">IHHQQI")
 _OPTION = struct.Struct(">QII")
@@ -248,8 +250,12 @@ class _Connection:
         self.sock = stream.socket
         self.buf = bytearray()
         self._chunk = bytearray(_RECV_BYTES)     # recv lands here (no allocation per recv)
-        self._sending = False                    # a message is being sent (a cheap send lock)
-        self._send_waiters = trio.lowlevel.ParkingLot()
+        # replies waiting to go out, numbered: one task at a time sends whatever is queued
+        self._queue: collections.deque[tuple[int, list[memoryview]]] = collections.deque()
+        self._queued = 0                         # number of the last message queued
+        self._sent = 0                           # ... and of the last one sent
+        self._sending = False
+        self._sent_lot = trio.lowlevel.ParkingLot()
         self.broken = False
         self.structured = False
         self.no_zeroes = False
@@ -316,25 +322,45 @@ class _Connection:
         return out
 
     async def send(self, *parts) -> None:
-        """Send one message (its parts in one ``sendmsg`` where they fit; messages never
-        interleave); a peer that has gone is noted, not raised: its reader sees the end
-        too.  The lock is a flag and a parking lot: a trio.Lock costs more per reply."""
-        while self._sending:
-            await self._send_waiters.park()
+        """Send one message (its parts back to back, never interleaved with another's) and
+        return once it is out.  Messages queued while a send is under way go out together
+        in the next ``sendmsg``: at queue depth 16 the replies finished in one scheduler
+        pass cost one syscall and one wake-up of the client, not 16.  A peer that has gone
+        is noted, not raised: its reader sees the end too."""
+        if self.broken:
+            return
+        self._queued += 1
+        number = self._queued
+        self._queue.append((number, [memoryview(p) for p in parts if len(p)]))
+        while self._sent < number and not self.broken:
+            if self._sending:
+                await self._sent_lot.park()
+            else:
+                await self._drain()
+
+    async def _drain(self) -> None:
         self._sending = True
         try:
-            views = [memoryview(p) for p in parts if len(p)] if not self.broken else []
-            while views:
-                sent = await (self.sock.sendmsg(views) if len(views) > 1 else self.sock.send(views[0]))
-                while views and sent >= len(views[0]):
-                    sent -= len(views.pop(0))
-                if sent:
-                    views[0] = views[0][sent:]
+            while self._queue and not self.broken:
+                views: list[memoryview] = []
+                last = 0
+                while self._queue and (not views or len(views) + len(self._queue[0][1]) <= _IOV_MAX):
+                    last, message = self._queue.popleft()
+                    views += message
+                while views:
+                    sent = await (self.sock.sendmsg(views) if len(views) > 1 else self.sock.send(views[0]))
+                    while views and sent >= len(views[0]):
+                        sent -= len(views.pop(0))
+                    if sent:
+                        views[0] = views[0][sent:]
+                self._sent = last
+                self._sent_lot.unpark_all()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             self.broken = True
+            self._queue.clear()
         finally:
             self._sending = False
-            self._send_waiters.unpark()
+            self._sent_lot.unpark_all()
 
     # -- handshake ---------------------------------------------------------------------------------
     async def handshake(self) -> bool:
