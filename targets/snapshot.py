@@ -29,6 +29,7 @@ Kernel: drivers/md/dm-snap.c (snapshot 1.16.0, snapshot-origin 1.9.0, snapshot-m
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import operator
 
@@ -43,7 +44,7 @@ from .base import STATUSTYPE_INFO, STATUSTYPE_TABLE, Target, passthrough, regist
 
 #: ``snapshot_cow_threshold``: copies in flight per snapshot before writes wait
 COW_THRESHOLD = 2048
-#: chunks per block of :attr:`Snapshot._linear` (a power of two)
+#: chunks per block of :class:`ExceptionTable`'s block index (a power of two)
 LINEAR_BLOCK_SHIFT = 6
 _FAR = 1 << 62      # see Snapshot._read_chunks
 
@@ -56,9 +57,8 @@ _pending_done_event: "trio.Event | None" = None    # created lazily inside Trio
 
 def dev_key(ctx, dev) -> tuple:
     """The identity of an underlying device: one origin however it was opened."""
-    manager = getattr(ctx, "manager", None)
-    path = getattr(dev, "path", None)
-    return (id(manager), path if path else ("obj", id(dev)))
+    path = getattr(dev, "path", None)       # (an image file; a dm device has no path)
+    return (id(ctx.manager), path if path else ("obj", id(dev)))
 
 
 def _pending_done() -> None:
@@ -84,16 +84,96 @@ def minimum_chunk_size(key) -> int:
     return min(sizes, default=0)
 
 
+class ExceptionTable:
+    """A snapshot's completed exceptions (``s->complete``): origin chunk -> COW chunk.
+
+    The one owner of the table: lookups, runs, inserts and removals go through it, and a
+    handover swaps the object.  It keeps a block index beside the map: block ``b`` ->
+    the COW chunk of origin chunk ``b << LINEAR_BLOCK_SHIFT``, for aligned blocks whose
+    chunks are all exceptions consecutive on the COW (what sequential first writes
+    leave), so that a large read or a rewrite of such blocks is one lookup per block,
+    not per chunk.  Only this class updates either."""
+
+    __slots__ = ("chunks", "blocks", "get", "has")
+
+    def __init__(self) -> None:
+        self.chunks: dict[int, int] = {}
+        self.blocks: dict[int, int] = {}
+        self.get = self.chunks.get              # (bound once: the hot paths call these)
+        self.has = self.chunks.__contains__
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def lookups(self, first: int, last: int) -> list:
+        """The COW chunk (or None) of each origin chunk ``first..last``."""
+        return list(map(self.chunks.get, range(first, last + 1)))
+
+    def missing(self, chunks: range) -> list:
+        """The chunks of ``chunks`` without an exception (one lookup per block when every
+        block they touch is indexed)."""
+        blocks = self.blocks
+        if blocks:
+            span = range(chunks.start >> LINEAR_BLOCK_SHIFT, ((chunks.stop - 1) >> LINEAR_BLOCK_SHIFT) + 1)
+            if all(map(blocks.__contains__, span)):
+                return []
+        return list(itertools.filterfalse(self.chunks.__contains__, chunks))
+
+    def block_bases(self, first: int, last: int) -> list | None:
+        """The COW chunk of each indexed block over chunks ``first..last``; None unless
+        every one of them is indexed."""
+        blocks = self.blocks
+        if not blocks:
+            return None
+        bases = list(map(blocks.get, range(first >> LINEAR_BLOCK_SHIFT, (last >> LINEAR_BLOCK_SHIFT) + 1)))
+        return None if None in bases else bases
+
+    def insert_run(self, old: int, new: int, count: int) -> None:
+        """``dm_insert_exception`` for ``count`` chunks ``old+i -> new+i``."""
+        if count == 1:
+            self.chunks[old] = new
+        else:
+            self.chunks.update(zip(range(old, old + count), range(new, new + count), strict=True))
+        shift = LINEAR_BLOCK_SHIFT
+        for b in range(-(-old >> shift), (old + count) >> shift):
+            self.blocks[b] = new + (b << shift) - old
+
+    def load(self, olds, news) -> None:
+        """Exceptions read back from the COW (in bulk); the block index is rebuilt once
+        the whole table is in (:meth:`index`)."""
+        self.chunks.update(zip(olds, news, strict=True))
+
+    def index(self) -> None:
+        """Find the indexed blocks again in a loaded table (a million exceptions take
+        ~0.1 s more to activate)."""
+        chunks, shift = self.chunks, LINEAR_BLOCK_SHIFT
+        size = 1 << shift
+        get = chunks.get
+        mask = size - 1
+        for first in [old for old in chunks if not old & mask]:
+            base = chunks[first]
+            if (get(first + mask) == base + mask
+                    and list(map(get, range(first, first + size))) == list(range(base, base + size))):
+                self.blocks[first >> shift] = base
+
+    def remove_run(self, old: int, count: int) -> None:
+        """``dm_remove_exception`` for chunks ``old..old+count-1`` (a merge step)."""
+        for c in range(old, old + count):
+            self.chunks.pop(c, None)
+            self.blocks.pop(c >> LINEAR_BLOCK_SHIFT, None)
+
+
 class _Pending:
     """``dm_snap_pending_exception`` for a run: ``count`` consecutive origin chunks from
     ``old_chunk`` going to consecutive COW chunks from ``new_chunk``.  The kernel keeps
-    one per chunk; here the chunks a request allocates together share one (its event,
-    its copy, its commit), which is what makes a 1 MiB first write cost tens of
-    microseconds of bookkeeping instead of milliseconds.  What reaches the COW is the
-    same."""
+    one per chunk; here the chunks a request allocates together share one (its copy,
+    its commit), which is what makes a 1 MiB first write cost tens of microseconds of
+    bookkeeping instead of milliseconds.  What reaches the COW is the same.  Its event
+    exists only once someone waits: an exception copied and committed in the task that
+    allocated it (the uncontended case) never needs one."""
 
-    __slots__ = ("snap", "old_chunk", "new_chunk", "count", "seq", "started", "copy_error",
-                 "ok", "done")
+    __slots__ = ("snap", "old_chunk", "new_chunk", "count", "seq", "copy_error", "ok",
+                 "finished", "_event")
 
     def __init__(self, snap, old_chunk, new_chunk, seq, count=1):
         self.snap = snap
@@ -101,14 +181,27 @@ class _Pending:
         self.new_chunk = new_chunk
         self.count = count
         self.seq = seq
-        self.started = False
         self.copy_error = False
         self.ok = False
-        self.done = trio.Event()
+        self.finished = False
+        self._event: trio.Event | None = None
 
     def new_of(self, chunk: int) -> int:
         """The COW chunk of origin chunk ``chunk`` (which this run holds)."""
         return self.new_chunk + chunk - self.old_chunk
+
+    async def wait(self) -> None:
+        """Until :meth:`Snapshot._pending_complete` has run for this exception."""
+        if not self.finished:
+            if self._event is None:
+                self._event = trio.Event()
+            await self._event.wait()
+
+    def finish(self, ok: bool) -> None:
+        self.ok = ok
+        self.finished = True
+        if self._event is not None:
+            self._event.set()
 
 
 def _chunks_of(pes: list) -> int:
@@ -130,14 +223,13 @@ def _consecutive(chunks: list):
     yield start, prev + 1 - start
 
 
-async def _origin_write(snapshots, start: int, end: int, inline: list | None = None) -> list:
+async def _origin_write(snapshots, start: int, end: int) -> list:
     """``__origin_write`` for every chunk of ``[start, end)`` at once: each snapshot
     with neither an exception nor a pending copy for a chunk allocates one (runs of
     chunks allocate together, in chunk order, as the kernel's chunk-by-chunk loop
-    would) and starts its copy.  Returns the pending exceptions the write must wait
-    for (empty: nothing to copy, the write may go to the origin).  With ``inline``, the
-    first snapshot's copies are handed back there as ``(snapshot, pes)`` for the caller
-    to run in its own task (see :func:`do_origin`)."""
+    would) and copies it out, here in the caller's task (:meth:`Snapshot.copy_out`).
+    Returns the exceptions other tasks are still copying that the write must wait
+    for (empty: the write may go to the origin)."""
     waits: list = []
     for snap in list(snapshots):
         if snap.merging or not snap.valid or not snap.active:
@@ -146,50 +238,40 @@ async def _origin_write(snapshots, start: int, end: int, inline: list | None = N
         if start >= size:
             continue
         shift = snap.store.chunk_shift
-        chunks = range(start >> shift, ((min(end, size) - 1) >> shift) + 1)
-        complete, pending = snap.complete, snap.pending
-        missing = snap.missing(chunks) if complete else list(chunks)
-        if not missing:
-            continue
-        start_now = []
-        if pending:
-            seen = {}
-            for pe in filter(None, map(pending.get, missing)):
-                seen[id(pe)] = pe
-            for pe in seen.values():
+        first, last = start >> shift, (min(end, size) - 1) >> shift
+        if first == last:               # (the common case, without the lists)
+            if snap.complete.has(first):
+                continue
+            pe = snap.pending.get(first)
+            if pe is not None:
                 waits.append(pe)
-                if not pe.started:
-                    pe.started = True
-                    start_now.append(pe)
-            missing = list(itertools.filterfalse(pending.__contains__, missing))
+                continue
+            missing = [first]
+        else:
+            missing = snap.complete.missing(range(first, last + 1))
+            if not missing:
+                continue
+            pending = snap.pending
+            if pending:
+                seen = {}
+                for pe in filter(None, map(pending.get, missing)):
+                    seen[id(pe)] = pe
+                waits.extend(seen.values())
+                missing = list(itertools.filterfalse(pending.__contains__, missing))
+        mine: list = []
         no_space = False
-        for first, n in (_consecutive(missing) if missing else ()):
-            pes = snap.insert_pending_run(first, n)
-            for pe in pes:
-                pe.started = True
-            start_now.extend(pes)
-            waits.extend(pes)
-            if sum(pe.count for pe in pes) < n:
+        for run_first, n in (_consecutive(missing) if missing else ()):
+            pes = snap.insert_pending_run(run_first, n)
+            mine.extend(pes)
+            if not pes or _chunks_of(pes) < n:
                 no_space = True
                 break
-        if start_now:
-            if inline is not None and not inline:
-                inline.append((snap, start_now))
-            else:
-                snap.start_copies(start_now)
+        if mine:
+            await snap.copy_out(mine)
+            waits.extend(pe for pe in mine if not pe.finished)
         if no_space:
             await snap.invalidate(errno.ENOMEM)
     return waits
-
-
-async def _copy_now_all(snapshots, start: int, end: int) -> bool:
-    """:meth:`Snapshot.origin_copy_now` for every snapshot of an origin, in order; False
-    at the first that can't (those before it have their exceptions: the general path
-    that follows skips them)."""
-    for snap in list(snapshots):
-        if not await snap.origin_copy_now(start, end):
-            return False
-    return True
 
 
 def _in_one_chunk(key, start: int, end: int) -> bool:
@@ -209,19 +291,11 @@ async def do_origin(key, start: int, end: int, limit: bool) -> None:
         for s in list(_origins.get(key, [])):
             await s.wait_for_in_progress()
     while True:
-        inline: list = []
-        waits = await _origin_write(_origins.get(key, []), start, end, inline)
-        for snap, pes in inline:
-            # the writer waits for this copy anyway: run it here rather than in a new
-            # task (two scheduler hops less per first write); shielded, because other
-            # writers wait on these exceptions too
-            with trio.CancelScope(shield=True):
-                await snap.run_copies(pes)
+        waits = await _origin_write(_origins.get(key, []), start, end)
         if not waits:
             return
         for pe in waits:
-            if not pe.done.is_set():
-                await pe.done.wait()
+            await pe.wait()
         if _in_one_chunk(key, start, end):
             return                        # the common retry, without a full pass
 
@@ -231,6 +305,7 @@ class Snapshot(Target):
     name = "snapshot"
     version = (1, 16, 0)
     merging = False
+    kc = None       # (set by ctr: dtr of a table whose ctr failed early has nothing to stop)
 
     async def ctr(self, args):
         if len(args) < 4:
@@ -257,18 +332,13 @@ class Snapshot(Target):
         self.active = False
         self.snapshot_overflowed = False
         self.merge_failed = False
-        self.complete: dict[int, int] = {}
-        # block b -> the COW chunk of origin chunk b << LINEAR_BLOCK_SHIFT, for aligned
-        # blocks of chunks that are all exceptions, consecutive on the COW: a read over
-        # such blocks is one lookup per block instead of one per chunk (kept for runs
-        # committed whole; anything that removes an exception drops its block)
-        self._linear: dict[int, int] = {}
+        self.complete = ExceptionTable()
         self.pending: dict[int, _Pending] = {}
         self.pending_exceptions_count = 0
         self._start_seq = 0
         self._complete_seq = 0
         self._copied: dict[int, _Pending] = {}
-        self._commit_lock = trio.Lock()
+        self._committing = False            # a task is committing (see _copies_done)
         self._tracked: dict[int, int] = {}
         self._untracked: dict[int, trio.Event] = {}
         self._tracked_spans: list[tuple[int, int]] = []     # origin reads of whole chunk runs
@@ -276,8 +346,7 @@ class Snapshot(Target):
         self.in_progress = 0
         self._in_progress_event = trio.Event()
         self._in_progress_waiters = 0
-        self._idle = trio.Event()
-        self._idle.set()
+        self._idle: trio.Event | None = None     # made by dtr when it must wait
         # merge state
         self.first_merging_chunk = 0
         self.num_merging_chunks = 0
@@ -296,14 +365,14 @@ class Snapshot(Target):
                 self.store.chunk_sectors = 0
                 return
             try:
-                r = await self.store.read_metadata(self._add_exceptions)
+                r = await self.store.read_metadata(self.complete.load)
             except DMError as e:
                 self._unregister()
                 raise TargetError("Failed to read snapshot metadata", e.errno) from None
             if r > 0:
                 self.valid = False
                 self.ctx.log("snapshots: Snapshot is marked invalid.")
-            self._rebuild_linear()
+            self.complete.index()
             if not self.store.chunk_sectors:
                 self._unregister()
                 raise TargetError("Chunk size not set")
@@ -328,38 +397,6 @@ class Snapshot(Target):
                 raise TargetError("Unrecognised feature requested")
         if self.discard_passdown_origin and not self.discard_zeroes_cow:
             raise TargetError("discard_passdown_origin feature depends on discard_zeroes_cow")
-
-    def _add_exceptions(self, olds, news) -> None:
-        self.complete.update(zip(olds, news))
-
-    def missing(self, chunks: range) -> list:
-        """The chunks of ``chunks`` without an exception (none, at one lookup per block,
-        when every block they touch is one of :attr:`_linear`'s)."""
-        linear = self._linear
-        if linear:
-            blocks = range(chunks.start >> LINEAR_BLOCK_SHIFT, ((chunks.stop - 1) >> LINEAR_BLOCK_SHIFT) + 1)
-            if all(map(linear.__contains__, blocks)):
-                return []
-        return list(itertools.filterfalse(self.complete.__contains__, chunks))
-
-    def _rebuild_linear(self) -> None:
-        """:attr:`_linear` for exceptions read back from the COW (what sequential writes
-        left is found again; a million exceptions take ~0.1 s more to activate)."""
-        complete, shift = self.complete, LINEAR_BLOCK_SHIFT
-        size = 1 << shift
-        get = complete.get
-        mask = size - 1
-        for first in [old for old in complete if not old & mask]:
-            base = complete[first]
-            if (get(first + mask) == base + mask
-                    and list(map(get, range(first, first + size))) == list(range(base, base + size))):
-                self._linear[first >> shift] = base
-
-    def _note_linear(self, old: int, new: int, count: int) -> None:
-        """Record the aligned blocks that the run ``old.. -> new..`` covers whole."""
-        shift = LINEAR_BLOCK_SHIFT
-        for b in range(-(-old >> shift), (old + count) >> shift):
-            self._linear[b] = new + (b << shift) - old
 
     # -- registry ------------------------------------------------------------------------------
     def _sharing_cow(self):
@@ -412,19 +449,16 @@ class Snapshot(Target):
     def table_size(self) -> int:
         size = self.__dict__.get("_table_size")
         if size is None:
-            table = getattr(self.ctx, "table", None)
-            if table is None:
-                return self.begin + self.len
-            size = self._table_size = table.size_sectors     # a table never changes
+            size = self._table_size = self.ctx.table.size_sectors     # a table never changes
         return size
 
     def has_exception(self, sector: int) -> bool:
         """Whether an origin write at ``sector`` needs no copy for this snapshot (the
         checks of ``__origin_write`` that skip a snapshot, or an exception exists)."""
-        return ((sector >> self.store.chunk_shift) in self.complete    # (the common answer first)
+        return (self.complete.has(sector >> self.store.chunk_shift)    # (the common answer first)
                 or self.merging or not self.valid or not self.active or sector >= self.table_size)
 
-    # -- pending exceptions ------------------------------------------------------------------------
+    # -- the exception lifecycle: allocate -> copy -> commit -> complete ----------------------
     def insert_pending(self, chunk: int) -> _Pending | None:
         """``__insert_pending_exception``: allocate a COW chunk (None: no space)."""
         pes = self.insert_pending_run(chunk, 1)
@@ -432,208 +466,46 @@ class Snapshot(Target):
 
     def insert_pending_run(self, first: int, count: int) -> list:
         """Allocate COW chunks for origin chunks ``first .. first+count-1``: one pending
-        exception per run the store hands out (a metadata area splits a run); fewer
-        chunks than asked when the COW is full."""
-        pieces = []
-        for new, n in self.store.prepare_exceptions(count):
-            pieces.append((first, new, n))
-            first += n
-        pes = self._adopt(pieces, self._start_seq)
-        self._start_seq += len(pes)
-        return pes
-
-    def _adopt(self, pieces: list, seq: int) -> list:
-        """Pending exceptions for chunks already allocated (``pieces``: ``(old chunk, new
-        chunk, count)`` in allocation order, numbered from ``seq``), registered where
-        writers to those chunks find them and wait."""
+        exception per run the store hands out (a metadata area splits a run), registered
+        where writers to those chunks find them and wait; fewer chunks than asked when
+        the COW is full."""
         pes = []
-        for old, new, k in pieces:
-            pe = _Pending(self, old, new, seq, k)
-            seq += 1
-            if k == 1:
-                self.pending[old] = pe
+        pending = self.pending
+        for new, n in self.store.prepare_exceptions(count):
+            pe = _Pending(self, first, new, self._start_seq, n)
+            self._start_seq += 1
+            if n == 1:
+                pending[first] = pe
             else:
-                self.pending.update(zip(range(old, old + k), itertools.repeat(pe, k)))
+                pending.update(zip(range(first, first + n), itertools.repeat(pe, n)))
             pes.append(pe)
-        if pes:
-            self.pending_exceptions_count += len(pes)
-            if self._idle.is_set():
-                self._idle = trio.Event()
+            first += n
+        self.pending_exceptions_count += len(pes)
         return pes
 
-    async def origin_copy_now(self, start: int, end: int) -> bool:
-        """The copy-out an origin write of ``[start, end)`` needs from this snapshot,
-        done here and now when it can be: nothing else in flight on this snapshot, room
-        in the COW, the copies inline (:meth:`KcopydClient.copy_now`) and the commits
-        written at once (:meth:`ExceptionStore.commit_now`), all as plain calls.  No
-        other task can run meanwhile, so the pending exceptions, their events, the
-        commit lock and the cancel shield of the general path are not needed; what
-        reaches the COW, and in which order, is what the general path writes.  True:
-        the write may go to the origin.  False: the general path (:func:`do_origin`)
-        must run; nothing is left half done (what was allocated here is handed to it
-        as pending exceptions, already copied and committed)."""
-        if (self.merging or not self.valid or not self.active) and not self.in_progress:
-            return True             # do_origin skips this snapshot too
-        if (self.pending_exceptions_count or self.in_progress or self._tracked
-                or self._tracked_spans or self.merging or not self.valid or not self.active
-                or not self.store.commit_ready()):
-            return False
-        size = self.table_size
-        if start >= size:
-            return True
-        store = self.store
-        shift = store.chunk_shift
-        first = start >> shift
-        last = (min(end, size) - 1) >> shift
-        kc, origin, cow = self.kc, self.origin, self.cow
-        seq = self._start_seq
-        if first == last:           # (the common case, without the lists)
-            if first in self.complete:
-                return True
-            new = store.prepare_exception()
-            if new is None:
-                return False        # full: the general path invalidates or overflows
-            self._start_seq += 1
-            src = first << shift
-            if (kc.copy_now(origin, src, cow, new << shift, min(1 << shift, origin.size_sectors - src))
-                    and store.commit_now(first, new)):
-                self._complete_seq += 1
-                if store.valid:
-                    self.complete[first] = new
-                else:
-                    with trio.CancelScope(shield=True):
-                        await self.invalidate(errno.EIO)
-                _pending_done()
-                return True
-            pieces = [(first, new, 1)]
-            copied = False
-        else:
-            missing = self.missing(range(first, last + 1))
-            if not missing:
-                return True
-            if not store.room_for(len(missing)):
-                return False        # nearly full: the general path invalidates or overflows
-            pieces = []             # (old chunk, new chunk, count) in allocation order
-            for old, n in _consecutive(missing):
-                for new, k in store.prepare_exceptions(n):
-                    pieces.append((old, new, k))
-                    old += k
-            self._start_seq += len(pieces)
-            origin_sectors = origin.size_sectors
-            copied = True
-            for old, new, k in pieces:
-                src = old << shift
-                if not kc.copy_now(origin, src, cow, new << shift, min(k << shift, origin_sectors - src)):
-                    copied = False
-                    break
-        if copied and store.commit_now(*pieces[0]):
-            for piece in pieces[1:]:
-                # it refuses only what commit_ready would have refused: not here
-                committed = store.commit_now(*piece)
-                assert committed, "commit_now refused in the middle of a run"
-        else:
-            # hand what was allocated to the general path, as if it had started there
-            # (nothing is committed: it copies, commits and completes it all)
-            pes = self._adopt(pieces, seq)
-            for pe in pes:
-                pe.started = True
-            with trio.CancelScope(shield=True):
-                await self.run_copies(pes)
-            return False
-        self._complete_seq += len(pieces)
-        if not store.valid:         # an area write failed: as the callbacks would
-            with trio.CancelScope(shield=True):
-                await self.invalidate(errno.EIO)
-        else:
-            complete = self.complete
-            for old, new, k in pieces:
-                if k == 1:
-                    complete[old] = new
-                else:
-                    complete.update(zip(range(old, old + k), range(new, new + k)))
-                    self._note_linear(old, new, k)
-        _pending_done()
-        return True
-
-    async def _write_now(self, bio: Bio, chunk: int) -> bool:
-        """A snapshot write to a chunk with no exception, done here and now when it can
-        be (as :meth:`origin_copy_now`, whose conditions it shares): a whole-chunk write
-        goes to its new COW chunk, a partial one has the origin chunk copied there
-        first; then the exception is committed, then a partial write lands.  False when
-        the general path must run (nothing done then); an I/O error ends as there."""
-        if (self.pending_exceptions_count or self.in_progress or self._tracked
-                or self._tracked_spans or self.merging or not self.store.commit_ready()):
-            return False
-        store = self.store
-        shift = store.chunk_shift
-        cs = 1 << shift
-        whole = bio.sectors == cs
-        src = chunk << shift
-        count = min(cs, self.origin.size_sectors - src)
-        if not whole:
-            can = getattr(self.origin, "can_copy_to", None)
-            if count <= 0 or can is None or not can(self.cow):
-                return False        # no inline copy-out from this origin
-        new = store.prepare_exception()
-        if new is None:
-            return False            # full: the general path invalidates or overflows
-        seq = self._start_seq
-        self._start_seq += 1
-        try:
-            if whole:
-                ok = self.cow.try_write_now(new << shift, bio.data)
-            else:
-                ok = self.kc.copy_now(self.origin, src, self.cow, new << shift, count)
-        except DMError:
-            ok = None               # the data write failed: the exception fails too
-        if ok and store.commit_now(chunk, new):
-            self._complete_seq += 1
-            if not store.valid:     # the area write failed: as the callback would
-                with trio.CancelScope(shield=True):
-                    await self.invalidate(errno.EIO)
-                _pending_done()
-                raise DMError(errno.EIO)
-            self.complete[chunk] = new
-            _pending_done()
-            if not whole:
-                await self.cow.submit(self._remap(new, bio))
-            return True
-        # hand the allocated chunk to the general path, as if it had started there
-        (pe,) = self._adopt([(chunk, new, 1)], seq)
-        pe.started = True
+    async def copy_out(self, pes: list) -> None:
+        """``start_copy`` for exceptions just allocated, in the caller's task: the origin
+        chunks are copied to their COW chunks (runs consecutive on both as one kcopyd
+        job; the kernel issues one per chunk, the bytes written are the same), then
+        committed and completed (:meth:`_copies_done`).  Uncontended, with image files
+        that need no syncs, all of it runs without a scheduling point, as plain calls.
+        Shielded: other writers of these chunks wait for them."""
+        self.in_progress += _chunks_of(pes)
         with trio.CancelScope(shield=True):
-            if ok is None:          # as _full_writes after a failed write
-                self.in_progress += 1
-                await self._copies_done([pe], [True])
-            elif whole:
-                await self._full_writes([(pe, bio)])
-            else:
-                await self.run_copies([pe])
-        if not pe.ok:
-            raise DMError(errno.EIO)
-        if not whole:
-            await self.cow.submit(self._remap(new, bio))
-        return True
+            cs = self.store.chunk_sectors
+            origin_sectors = self.origin.size_sectors
+            errors = []
+            for run in self._runs(pes):
+                src = run[0].old_chunk * cs
+                count = min(_chunks_of(run) * cs, origin_sectors - src)
+                read_err, write_err = await self.kc.copy_async(
+                    Region(self.origin, src, count), [Region(self.cow, run[0].new_chunk * cs, count)])
+                errors.extend([bool(read_err or write_err)] * len(run))
+            await self._copies_done(pes, errors)
 
-    def start_copy(self, pe: _Pending) -> None:
-        """``start_copy``: kcopyd the origin chunk (trimmed at the origin end) to the COW."""
-        self.start_copies([pe])
-
-    def start_copies(self, pes: list) -> None:
-        """Start the copies of a request's chunks as one task: runs of chunks that are
-        consecutive on both the origin and the COW go as one kcopyd job (the kernel
-        issues a job per chunk; the bytes written are the same), and the batch reaches
-        the commit together, so its exceptions share one metadata write."""
-        self.in_progress += _chunks_of(pes)
-        self.ctx.start_task(self._copy_task, pes, name="snapshot-copy")
-
-    async def run_copies(self, pes: list) -> None:
-        """:meth:`start_copies` in the caller's task."""
-        self.in_progress += _chunks_of(pes)
-        await self._copy_task(pes)
-
-    def _runs(self, pes: list):
-        """Split ``pes`` (in order) into runs consecutive in old and new chunk numbers."""
+    @staticmethod
+    def _runs(pes: list):
+        """Split ``pes`` (in allocation order) into runs consecutive in old and new chunks."""
         run = [pes[0]]
         for pe in pes[1:]:
             last = run[-1]
@@ -644,89 +516,76 @@ class Snapshot(Target):
                 run = [pe]
         yield run
 
-    async def _copy_task(self, pes: list) -> None:
-        cs = self.store.chunk_sectors
-        origin_sectors = self.origin.size_sectors
-        errors = []
-        if len(pes) > 1:
-            pes.sort(key=lambda pe: pe.seq)
-        for run in self._runs(pes):
-            src = run[0].old_chunk * cs
-            count = min(sum(pe.count for pe in run) * cs, origin_sectors - src)
-            read_err, write_err = await self.kc.copy_async(
-                Region(self.origin, src, count), [Region(self.cow, run[0].new_chunk * cs, count)])
-            errors.extend([bool(read_err or write_err)] * len(run))
-        await self._copies_done(pes, errors)
-
-    async def _full_writes(self, items: list) -> None:
-        """``start_full_bio``: whole-chunk writes go straight to their new COW chunks
-        (``items``: (pe, bio) in allocation order; runs of consecutive COW chunks are
-        one write)."""
-        self.in_progress += _chunks_of([pe for pe, _ in items])
-        cs = self.store.chunk_sectors
-        errors = []
-        i = 0
-        while i < len(items):
-            j = i + 1
-            while (j < len(items)
-                   and items[j][0].new_chunk == items[j - 1][0].new_chunk + items[j - 1][0].count
-                   and items[j][1].sector == items[j - 1][1].end_sector):
-                j += 1
-            first = items[i][1]
-            data = first.data if j == i + 1 else b"".join(b.data for _, b in items[i:j])
-            err = False
-            try:
-                await self.cow.submit(Bio(Op.WRITE, items[i][0].new_chunk * cs,
-                                          sum(pe.count for pe, _ in items[i:j]) * cs,
-                                          data, first.fua))
-            except DMError:
-                err = True
-            errors.extend([err] * (j - i))
-            i = j
-        await self._copies_done([pe for pe, _ in items], errors)
+    async def write_out(self, items: list) -> None:
+        """``start_full_bio``: whole-chunk writes to the snapshot go straight to their new
+        COW chunks instead of a copy (``items``: (pe, bio) in allocation order; runs of
+        consecutive COW chunks are one write), then the same commit and completion as
+        :meth:`copy_out`."""
+        pes = [pe for pe, _ in items]
+        self.in_progress += _chunks_of(pes)
+        with trio.CancelScope(shield=True):
+            cs = self.store.chunk_sectors
+            errors = []
+            i = 0
+            while i < len(items):
+                j = i + 1
+                while (j < len(items)
+                       and items[j][0].new_chunk == items[j - 1][0].new_chunk + items[j - 1][0].count
+                       and items[j][1].sector == items[j - 1][1].end_sector):
+                    j += 1
+                first = items[i][1]
+                data = first.data if j == i + 1 else b"".join(b.data for _, b in items[i:j])
+                err = False
+                try:
+                    await self.cow.submit(Bio(Op.WRITE, items[i][0].new_chunk * cs,
+                                              sum(pe.count for pe, _ in items[i:j]) * cs,
+                                              data, first.fua))
+                except DMError:
+                    err = True
+                errors.extend([err] * (j - i))
+                i = j
+            await self._copies_done(pes, errors)
 
     async def _copies_done(self, pes: list, errors: list) -> None:
-        """``copy_callback``: commit exceptions strictly in allocation order (a batch at
-        once: the store writes its area once the last pending exception is in)."""
-        for pe, err in zip(pes, errors):
+        """``copy_callback``: commit exceptions strictly in allocation order.  Whichever
+        task finds the next one in line commits it and every later one that is ready;
+        a task finding a commit under way leaves its exceptions to that task (the
+        store writes its area once no exception is pending, so exceptions copied
+        while an area write runs share the next one)."""
+        copied = self._copied
+        for pe, err in zip(pes, errors, strict=True):
             pe.copy_error = err
-            self._copied[pe.seq] = pe
-        lock = self._commit_lock
-        try:
-            lock.acquire_nowait()         # uncontended: no scheduler pass (async with is one)
-        except trio.WouldBlock:
-            await lock.acquire()
-        try:
-            while self._complete_seq in self._copied:
-                nxt = self._copied.pop(self._complete_seq)
-                self._complete_seq += 1
-                await self.store.commit_exceptions(
-                    nxt.old_chunk, nxt.new_chunk, nxt.count, not nxt.copy_error,
-                    lambda ok, nxt=nxt: self._pending_complete(nxt, ok))
-        finally:
-            lock.release()
+            copied[pe.seq] = pe
+        if not self._committing:
+            self._committing = True
+            try:
+                while self._complete_seq in copied:
+                    nxt = copied.pop(self._complete_seq)
+                    self._complete_seq += 1
+                    await self.store.commit_exceptions(
+                        nxt.old_chunk, nxt.new_chunk, nxt.count, not nxt.copy_error,
+                        functools.partial(self._pending_complete, nxt))
+            finally:
+                self._committing = False
         self.in_progress -= _chunks_of(pes)
         if self._in_progress_waiters:
             self._in_progress_event.set()
             self._in_progress_event = trio.Event()
 
     async def _pending_complete(self, pe: _Pending, success: bool) -> None:
+        """``pending_complete``: the one end of every exception, copied or not, committed
+        or not: into the table (or the snapshot invalidated), out of the pending ones,
+        its waiters woken."""
         error = False
         if not success:
             await self.invalidate(errno.EIO)
             error = True
         elif not self.valid:
             error = True
-        elif pe.count == 1:
-            self.complete[pe.old_chunk] = pe.new_chunk
-            if self._tracked or self._tracked_spans:
-                await self._wait_untracked(pe.old_chunk)
         else:
-            olds = range(pe.old_chunk, pe.old_chunk + pe.count)
-            self.complete.update(zip(olds, range(pe.new_chunk, pe.new_chunk + pe.count)))
-            self._note_linear(pe.old_chunk, pe.new_chunk, pe.count)
+            self.complete.insert_run(pe.old_chunk, pe.new_chunk, pe.count)
             if self._tracked or self._tracked_spans:
-                for chunk in olds:
+                for chunk in range(pe.old_chunk, pe.old_chunk + pe.count):
                     await self._wait_untracked(chunk)
         if pe.count == 1:
             self.pending.pop(pe.old_chunk, None)
@@ -734,11 +593,10 @@ class Snapshot(Target):
             pop = self.pending.pop
             for chunk in range(pe.old_chunk, pe.old_chunk + pe.count):
                 pop(chunk, None)
-        pe.ok = not error
+        pe.finish(not error)
         _pending_done()
-        pe.done.set()
         self.pending_exceptions_count -= 1
-        if not self.pending_exceptions_count:
+        if not self.pending_exceptions_count and self._idle is not None:
             self._idle.set()
 
     async def wait_for_in_progress(self) -> None:
@@ -857,19 +715,15 @@ class Snapshot(Target):
         shift = self.store.chunk_shift
         first = bio.sector >> shift
         last = (bio.end_sector - 1) >> shift
-        if self._linear:
-            b0, b1 = first >> LINEAR_BLOCK_SHIFT, last >> LINEAR_BLOCK_SHIFT
-            base = self._linear.get(b0)
-            if base is not None:
-                if b0 == b1:            # every chunk is on the COW, in one run: one read
-                    new = base + first - (b0 << LINEAR_BLOCK_SHIFT)
-                    dsec = (new << shift) | (bio.sector & ((1 << shift) - 1))
-                    return await self.cow.submit(Bio(Op.READ, dsec, bio.sectors, bio.data))
-                bases = list(map(self._linear.get, range(b0, b1 + 1)))
-                if None not in bases:   # all on the COW: a read per run of blocks
-                    return await self._read_blocks(bio, b0, bases)
-        chunks = range(first, last + 1)
-        news = list(map(self.complete.get, chunks))
+        bases = self.complete.block_bases(first, last)
+        if bases is not None:           # all on the COW, in indexed blocks
+            b0 = first >> LINEAR_BLOCK_SHIFT
+            if len(bases) == 1:         # in one run: one read
+                new = bases[0] + first - (b0 << LINEAR_BLOCK_SHIFT)
+                dsec = (new << shift) | (bio.sector & ((1 << shift) - 1))
+                return await self.cow.submit(Bio(Op.READ, dsec, bio.sectors, bio.data))
+            return await self._read_blocks(bio, b0, bases)
+        news = self.complete.lookups(first, last)
         n = len(news)
         holes = news.count(None)
         if holes == n:                   # all on the origin
@@ -927,7 +781,7 @@ class Snapshot(Target):
                 self._untrack_span(span)
 
     async def _read_blocks(self, bio: Bio, b0: int, bases: list):
-        """A read whose chunks are all in blocks of :attr:`_linear` (``bases``: the COW
+        """A read whose chunks are all in indexed blocks (``bases``: the COW
         chunk of each block from ``b0``): one read per run of blocks consecutive on the
         COW (a sequential write's runs break only at metadata chunks), per-chunk lookups
         for none of them."""
@@ -965,7 +819,7 @@ class Snapshot(Target):
         mask = cs - 1
         pending = self.pending
         first = bio.sector >> shift
-        news = list(map(self.complete.get, range(first, ((bio.end_sector - 1) >> shift) + 1)))
+        news = self.complete.lookups(first, (bio.end_sector - 1) >> shift)
         direct: list = []        # [COW sector, sectors, offset in bio]: chunks with exceptions
         full = []                # (pe, piece): whole chunks without one, written to the COW
         partial = []             # (pe, piece, chunk): written after the chunk's copy
@@ -993,9 +847,6 @@ class Snapshot(Target):
             pe = pending.get(chunk)
             if pe is not None:
                 hi = min(end, (chunk + 1) << shift)
-                if not pe.started:
-                    pe.started = True
-                    copies.append(pe)
                 partial.append((pe, bio.slice(lo - start, hi - lo), chunk))
                 i += 1
                 continue
@@ -1012,7 +863,6 @@ class Snapshot(Target):
                     continue
                 pes = self.insert_pending_run(c0, count)
                 for pe in pes:
-                    pe.started = True
                     s0 = max(start, pe.old_chunk << shift)
                     s1 = min(end, (pe.old_chunk + pe.count) << shift)
                     if whole:
@@ -1026,17 +876,15 @@ class Snapshot(Target):
                 break
             i = j
         if copies:
-            self.start_copies(copies)
+            await self.copy_out(copies)
         if full:
-            await self._full_writes(full)
+            await self.write_out(full)
         failed = False
         for pe, _ in full:
-            if not pe.done.is_set():
-                await pe.done.wait()
+            await pe.wait()
             failed = failed or not pe.ok
         for pe, piece, chunk in partial:
-            if not pe.done.is_set():
-                await pe.done.wait()
+            await pe.wait()
             if not pe.ok:
                 failed = True
             elif not failed:
@@ -1083,25 +931,18 @@ class Snapshot(Target):
             return await self._tracked_io(self.origin, bio, chunk)
         pe = self.pending.get(chunk)
         if pe is None:
-            if await self._write_now(bio, chunk):
-                return None
             pe = self.insert_pending(chunk)
             if pe is None:
                 await self._no_space()
-        if not pe.started and bio.sectors == cs:
-            pe.started = True
-            await self._full_writes([(pe, bio)])
-            if not pe.done.is_set():      # (waiting on a set event is still a checkpoint)
-                await pe.done.wait()
-            if not pe.ok:
-                raise DMError(errno.EIO)
-            return None
-        if not pe.started:
-            pe.started = True
-            with trio.CancelScope(shield=True):     # as do_origin: others wait on it too
-                await self.run_copies([pe])
-        if not pe.done.is_set():
-            await pe.done.wait()
+                raise AssertionError("unreachable")     # (_no_space raises)
+            if bio.sectors == cs:
+                await self.write_out([(pe, bio)])
+                await pe.wait()           # (finished, unless an earlier commit still runs)
+                if not pe.ok:
+                    raise DMError(errno.EIO)
+                return None
+            await self.copy_out([pe])
+        await pe.wait()
         if not pe.ok:
             raise DMError(errno.EIO)
         return await self.cow.submit(self._remap(pe.new_of(chunk), bio))
@@ -1113,8 +954,7 @@ class Snapshot(Target):
             if self is src:
                 self.ctx.log("snapshots: Unable to resume snapshot source until handover completes.")
                 raise DMError(errno.EINVAL)
-            md = getattr(src.ctx, "md", None)
-            if md is not None and not md.suspended:
+            if not src.ctx.md.suspended:
                 self.ctx.log("snapshots: Unable to perform snapshot handover until source is suspended.")
                 raise DMError(errno.EINVAL)
 
@@ -1130,7 +970,6 @@ class Snapshot(Target):
         """``__handover_exceptions``: move the table and store from the live instance."""
         overflow = self.store.userspace_supports_overflow
         self.complete, src.complete = src.complete, self.complete
-        self._linear, src._linear = src._linear, self._linear
         self.store, src.store = src.store, self.store
         self.store.userspace_supports_overflow = overflow
         self.store.cow, self.store.origin, self.store.log = self.cow, self.origin, self.ctx.log
@@ -1141,7 +980,7 @@ class Snapshot(Target):
         src.valid = False
 
     async def dtr(self):
-        if getattr(self, "kc", None) is None:
+        if self.kc is None:
             return
         _, src, dest, _ = self._sharing_cow()
         if src is self and dest is not None:
@@ -1151,7 +990,9 @@ class Snapshot(Target):
             self.ctx.log("snapshots: Cancelling snapshot handover.")
         await self.stop_merge()
         self._unregister()
-        await self._idle.wait()
+        while self.pending_exceptions_count:
+            self._idle = trio.Event()
+            await self._idle.wait()
         await self.kc.destroy()
 
     async def stop_merge(self) -> None:
@@ -1299,9 +1140,7 @@ class SnapshotMerge(Snapshot):
                     self.merge_failed = True
                     self._release_queued(False)
                     break
-                for c in range(old, old + n):
-                    self.complete.pop(c, None)
-                    self._linear.pop(c >> LINEAR_BLOCK_SHIFT, None)
+                self.complete.remove_run(old, n)
                 self._release_queued(True)
         finally:
             self._merge_running = False
@@ -1335,20 +1174,15 @@ class Origin(Target):
         if snaps:
             sector = bio.sector
             # a write inside one chunk that every snapshot already has an exception for
-            # (a rewrite) goes straight through; otherwise the copy-outs, done at once
-            # snapshot by snapshot where they can be (Snapshot.origin_copy_now copies
-            # what do_origin would), the general path for the rest
+            # (a rewrite) goes straight through, the rest through do_origin
             if split and sector // split != (end - 1) // split:
-                if not await _copy_now_all(snaps, sector, end):
-                    await do_origin(self.key, sector, end, True)
+                await do_origin(self.key, sector, end, True)
             elif len(snaps) == 1:           # one snapshot: two checks
                 s = snaps[0]
                 if s.in_progress > COW_THRESHOLD or not s.has_exception(sector):
-                    if not await s.origin_copy_now(sector, end):
-                        await do_origin(self.key, sector, end, True)
-            elif not all(s.in_progress <= COW_THRESHOLD and s.has_exception(sector) for s in snaps):
-                if not await _copy_now_all(snaps, sector, end):
                     await do_origin(self.key, sector, end, True)
+            elif not all(s.in_progress <= COW_THRESHOLD and s.has_exception(sector) for s in snaps):
+                await do_origin(self.key, sector, end, True)
         return await self.dev.submit(bio)
 
     async def resume(self):

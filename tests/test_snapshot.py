@@ -290,34 +290,59 @@ async def test_full_cow_invalidates(small, durability):
         assert m.read_log() == ["device-mapper: snapshots: Snapshot is marked invalid."]
 
 
+def break_cow_writes(monkeypatch, cow_path, from_offset):
+    """Make writes to the COW file at or after ``from_offset`` bytes fail with EIO."""
+    from dmsim.blockdev import FileDevice
+    real = FileDevice._write
+
+    def write(self, off, data):
+        if self.path == cow_path and off >= from_offset:
+            raise OSError(errno.EIO, "EIO")
+        return real(self, off, data)
+    monkeypatch.setattr(FileDevice, "_write", write)
+
+
+def break_copies_and_reads(monkeypatch):
+    """In-kernel copies fail, and so do the reads of the kcopyd job that redoes them."""
+    from dmsim.blockdev import FileDevice
+
+    def broken(*args):
+        raise DMError(errno.EIO)
+
+    def eio(*args):             # what the file layer raises (submit converts it)
+        raise OSError(errno.EIO, "EIO")
+    monkeypatch.setattr(FileDevice, "copy_to", broken)
+    monkeypatch.setattr(FileDevice, "_read", eio)
+    monkeypatch.setattr(FileDevice, "_read_into", eio)
+
+
+@pytest.mark.parametrize("durability", ["fsync", "process"])
 @pytest.mark.parametrize("fail", ["copy", "read", "area"])
-async def test_copy_now_failures_fall_back_to_the_general_path(small, monkeypatch, fail):
-    """An origin copy-out done at once (process durability) that can't finish: a copy
-    that copy_file_range can't make is redone as a kcopyd job (read + write); one whose
-    reads fail too, or whose area write fails, invalidates the snapshot as the general
-    path does, with the kernel's log line, and the origin write still goes through."""
+async def test_origin_copy_out_failures(small, monkeypatch, fail, durability):
+    """An origin copy-out that can't finish: a copy that copy_file_range can't make is
+    redone as a kcopyd job (read + write); one whose reads fail too, or whose area write
+    fails, invalidates the snapshot with the kernel's log line, and the origin write
+    still goes through."""
     from dmsim.blockdev import FileDevice
     O, C, _ = small
-    done = count_copies_now(monkeypatch)
     old = read_at(O, 80 * 512, 4096)
-    async with dmsim.open_manager(durability="process") as m:
+    async with dmsim.open_manager(durability=durability) as m:
         s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, C))
         o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, O))
         await o.write(0, fill(1, 8))
-        assert st(m, "s") == "0 16384 snapshot 24/32768 16" and done == [True]
-
-        def broken(*args):
-            raise DMError(errno.EIO)
-
-        def eio(*args):             # what the file layer raises (submit converts it)
-            raise OSError(errno.EIO, "EIO")
-        monkeypatch.setattr(FileDevice, "try_write_now" if fail == "area" else "copy_to", broken)
-        if fail == "read":
-            monkeypatch.setattr(FileDevice, "_read", eio)
-            monkeypatch.setattr(FileDevice, "_read_into", eio)
+        assert st(m, "s") == "0 16384 snapshot 24/32768 16"
+        if fail == "area":
+            async def broken(self, sector, data):
+                raise DMError(errno.EIO)
+            monkeypatch.setattr(FileDevice, "write_preflush_fua", broken)
+        elif fail == "read":
+            break_copies_and_reads(monkeypatch)
+        else:
+            def no_copy(*args):
+                raise DMError(errno.EIO)
+            monkeypatch.setattr(FileDevice, "copy_to", no_copy)
         m.read_log()
         await o.write(80, fill(2, 8))
-        assert done == [True, fail == "area"]
         monkeypatch.undo()
         assert await o.read(80, 8) == fill(2, 8)
         if fail == "copy":
@@ -332,43 +357,28 @@ async def test_copy_now_failures_fall_back_to_the_general_path(small, monkeypatc
         assert st(m, "s") == "0 16384 snapshot Invalid"
 
 
+@pytest.mark.parametrize("durability", ["fsync", "process"])
 @pytest.mark.parametrize("fail", [None, "whole", "partial"])
-async def test_snapshot_writes_done_at_once(small, monkeypatch, fail):
-    """Single-chunk snapshot writes with process durability (``Snapshot._write_now``): a
-    whole chunk goes straight to its COW chunk, a partial one has the origin chunk copied
-    first; both read back and reload.  A failed data write or copy-out fails the write
-    with EIO and invalidates the snapshot, as on the general path."""
-    from dmsim.blockdev import FileDevice
-    from dmsim.targets.snapshot import Snapshot
+async def test_single_chunk_snapshot_writes(small, monkeypatch, fail, durability):
+    """Single-chunk snapshot writes: a whole chunk goes straight to its COW chunk, a
+    partial one has the origin chunk copied first; both read back and reload.  A failed
+    data write or copy-out fails the write with EIO and invalidates the snapshot."""
     O, C, _ = small
-    done = []
-    real = Snapshot._write_now
-
-    async def spy(self, bio, chunk):
-        ok = await real(self, bio, chunk)
-        done.append(ok)
-        return ok
-    monkeypatch.setattr(Snapshot, "_write_now", spy)
     original = read_at(O, 0, 64 * 512)
-    async with dmsim.open_manager(durability="process") as m:
+    async with dmsim.open_manager(durability=durability) as m:
         s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, C))
         await s.write(8, fill(1, 8))                    # whole chunk 1
         await s.write(16 + 3, fill(2, 2))               # part of chunk 2
-        assert done == [True, True]
         assert st(m, "s") == "0 16384 snapshot 32/32768 16"
         expect = bytearray(original)
         expect[8 * 512:16 * 512] = fill(1, 8)
         expect[19 * 512:21 * 512] = fill(2, 2)
         assert await s.read(0, 64) == bytes(expect)
         if fail is not None:
-            def broken(*args):
-                raise DMError(errno.EIO)
-            monkeypatch.setattr(FileDevice, "try_write_now" if fail == "whole" else "copy_to", broken)
-            if fail == "partial":     # the queued kcopyd job must fail too
-                def eio(*args):
-                    raise OSError(errno.EIO, "EIO")
-                monkeypatch.setattr(FileDevice, "_read", eio)
-                monkeypatch.setattr(FileDevice, "_read_into", eio)
+            if fail == "whole":
+                break_cow_writes(monkeypatch, C, 4 * 4096)      # the data chunks after these
+            else:
+                break_copies_and_reads(monkeypatch)
             m.read_log()
             with pytest.raises(DMError):
                 await s.write(40 if fail == "whole" else 41, fill(3, 8 if fail == "whole" else 1))
@@ -574,30 +584,31 @@ async def test_kernel_made_cow_activates(tmp_path):
         assert await md5_dev(s) == md5
 
 
-def count_copies_now(monkeypatch):
-    """Count the origin copy-outs done at once (``Snapshot.origin_copy_now`` True)."""
-    from dmsim.targets.snapshot import Snapshot
-    done = []
-    real = Snapshot.origin_copy_now
+def count_waits(monkeypatch):
+    """Record, for every wait on a pending exception, whether it had to block (the
+    exception not finished yet): with process durability and one request at a time,
+    none does (copy, commit and completion run at once in the writer's task)."""
+    from dmsim.targets.snapshot import _Pending
+    waited = []
+    real = _Pending.wait
 
-    async def spy(self, start, end):
-        ok = await real(self, start, end)
-        done.append(ok)
-        return ok
-    monkeypatch.setattr(Snapshot, "origin_copy_now", spy)
-    return done
+    async def spy(self):
+        waited.append(not self.finished)
+        await real(self)
+    monkeypatch.setattr(_Pending, "wait", spy)
+    return waited
 
 
 @pytest.mark.parametrize("durability", ["fsync", "process"])
 async def test_same_workload_writes_the_kernels_cow_bytes(tmp_path, monkeypatch, durability):
     """guest.sh replayed in-process (page-cache writeback turns its 512-byte snapshot
     writes into whole 4 KiB pages) leaves the very COW image the kernel left, whether
-    the origin's copy-outs take the general path (fsync: commits wait for syncs) or are
-    done at once (process: :meth:`Snapshot.origin_copy_now`, full areas included)."""
+    the origin's copy-outs wait for syncs (fsync) or are done at once (process, full
+    areas included)."""
     o, c = str(tmp_path / "o.img"), str(tmp_path / "c.img")
     kernel_pattern_origin(o)
     make_zero(c, 4)
-    done = count_copies_now(monkeypatch)
+    waited = count_waits(monkeypatch)
     async with dmsim.open_manager(durability=durability) as m:
         s = await mk(m, "snap", "0 16384 snapshot %s %s P 8" % (o, c))
         org = await mk(m, "origin", "0 16384 snapshot-origin %s" % o)
@@ -611,10 +622,7 @@ async def test_same_workload_writes_the_kernels_cow_bytes(tmp_path, monkeypatch,
         status, md5 = kernel_record()
         assert st(m, "snap") == status
         assert await md5_dev(s) == md5
-    if durability == "process":     # 600 first writes, filling 2 areas: all at once
-        assert done == [True] * 600
-    else:
-        assert not any(done)
+    assert not any(waited)
     with gzip.open(os.path.join(KFIX, "kernel-cow.img.gz")) as f:
         kernel_cow = f.read()
     with open(c, "rb") as f:
@@ -650,9 +658,9 @@ async def dmsim_interop_workload(m, o, c):
 async def test_dmsim_made_cow_activates_on_the_kernel(tmp_path, monkeypatch, durability):
     """dmsim writes the recorded COW byte for byte, and the kernel, activating that COW,
     printed the status and snapshot contents dmsim prints (with process durability,
-    single-chunk origin writes copy out at once, mixed with the general path's runs)."""
+    and one request at a time, every copy-out is done at once)."""
     o, c = str(tmp_path / "o.img"), str(tmp_path / "c.img")
-    done = count_copies_now(monkeypatch)
+    waited = count_waits(monkeypatch)
     async with dmsim.open_manager(durability=durability) as m:
         status, md5 = await dmsim_interop_workload(m, o, c)
         with open(os.path.join(KFIX, "dmsim-cow-kernel.txt")) as f:
@@ -662,7 +670,7 @@ async def test_dmsim_made_cow_activates_on_the_kernel(tmp_path, monkeypatch, dur
         # and dmsim reads the COW back the same after a fresh activation
         s = await mk(m, "snap", "0 16384 snapshot %s %s P 8" % (o, c))
         assert (st(m, "snap"), await md5_dev(s)) == (status, md5)
-    assert any(done) == (durability == "process")
+    assert not any(waited)
     with gzip.open(os.path.join(KFIX, "dmsim-cow.img.gz")) as f:
         assert md5_file(c) == hashlib.md5(f.read()).hexdigest()
 
@@ -754,7 +762,7 @@ async def test_large_runs_read_back_through_block_index_and_after_reactivation(s
         await o.write(8192, fill(3, 1024))              # 2 blocks
         await o.write(8192 + 512 + 8, fill(4, 8))       # a rewrite inside a linear block
         target = m.find("s").live.targets[0]
-        assert len(target._linear) >= 6
+        assert len(target.complete.blocks) >= 6
 
         async def check(dev):
             for _ in range(40):
@@ -768,7 +776,7 @@ async def test_large_runs_read_back_through_block_index_and_after_reactivation(s
         await m.remove("s")
         s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, C))
         again = m.find("s").live.targets[0]
-        assert again._linear == target._linear
+        assert again.complete.blocks == target.complete.blocks
         await check(s)
 
 
@@ -792,19 +800,18 @@ async def test_reads_over_linear_blocks_split_only_at_metadata_chunks(small, mon
         await o.write(0, fill(1, 2048))
         await o.write(2048, fill(2, 2048))
         target = m.find("s").live.targets[0]
-        assert target._linear == {0: 2, 1: 66, 2: 130, 3: 194, 4: 259, 5: 323, 6: 387, 7: 451}
+        assert target.complete.blocks == {0: 2, 1: 66, 2: 130, 3: 194, 4: 259, 5: 323, 6: 387, 7: 451}
         assert await s.read(1000, 2001) == original[1000 * 512:3001 * 512]
         assert calls == [[66, 130, 194, 259, 323]]
         assert await s.read(512, 1024) == original[512 * 512:1536 * 512]    # one run
         assert len(calls) == 2
 
 
-async def test_two_snapshots_copy_out_at_once_as_the_general_path(tmp_path, monkeypatch):
+async def test_two_snapshots_copy_out_the_same_in_both_durabilities(tmp_path, monkeypatch):
     """Two snapshots of one origin (chunks of 4 and 8 KiB): with process durability each
-    origin write copies out to both at once (``_copy_now_all``); both COWs end up byte
-    for byte as the general path (fsync durability) leaves them, and both snapshots
-    still read the original."""
-    import dmsim.targets.snapshot as snapmod
+    origin write copies out to both at once; both COWs end up byte for byte as with
+    fsync durability (commits waiting for syncs), and both snapshots still read the
+    original."""
     results = {}
     for durability in ("fsync", "process"):
         d = tmp_path / durability
@@ -814,14 +821,7 @@ async def test_two_snapshots_copy_out_at_once_as_the_general_path(tmp_path, monk
         make_zero(C1, 16)
         make_zero(C2, 16)
         original = read_at(O, 0, SZ8 * 512)
-        done = []
-        real = snapmod._copy_now_all
-
-        async def spy(*a):
-            ok = await real(*a)
-            done.append(ok)
-            return ok
-        monkeypatch.setattr(snapmod, "_copy_now_all", spy)
+        waited = count_waits(monkeypatch)
         r = random.Random(21)
         async with dmsim.open_manager(durability=durability) as m:
             s1 = await mk(m, "s1", "0 %d snapshot %s %s P 8" % (SZ8, O, C1))
@@ -835,8 +835,7 @@ async def test_two_snapshots_copy_out_at_once_as_the_general_path(tmp_path, monk
             status = (st(m, "s1"), st(m, "s2"))
         monkeypatch.undo()
         results[durability] = (status, md5_file(C1), md5_file(C2), md5_file(O))
-        if durability == "process":
-            assert done and all(done)
+        assert not any(waited)
     assert results["fsync"] == results["process"]
 
 
@@ -897,3 +896,30 @@ async def test_snapshot_write_over_cow_runs_not_contiguous_in_the_request(tmp_pa
         await m.remove("s")
         s = await mk(m, "s", "0 2048 snapshot %s %s P 8" % (o, c))
         assert await s.read(0, 24) == b"A" * 4096 + b"B" * 4096 + b"C" * 4096
+
+
+async def test_concurrent_first_writes_share_syncs(small, monkeypatch):
+    """Issue 11 item 5: with fsync durability, 16 concurrent 4 KiB origin first writes
+    share area writes as the kernel's persistent store does (the area is written when no
+    other exception is pending): well under the 2 fdatasyncs per first write that one
+    area write each would take."""
+    O, C, _ = small
+    calls = []
+    real = os.fdatasync
+
+    def counting(fd):
+        calls.append(fd)
+        return real(fd)
+
+    async with dmsim.open_manager(durability="fsync") as m:
+        await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, C))
+        o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, O))
+        monkeypatch.setattr(os, "fdatasync", counting)
+        async with trio.open_nursery() as n:
+            for i in range(16):
+                n.start_soon(o.write, i * 64, fill(0x40 + i, 8))
+        monkeypatch.undo()
+        per_write = len(calls) / 16
+        print("fdatasyncs per first write: %.2f" % per_write)
+        assert per_write < 1, "%d fdatasyncs for 16 first writes" % len(calls)
+        assert st(m, "s") == "0 16384 snapshot %d/32768 16" % (8 * 18)
