@@ -72,6 +72,7 @@ class Manager:
         # mount writes back its buffered data for the device there)
         self.lock_fs_hooks: list = []
         self.closed = False
+        self.task_failures: list[BaseException] = []
         #: the mount root's (st_dev, st_ino) as last seen from a worker thread
         self.mount_root_id: tuple[int, int] | None = None
 
@@ -187,8 +188,23 @@ class Manager:
         from .kcopyd import KcopydClient
 
         kc = KcopydClient(num_pages)
-        await self.nursery.start(kc.run)
+        await self.nursery.start(self._guarded, kc.run, "kcopyd worker")
         return kc
+
+    async def _guarded(self, fn, what: str, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Run a background ``fn(task_status=...)``; an error in it is :meth:`task_failed`,
+        not the end of the manager's nursery (and of every other device)."""
+        try:
+            await fn(task_status=task_status)
+        except Exception as e:
+            self.task_failed(e, what)
+
+    def task_failed(self, exc: BaseException, what: str) -> None:
+        """A background task died of a bug: log it with its traceback and keep serving;
+        :func:`open_manager` raises the first such error when it closes, so that tests
+        still see it."""
+        pylog.error("%s failed", what, exc_info=exc)
+        self.task_failures.append(exc)
 
     # -- DM_DEV_CREATE ----------------------------------------------------------------------
     def create(self, name: str, uuid: str = "") -> MappedDevice:
@@ -315,12 +331,15 @@ class Manager:
                 md.live_logical_block_size = new.logical_block_size
             with trio.CancelScope(shield=True):
                 try:
-                    if md.live is None:
+                    live = md.live
+                    if live is None:
                         raise DMError(errno.EINVAL)
-                    for t in md.live.targets:
+                    for t in live.targets:
                         await t.preresume()
+                    if md.removed:
+                        raise DMError(errno.ENXIO)
                     md.unblock_io()
-                    for t in md.live.targets:
+                    for t in live.targets:
                         await t.resume()
                 finally:
                     # do_resume: the old table is destroyed after the new one resumed (or
@@ -363,14 +382,23 @@ class Manager:
         else:                     # no event, but waiters must notice the removal
             md._event.set()
         md.kill_io()
+        deadline = trio.current_time() + DRAIN_SECONDS
+        locked = False
         try:
-            await self._quiesce(md, trio.current_time() + DRAIN_SECONDS)
+            # md->suspend_lock: a suspend or resume under way finishes first (bounded: a
+            # suspend stuck on I/O that never drains does not keep the device for ever)
+            with trio.move_on_at(deadline):
+                await md.suspend_lock.acquire()
+                locked = True
+            await self._quiesce(md, deadline)
         finally:
             with trio.CancelScope(shield=True):
                 for table in (md.inactive, md.live):
                     if table is not None:
                         await table.destroy()
                 md.inactive = md.live = None
+            if locked:
+                md.suspend_lock.release()
 
     async def _quiesce(self, md: MappedDevice, deadline: float) -> None:
         """The last suspend of a dying device (after :meth:`MappedDevice.kill_io`): the
@@ -602,3 +630,5 @@ async def open_manager(mount_dir: str | None = None, io_mode: str = "inline",
                 with trio.CancelScope(shield=True):
                     await m.shutdown()
                 nursery.cancel_scope.cancel()
+            if m.task_failures:
+                raise m.task_failures[0]

@@ -272,6 +272,8 @@ class _Context:
             try:
                 with scope:
                     await async_fn(*args)
+            except Exception as e:      # a bug in one target's task must not end the manager
+                self.manager.task_failed(e, "%s: background task of %s" % (self.md.mm, self.table.md.name))
             finally:
                 group.discard(scope)
 

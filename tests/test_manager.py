@@ -482,3 +482,50 @@ async def test_stack_depth_is_bounded_without_recursion(m):
     await mk(m, "under", "0 8 zero")
     with pytest.raises(DMError):                              # d0 would be one level deeper
         await m.load("d0", parse_table_text("0 8 linear /dev/mapper/under 0"))
+
+
+async def test_a_failing_background_task_does_not_end_the_manager(tmp_path, img, autojump_clock):
+    """A bug in a target's task is logged and leaves every other device (and the
+    manager) serving; open_manager still raises it when it closes, so tests see it."""
+    from dmsim.targets import base as tbase
+
+    class Buggy(tbase.Target):
+        name = "test-bug"
+
+        async def ctr(self, args):
+            self.ctx.start_task(self.work)
+
+        async def work(self):
+            await trio.sleep(1)
+            raise RuntimeError("bug in a background task")
+
+        async def map(self, bio):
+            return bytes(512 * bio.sectors)
+
+    tbase.register(Buggy)
+    try:
+        with pytest.raises(RuntimeError, match="bug in a background task"):
+            async with dmsim.open_manager() as m:
+                await mk(m, "b", "0 8 test-bug")
+                lin = await mk(m, "l", "0 8 linear %s 0" % img)
+                await trio.sleep(2)
+                assert len(m.task_failures) == 1
+                await lin.write(0, b"k" * 512)
+                assert await lin.read(0, 1) == b"k" * 512
+                await m.remove("b")
+    finally:
+        tbase._registry.pop(Buggy.name)
+        tbase._order.remove(Buggy.name)
+
+
+async def test_remove_waits_for_a_resume_under_way(m, img, test_targets, autojump_clock):
+    """remove takes md->suspend_lock: a resume in its preresume hooks finishes first, then
+    the device goes, with nothing left open under it."""
+    await mk(m, "b", "0 64 linear %s 0" % img)
+    m.create("top")
+    await m.load("top", parse_table_text("0 8 test-stall /dev/mapper/b preresume 3"))
+    async with trio.open_nursery() as n:
+        n.start_soon(m.resume, "top")
+        await trio.sleep(1)
+        await m.remove("top")
+    assert "top" not in m.devices and m.info("b").open_count == 0
