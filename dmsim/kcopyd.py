@@ -32,22 +32,41 @@ still completes any large copy (8-sector chunks); under WRITE_SEQ a chunk whose 
 failed leaves a hole after which later chunks are skipped without I/O (the kernel would
 wait forever for the hole to be written); legacy page-queue retry keeps FIFO order.
 
-Concurrency model (Trio): each job is a task in the client's nursery; its chunks run in
-up to 8 slot tasks.  The worker task only runs completion callbacks.  Page requests
-are queued synchronously at submit/claim time, so FIFO start order does not depend on
-Trio's scheduling order.
+One copy path, as the kernel's ``dm_kcopyd_copy`` -> ``dispatch_job`` ->
+``run_pages_job``/``run_io_job`` -> ``complete_io``: every job (``copy``, ``zero``,
+``copy_async``, ``copy_now``) is a :class:`_Job` built by one constructor, dispatched by
+:meth:`KcopydClient._dispatch`, its sub-jobs claimed by :meth:`_Job.claim`, run by one
+sub-job step and ended by one completion (:meth:`KcopydClient._complete`).  Two things
+about a job decide how it runs, and they are properties of the job, not other code:
+
+* ``copy_mode``: how a sub-job moves its data.  Image file to image file with one
+  destination is one in-kernel copy (:meth:`FileDevice.copy_to`): as a plain call when
+  both files do inline I/O, in a :mod:`dmsim.syncthread` call when either does thread
+  I/O; anything else reads into pages and writes the pages to every destination.  An
+  in-kernel copy that fails turns the mode off for the rest of the job, whose sub-jobs
+  then read and write, so read_err and write_err are exact.
+* ``inline``: a job whose sub-jobs are all plain calls (in-kernel copies as plain
+  calls, no throttle limiting, pages free with nobody queued for them, at most 8
+  sub-jobs) runs them one after another in the submitter's call, taking and giving
+  back each sub-job's pages, and completes there.  Anything else is *queued*: a task
+  in the client's nursery with up to 8 slot tasks, each claiming sub-jobs in ascending
+  order, waiting for pages in FIFO order; the worker task runs the callbacks.  An
+  inline job whose copy fails is queued from that sub-job on (``copy_now``, which can
+  not wait, then reports False instead).  Page requests are queued synchronously at
+  dispatch/claim time, so FIFO start order does not depend on Trio's scheduling order.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 from contextlib import asynccontextmanager
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, AsyncIterator, Callable, NamedTuple, Sequence
 
 import trio
 
 from . import fanout, syncthread
-from .bio import Bio, Op, PAGE_SECTORS, to_bytes
+from .bio import PAGE_SECTORS, Bio, Op, to_bytes
 from .errors import DMError, collapse_groups
 
 __all__ = [
@@ -86,7 +105,7 @@ class Region(NamedTuple):
 
     dev: Any
     sector: int
-    count: int
+    count: int  # type: ignore[assignment]  # the kernel's name; shadows tuple.count
 
 
 def subjob_sectors_from_kb(kb: int) -> int:
@@ -167,10 +186,8 @@ class PagePool:
             grant.granted = False
             self.give(grant.pages)
         else:
-            try:
+            with contextlib.suppress(ValueError):
                 self._waiters.remove(grant)
-            except ValueError:
-                pass
             self._grant_waiters()
 
     def give(self, n: int) -> None:
@@ -242,42 +259,66 @@ class Throttle:
         self.io_jobs -= 1
 
 
+#: a job's ``copy_mode``: how its sub-jobs move data (see the module docstring)
+COPY_PAGES = 0          # read into pages, write them to every destination
+COPY_INLINE = 1         # FileDevice.copy_to as a plain call
+COPY_THREAD = 2         # FileDevice.copy_to in a syncthread call
+
+
 class _Job:
-    """A submitted copy/zero (the kernel's master job); chunks share its state."""
+    """A submitted copy/zero (the kernel's master job); its sub-jobs share this state.
 
-    __slots__ = ("source", "dests", "flags", "notify", "context", "count_sectors",
-                 "chunk_sectors", "progress_sectors", "read_err", "write_err",
-                 "issue_offset", "issue_lot", "write_offset", "seq_hole", "seq_lot")
+    No ``__slots__``: the state most jobs never change is a class default, set on the
+    instance only when it changes (a job is built for every snapshot first write)."""
 
-    def __init__(self, source, dests, flags, notify, context, count_sectors):
-        self.source: Region | None = source
-        self.dests: tuple[Region, ...] = dests
+    inline = False                  # running in the submitter's call
+    progress_sectors = 0            # claimed so far
+    read_err = 0
+    write_err = 0
+    # sub-jobs issue their first I/O in claim (ascending) order
+    issue_offset = 0
+    issue_lot: trio.lowlevel.ParkingLot | None = None
+    # WRITE_SEQ: next offset allowed to write, first offset whose read failed
+    write_offset = 0
+    seq_hole: int | None = None
+    seq_lot: trio.lowlevel.ParkingLot | None = None
+
+    def __init__(self, kc: KcopydClient, source: Region | None, dests: tuple[Region, ...],
+                 flags: int, notify: Notify | None, context: Any, count_sectors: int):
+        self.source = source
+        self.dests = dests
         self.flags = flags
         self.notify = notify
         self.context = context
         self.count_sectors = count_sectors
-        self.chunk_sectors = count_sectors
-        self.progress_sectors = 0
-        self.read_err = 0
-        self.write_err = 0
-        # chunks issue their first I/O in claim (ascending) order
-        self.issue_offset = 0
-        self.issue_lot: trio.lowlevel.ParkingLot | None = None
-        # WRITE_SEQ: next offset allowed to write, first offset whose read failed
-        self.write_offset = 0
-        self.seq_hole: int | None = None
-        self.seq_lot: trio.lowlevel.ParkingLot | None = None
+        # the sub-job size: the client's split rule (2.6 splits from count >= 128)
+        sub = kc.sub_job_sectors
+        if count_sectors > sub or (kc.legacy and count_sectors == sub):
+            self.chunk_sectors = kc.copy_chunk_sectors if source is not None else sub
+        else:
+            self.chunk_sectors = count_sectors
+        self.copy_mode = COPY_PAGES
+        if source is not None and len(dests) == 1:
+            can = getattr(source.dev, "can_copy_to", None)
+            if can is not None:
+                if can(dests[0].dev):
+                    self.copy_mode = COPY_INLINE
+                elif can(dests[0].dev, in_thread=True):
+                    self.copy_mode = COPY_THREAD
 
     def claim(self) -> tuple[int, int] | None:
-        """Next unclaimed chunk ``(offset, sectors)``, or None: no work or stop on error."""
+        """Next unclaimed sub-job ``(offset, sectors)``, or None: no work or stop on error."""
         if (self.read_err or self.write_err) and not self.flags & FLAG_IGNORE_ERROR:
             return None
-        remaining = self.count_sectors - self.progress_sectors
-        if remaining <= 0:
+        if self.progress_sectors >= self.count_sectors:
             return None
-        sectors = min(self.chunk_sectors, remaining)
+        return self.claim_next()
+
+    def claim_next(self) -> tuple[int, int]:
+        """The next sub-job, when there is one and no error stops claiming."""
         offset = self.progress_sectors
-        self.progress_sectors += sectors
+        sectors = min(self.chunk_sectors, self.count_sectors - offset)
+        self.progress_sectors = offset + sectors
         return offset, sectors
 
 
@@ -286,7 +327,7 @@ class _PreparedCallback:
 
     __slots__ = ("notify", "context", "read_err", "write_err", "done")
 
-    def __init__(self, notify, context):
+    def __init__(self, notify: Notify, context: Any):
         self.notify = notify
         self.context = context
         self.read_err = 0
@@ -309,7 +350,7 @@ class KcopydClient:
     """
 
     def __init__(self, num_pages: int | None = None, *, sub_job_sectors: int | None = None,
-                 legacy: bool | None = None, throttle: "Throttle | int | None" = None,
+                 legacy: bool | None = None, throttle: Throttle | int | None = None,
                  max_system_pages: int | None = None):
         if legacy is None:
             legacy = num_pages is not None
@@ -336,11 +377,11 @@ class KcopydClient:
             throttle = Throttle(throttle)
         self.throttle: Throttle | None = throttle
         self._nursery: trio.Nursery | None = None
-        self._worker_task = None
+        self._worker_task: trio.lowlevel.Task | None = None
         self._state = "new"                # new -> running -> stopped
         self._stopping = False
         self._outstanding = 0
-        self._completions: collections.deque = collections.deque()
+        self._completions: collections.deque[_Job | _PreparedCallback] = collections.deque()
         self._wake = trio.Event()
         self._stopped = trio.Event()
         self._flush_waiters: list[trio.Event] = []
@@ -348,7 +389,7 @@ class KcopydClient:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[KcopydClient] = trio.TASK_STATUS_IGNORED) -> None:
         """The worker: runs callbacks until :meth:`destroy` and no job is outstanding."""
         if self._state != "new":
             raise DMError(errno.EBUSY, "kcopyd: client already started")
@@ -414,87 +455,52 @@ class KcopydClient:
         """``dm_kcopyd_copy``: queue a copy; ``notify(read_err, write_err, context)`` later.
 
         Never waits and never fails for lack of memory; bad arguments raise
-        ``DMError(EINVAL)`` here (no callback then).  A copy that :meth:`copy_async`
-        would run in the caller's task is done here, inline like all file I/O, and only
-        its callback is queued: a mirror resync region then costs two scheduler passes
-        fewer (the job task and its slot).
+        ``DMError(EINVAL)`` here (no callback then).  A job that can run inline (see the
+        module docstring) is copied in this call; its callback still runs from the
+        worker (a mirror resync region then costs no job or slot task).
         """
         if from_region is None:
             raise DMError(errno.EINVAL, "kcopyd: copy needs a source region (use zero())")
-        if self._copy_inline(from_region, dest_regions, flags):
-            # done already (see copy_async); the callback still runs from the worker
-            job = _Job(from_region, tuple(dest_regions), flags, notify, context, from_region.count)
-            self._outstanding += 1
-            self._queue_completion(job)
-            return
-        self._submit(from_region, dest_regions, flags, notify, context)
+        self._dispatch(self._new_job(from_region, dest_regions, flags, notify, context))
 
     def zero(self, dest_regions: Sequence[Region], flags: int = 0,
              notify: Notify | None = None, context: Any = None) -> None:
         """``dm_kcopyd_zero``: write zeros to every destination (no read, no pages)."""
-        self._submit(None, dest_regions, flags, notify, context)
+        self._dispatch(self._new_job(None, dest_regions, flags, notify, context))
 
     async def copy_async(self, from_region: Region, dest_regions: Sequence[Region],
                          flags: int = 0) -> tuple[int, int]:
         """Submit a copy and wait for its ``(read_err, write_err)``.
 
-        A copy of at most 8 sub-jobs from an image file to another, with pages free and
-        no one queued for them, runs in the caller's task as ``copy_file_range`` calls:
-        the job task, its slot and the worker's callback are three scheduler hops, ~90
-        of the ~110 us a 4 KiB snapshot copy-out took (measured).  Any failure falls
-        back to a queued job (with the flags), so the error bits stay exact.
+        A job that runs inline is complete when its dispatch returns: no job task, slot
+        or worker callback, the three scheduler hops that were ~90 of the ~110 us a
+        4 KiB snapshot copy-out took (measured).
         """
-        if self._copy_inline(from_region, dest_regions, flags):
-            await trio.lowlevel.checkpoint_if_cancelled()
-            return 0, 0
-        return await self._wait_for(from_region, dest_regions, flags)
-
-    def _copy_inline(self, src: Region, dests, flags: int) -> bool:
-        # flags only matter on errors (any failure falls back to the queued job, with
-        # them) or between sub-jobs (here they run one after another, in order)
-        if len(dests) != 1 or not isinstance(src, tuple):
-            return False
-        dest = dests[0]
-        if dest.count != src.count:
-            return False
-        return self.copy_now(src.dev, src.sector, dest.dev, dest.sector, src.count)
-
-    def copy_now(self, src_dev, src_sector: int, dest_dev, dest_sector: int, count: int) -> bool:
-        """Copy one region to one destination here and now, as a plain call (it never
-        checkpoints, so a caller may rely on nothing else running meanwhile).  False when
-        the copy can't run inline (not two image files, no free pages, a throttle, more
-        than 8 sub-jobs) or failed; the caller then submits it as a job, which redoes it
-        and reports exact error bits."""
-        if self._state != "running" or (self.throttle is not None and self.throttle.percent < 100):
-            return False
-        sub = self.sub_job_sectors
-        if not (0 < count <= SPLIT_COUNT * sub and src_sector >= 0 and dest_sector >= 0):
-            return False
-        can = getattr(src_dev, "can_copy_to", None)
-        if can is None or not can(dest_dev):
-            return False
-        pool = self.pages
-        pages = -(-min(count, sub) // PAGE_SECTORS)          # pages_for
-        if pool._waiters or pages > pool.capacity - pool.in_use:
-            return False
-        # the pages are held only while this call runs, and nothing else runs meanwhile:
-        # taking and giving them back would change nothing anyone can see but the peak
-        if pool.in_use + pages > pool.peak_in_use:
-            pool.peak_in_use = pool.in_use + pages
-        try:
-            if count <= sub:
-                src_dev.copy_to(dest_dev, src_sector, dest_sector, count)
-            else:               # sub-job by sub-job, in order, as the slots would issue them
-                for offset in range(0, count, sub):
-                    src_dev.copy_to(dest_dev, src_sector + offset, dest_sector + offset,
-                                    min(sub, count - offset))
-        except DMError:
-            return False
-        return True
+        if from_region is None:
+            raise DMError(errno.EINVAL, "kcopyd: copy needs a source region (use zero())")
+        return await self._dispatch_and_wait(self._new_job(from_region, dest_regions, flags, None, None))
 
     async def zero_async(self, dest_regions: Sequence[Region], flags: int = 0) -> tuple[int, int]:
         """Submit a zeroing job and wait for its ``(read_err, write_err)``."""
-        return await self._wait_for(None, dest_regions, flags)
+        return await self._dispatch_and_wait(self._new_job(None, dest_regions, flags, None, None))
+
+    def copy_now(self, src_dev: Any, src_sector: int, dest_dev: Any, dest_sector: int, count: int) -> bool:
+        """Copy one region to one destination here and now: the job run inline, as a
+        plain call (it never checkpoints, so a caller may rely on nothing else running
+        meanwhile).
+
+        False when the job can't run inline (not two image files doing inline I/O, a
+        throttle, more than 8 sub-jobs, pages short or someone queued for them, bad
+        arguments): nothing is done then.  False too when an in-kernel copy failed: the
+        destination range is then undefined, and the caller submits the copy as a job,
+        which redoes it and reports exact error bits.
+        """
+        if self._state != "running" or count < 0 or src_sector < 0 or dest_sector < 0:
+            return False
+        region = tuple.__new__       # Region(...) without its Python-level __new__
+        job = _Job(self, region(Region, (src_dev, src_sector, count)),
+                   (region(Region, (dest_dev, dest_sector, count)),), 0, None, None, count)
+        return self._dispatch(job, False)
 
     def prepare_callback(self, notify: Notify, context: Any = None) -> _PreparedCallback:
         """Reserve a callback slot that counts as an outstanding job until it has run."""
@@ -512,30 +518,30 @@ class KcopydClient:
         job.write_err = write_err
         self._queue_completion(job)
 
-    async def _wait_for(self, source, dests, flags) -> tuple[int, int]:
-        done = trio.Event()
-        result: list[tuple[int, int]] = []
-
-        def notify(read_err, write_err, _context):
-            result.append((read_err, write_err))
-            done.set()
-
-        self._submit(source, dests, flags, notify, None)
-        await done.wait()
-        return result[0]
+    async def _dispatch_and_wait(self, job: _Job) -> tuple[int, int]:
+        if self._dispatch(job):
+            await trio.lowlevel.checkpoint_if_cancelled()
+        else:
+            # queued: no task of it has run yet, so its completion will see this notify
+            done = trio.Event()
+            job.notify = lambda _read_err, _write_err, _context: done.set()
+            await done.wait()
+        return job.read_err, job.write_err
 
     def _check_open(self) -> None:
         if self._state != "running":
             raise DMError(errno.EINVAL, "kcopyd: client is not running (start run() first)"
                           if self._state == "new" else "kcopyd: client destroyed")
 
-    def _submit(self, source, dest_regions, flags, notify, context) -> None:
+    def _new_job(self, source: Region | None, dest_regions: Sequence[Region], flags: int,
+                 notify: Notify | None, context: Any) -> _Job:
+        """Check a submission and build its job; a bad one raises EINVAL (no callback)."""
         self._check_open()
         dests = tuple(dest_regions)
         if not 1 <= len(dests) <= MAX_REGIONS:
             raise DMError(errno.EINVAL, "kcopyd: %d destinations (1..%d allowed)"
                           % (len(dests), MAX_REGIONS))
-        for r in dests if source is None else (source,) + dests:
+        for r in dests if source is None else (source, *dests):
             if not isinstance(r, tuple) or len(r) != 3 or r[1] < 0 or r[2] < 0:
                 raise DMError(errno.EINVAL, "kcopyd: bad region %r" % (r,))
         count = source.count if source is not None else dests[0].count
@@ -543,37 +549,99 @@ class KcopydClient:
             raise DMError(errno.EINVAL, "kcopyd: region counts differ")
         if flags & FLAG_WRITE_SEQ:
             flags &= ~FLAG_IGNORE_ERROR
-        job = _Job(source, dests, flags, notify, context, count)
-        if count == 0:
-            self._outstanding += 1
-            self._queue_completion(job)
-            return
-        split = (count >= self.sub_job_sectors) if self.legacy else (count > self.sub_job_sectors)
-        if split:
-            job.chunk_sectors = self.copy_chunk_sectors if source is not None else self.sub_job_sectors
-        elif source is not None and pages_for(count) > self.pages.capacity:
+        job = _Job(self, source, dests, flags, notify, context, count)
+        if source is not None and pages_for(job.chunk_sectors) > self.pages.capacity:
             raise DMError(errno.EINVAL, "kcopyd: job needs %d pages, client owns %d"
-                          % (pages_for(count), self.pages.capacity))
-        if flags & FLAG_WRITE_SEQ:
-            job.seq_lot = trio.lowlevel.ParkingLot()
-        # claim the first chunks and queue their page requests now: FIFO order is
-        # submission order whatever order Trio runs the tasks in
-        first = []
-        while len(first) < SPLIT_COUNT:
-            chunk = job.claim()
-            if chunk is None:
-                break
-            grant = self.pages.request(pages_for(chunk[1])) if source is not None else None
-            first.append((chunk[0], chunk[1], grant))
-        self._outstanding += 1
-        self._nursery.start_soon(self._run_job, job, first)
+                          % (pages_for(job.chunk_sectors), self.pages.capacity))
+        return job
 
     # ------------------------------------------------------------------ execution
+
+    def _dispatch(self, job: _Job, may_queue: bool = True) -> bool:
+        """``dispatch_job``: run the job inline when it can, else queue it (not when
+        ``may_queue`` is false: nothing is left behind then).  True when the job is
+        complete on return (inline, or zero-length).
+
+        Inline when every sub-job is a plain call: in-kernel copies as plain calls, no
+        throttle limiting, at most 8 sub-jobs (bounds how long the Trio thread is held),
+        a sub-job's pages free and nobody queued for pages.
+        """
+        self._outstanding += 1
+        count = job.count_sectors
+        if not count:
+            self._complete(job)         # no I/O at all: the callback is queued at once
+            return True
+        if job.copy_mode == COPY_INLINE:
+            throttle, pool, chunk = self.throttle, self.pages, job.chunk_sectors
+            if ((throttle is None or throttle.percent >= 100) and count <= SPLIT_COUNT * chunk
+                    and not pool._waiters and pages_for(chunk) <= pool.capacity - pool.in_use):
+                job.inline = True
+                if self._run_inline(job):
+                    return True
+                job.inline = False      # a copy failed: the rest of the job is queued
+        if may_queue:
+            self._queue(job)
+        else:
+            self._outstanding -= 1      # nothing queued, no completion to come
+        return False
+
+    def _run_inline(self, job: _Job) -> bool:
+        """The inline mode: the job's sub-jobs one after another in this call, in claim
+        order as the slots would issue them, each taking its pages, copying
+        (:meth:`_copy_now`) and giving them back (nobody waits for pages: the dispatch
+        checked, and nothing else runs meanwhile); then the one completion.
+
+        False when a sub-job's copy failed: that sub-job is unclaimed again, the ones
+        before it are done (and count as issued and written, for WRITE_SEQ), and the job
+        is not complete.
+        """
+        pool = self.pages
+        count = job.count_sectors
+        while job.progress_sectors < count:     # (no error can stop claiming here)
+            offset, sectors = job.claim_next()
+            pages = -(-sectors // PAGE_SECTORS)     # pages_for
+            pool.in_use += pages                    # PagePool.try_take, known to succeed
+            if pool.in_use > pool.peak_in_use:
+                pool.peak_in_use = pool.in_use
+            done = self._copy_now(job, offset, sectors)
+            pool.in_use -= pages                    # PagePool.give, with no waiters
+            if not done:
+                job.progress_sectors = job.issue_offset = job.write_offset = offset
+                return False
+        self._complete(job)
+        return True
+
+    def _queue(self, job: _Job) -> None:
+        """The queued mode: claim the first sub-jobs (one per slot, up to 8) and queue
+        their page requests now, so FIFO order is dispatch order whatever order Trio
+        runs tasks in; then start the master task."""
+        if job.flags & FLAG_WRITE_SEQ:
+            job.seq_lot = trio.lowlevel.ParkingLot()
+            job.copy_mode = COPY_PAGES      # writes must be issued in order
+        first: list[tuple[int, int, _Grant | None]] = []
+        while len(first) < SPLIT_COUNT and (chunk := job.claim()) is not None:
+            grant = self.pages.request(pages_for(chunk[1])) if job.source is not None else None
+            first.append((chunk[0], chunk[1], grant))
+        nursery = self._nursery
+        assert nursery is not None, "kcopyd: dispatch on a client that is not running"
+        nursery.start_soon(self._run_job, job, first)
+
+    def _complete(self, job: _Job) -> None:
+        """The one completion of every job, however it ran (its pages are back): its
+        callback is queued for the worker.  A job without one (copy_now, or copy_async
+        done inline, which read the result themselves) is over here.  ``job.notify`` is
+        read now, so copy_async may set it after dispatching a queued job."""
+        if job.notify is None:
+            self._outstanding -= 1
+            if self._stopping and not self._outstanding:
+                self._kick()
+        else:
+            self._queue_completion(job)
 
     def _kick(self) -> None:
         self._wake.set()
 
-    def _queue_completion(self, job) -> None:
+    def _queue_completion(self, job: _Job | _PreparedCallback) -> None:
         self._completions.append(job)
         self._kick()
 
@@ -587,18 +655,18 @@ class KcopydClient:
             finally:
                 self._outstanding -= 1
 
-    async def _run_job(self, job: _Job, first) -> None:
-        """The master: run the first chunks' slots, then queue the one callback."""
+    async def _run_job(self, job: _Job, first: list[tuple[int, int, _Grant | None]]) -> None:
+        """The master: run the first sub-jobs' slots, then the one completion."""
         if len(first) == 1:
             await self._slot(job, *first[0])
         else:
             async with trio.open_nursery() as nursery:
                 for offset, sectors, grant in first:
                     nursery.start_soon(self._slot, job, offset, sectors, grant)
-        self._queue_completion(job)
+        self._complete(job)
 
     async def _slot(self, job: _Job, offset: int, sectors: int, grant: _Grant | None) -> None:
-        """One of the 8 sub-job slots: run a chunk, release pages, claim the next."""
+        """One of the 8 sub-job slots: run a sub-job, release pages, claim the next."""
         pool = self.pages
         while True:
             try:
@@ -618,12 +686,12 @@ class KcopydClient:
             grant = pool.request(pages_for(sectors)) if job.source is not None else None
 
     async def _run_chunk(self, job: _Job, offset: int, sectors: int) -> None:
-        """Read once (unless zeroing), then write every destination; errors go to job."""
-        seq = job.seq_lot is not None
-        data = None
+        """A queued sub-job: wait for its turn to issue, then copy in the kernel
+        (``job.copy_mode``) or read once (unless zeroing) and write every destination;
+        errors go to the job."""
         if job.issue_offset != offset:
             # the kernel issues dispatched sub-jobs in queue (claim) order; Trio may run
-            # the slot tasks in any order, so wait for the chunks claimed before this one
+            # the slot tasks in any order, so wait for the sub-jobs claimed before this one
             if job.issue_lot is None:
                 job.issue_lot = trio.lowlevel.ParkingLot()
             while job.issue_offset != offset:
@@ -631,66 +699,71 @@ class KcopydClient:
         job.issue_offset += sectors
         if job.issue_lot is not None:
             job.issue_lot.unpark_all()
-        if job.source is not None and not seq and await self._copy_in_kernel(job, offset, sectors):
-            return
-        if job.source is not None:
-            if seq and job.write_err:
+        throttle = self.throttle
+        if job.copy_mode and (throttle is None or throttle.percent >= 100):
+            if job.copy_mode == COPY_INLINE:
+                if self._copy_now(job, offset, sectors):
+                    return
+            elif await self._copy_in_thread(job, offset, sectors):
+                return
+        source, seq_lot = job.source, job.seq_lot
+        data = None
+        if source is not None:
+            if seq_lot is not None and job.write_err:
                 job.read_err = 1              # cancelled before its read (kernel -EIO)
                 return
-            data = await self._read(job.source, offset, sectors)
+            data = await self._read(source, offset, sectors)
             if data is None:
                 job.read_err = 1
                 if not job.flags & FLAG_IGNORE_ERROR:
-                    if seq:
+                    if seq_lot is not None:
                         if job.seq_hole is None or offset < job.seq_hole:
                             job.seq_hole = offset
-                        job.seq_lot.unpark_all()
+                        seq_lot.unpark_all()
                     return
                 data = self._zeros(sectors)         # dm-io zero-fills failed reads
-        if seq:
+        if seq_lot is not None:
             while not (job.write_offset == offset or job.write_err
                        or (job.seq_hole is not None and offset > job.seq_hole)):
-                await job.seq_lot.park()
+                await seq_lot.park()
             if job.write_err:
                 job.write_err |= WRITE_ERR_ALL  # cancelled sequential chunk
-                job.seq_lot.unpark_all()
+                seq_lot.unpark_all()
                 return
             if job.write_offset != offset:
                 return                        # after a read hole: not writable in order
             job.write_offset += sectors
-            job.seq_lot.unpark_all()
+            seq_lot.unpark_all()
         await self._write(job, offset, sectors, data)
 
-    async def _copy_in_kernel(self, job: _Job, offset: int, sectors: int) -> bool:
-        """File to file: one in-kernel copy (:meth:`FileDevice.copy_to`) instead of a read
-        and a write.
-
-        Only for one destination (several must be fed by one read), when both devices
-        are plain image files and no throttle is limiting (a throttle at 100% is off, as
-        in the kernel).  With inline I/O the copy runs here; with thread I/O in one
-        :mod:`dmsim.syncthread` call, where a read and a write cost two hand-offs and a
-        copy through Python (a 1 GiB resync: 2.7 s against 0.55 s for cp).  Any failure
-        returns False and the chunk runs the ordinary way, so read_err and write_err
-        stay exact.
-        """
-        src = job.source.dev
-        throttled = self.throttle is not None and self.throttle.percent < 100
-        if len(job.dests) != 1 or throttled or not hasattr(src, "can_copy_to"):
-            return False
-        dest = job.dests[0]
-        args = (dest.dev, job.source.sector + offset, dest.sector + offset, sectors)
+    def _copy_now(self, job: _Job, offset: int, sectors: int) -> bool:
+        """A sub-job as one in-kernel copy (:meth:`FileDevice.copy_to`), a plain call:
+        both files do inline I/O.  A failure turns the job's copy mode off and returns
+        False; the sub-job is then read and written, which reports exact error bits."""
+        src, dest = job.source, job.dests[0]
+        assert src is not None
         try:
-            if src.can_copy_to(dest.dev):
-                src.copy_to(*args)
-            elif src.can_copy_to(dest.dev, in_thread=True):
-                await syncthread.run_sync(src.copy_to, *args)
-            else:
-                return False
+            src.dev.copy_to(dest.dev, src.sector + offset, dest.sector + offset, sectors)
         except DMError:
+            job.copy_mode = COPY_PAGES
             return False
         return True
 
-    async def _read(self, src: Region, offset: int, sectors: int):
+    async def _copy_in_thread(self, job: _Job, offset: int, sectors: int) -> bool:
+        """:meth:`_copy_now` in one :mod:`dmsim.syncthread` call, for thread I/O, where
+        a read and a write cost two hand-offs and a copy through Python (a 1 GiB resync:
+        2.7 s against 0.55 s for cp)."""
+        src, dest = job.source, job.dests[0]
+        assert src is not None
+        try:
+            await syncthread.run_sync(src.dev.copy_to, dest.dev, src.sector + offset,
+                                      dest.sector + offset, sectors)
+        except DMError:
+            job.copy_mode = COPY_PAGES
+            return False
+        return True
+
+    async def _read(self, src: Region, offset: int, sectors: int) -> Any:
         throttle = self.throttle
         if throttle is not None:
             await throttle.io_start()
@@ -705,7 +778,7 @@ class KcopydClient:
             return None
         return data
 
-    async def _write(self, job: _Job, offset: int, sectors: int, data) -> None:
+    async def _write(self, job: _Job, offset: int, sectors: int, data: Any) -> None:
         throttle = self.throttle
         if throttle is not None:
             await throttle.io_start()
@@ -730,7 +803,7 @@ class KcopydClient:
             if throttle is not None:
                 throttle.io_finish()
 
-    async def _write_dest(self, job: _Job, i: int, offset: int, sectors: int, data) -> None:
+    async def _write_dest(self, job: _Job, i: int, offset: int, sectors: int, data: Any) -> None:
         """Write one destination; its failure sets only bit ``i``."""
         dest = job.dests[i]
         sector = dest.sector + offset
@@ -760,7 +833,7 @@ class KcopydClient:
 
 
 @asynccontextmanager
-async def open_kcopyd_client(num_pages: int | None = None, **kwargs):
+async def open_kcopyd_client(num_pages: int | None = None, **kwargs: Any) -> AsyncIterator[KcopydClient]:
     """``async with open_kcopyd_client() as kc``: worker in its own nursery.
 
     A normal exit destroys the client (waits for every job's callback).  An exception

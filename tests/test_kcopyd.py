@@ -12,14 +12,23 @@ import os
 import pytest
 import trio
 import trio.testing
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from dmsim.bio import Op, to_bytes
 from dmsim.blockdev import BlockDevice, MemoryDevice
 from dmsim.errors import DMError
 from dmsim.kcopyd import (
-    FLAG_IGNORE_ERROR, FLAG_WRITE_SEQ, IGNORE_ERROR, MAX_REGIONS, WRITE_SEQ,
-    KcopydClient, Region, Throttle, open_kcopyd_client, subjob_sectors_from_kb,
+    FLAG_IGNORE_ERROR,
+    FLAG_WRITE_SEQ,
+    IGNORE_ERROR,
+    MAX_REGIONS,
+    WRITE_SEQ,
+    KcopydClient,
+    Region,
+    Throttle,
+    open_kcopyd_client,
+    subjob_sectors_from_kb,
 )
 
 pytestmark = pytest.mark.trio
@@ -678,12 +687,12 @@ async def test_random_copies_are_byte_identical(data, sub_job_sectors, num_pages
     kwargs = {} if num_pages is not None else {"sub_job_sectors": sub_job_sectors}
     async with open_kcopyd_client(num_pages, **kwargs) as kc:
         for i, (start, count, dests, offs) in enumerate(plan):
-            kc.copy(Region(src, start, count), [Region(d, o, count) for d, o in zip(dests, offs)],
+            kc.copy(Region(src, start, count), [Region(d, o, count) for d, o in zip(dests, offs, strict=True)],
                     flags, lambda r, w, ctx: results.append((ctx, r, w)), i)
     assert sorted(results) == [(i, 0, 0) for i in range(len(plan))]
     for start, count, dests, offs in plan:
         expected = src.buf[to_bytes(start):to_bytes(start + count)]
-        for d, o in zip(dests, offs):
+        for d, o in zip(dests, offs, strict=True):
             assert d.buf[to_bytes(o):to_bytes(o + count)] == expected
             assert not any(d.buf[:to_bytes(o)]) and not any(d.buf[to_bytes(o + count):])
 
@@ -692,6 +701,7 @@ async def test_file_to_file_copy_in_kernel_and_fallback(tmp_path):
     """Image file to image file goes through copy_file_range; a failing copy falls back
     to read + write, so the error bits stay exact."""
     import os as _os
+
     from dmsim.blockdev import FileDevice
 
     src_path, dst_path, small_path = tmp_path / "s", tmp_path / "d", tmp_path / "small"
@@ -728,6 +738,7 @@ async def test_file_copy_with_thread_io_runs_in_a_worker_thread(tmp_path, monkey
     made from a worker thread (never on the Trio thread), sub-job by sub-job; a copy that
     fails there falls back to read + write with exact error bits."""
     import threading
+
     from dmsim.blockdev import FileDevice
 
     src_path, dst_path, small_path = tmp_path / "s", tmp_path / "d", tmp_path / "small"
@@ -758,9 +769,9 @@ async def test_file_copy_with_thread_io_runs_in_a_worker_thread(tmp_path, monkey
 
 
 async def test_small_file_copy_runs_inline_and_gives_pages_back(tmp_path):
-    """A small file-to-file copy runs in the caller's task (no job is queued, the pages it
-    borrowed are back at once; the callback form still calls back from the worker);
-    with no pages free it is a queued job as before, with the same result."""
+    """A small file-to-file job runs inline, in the caller's call (it is never queued,
+    the pages it took are back at once; the callback form still calls back from the
+    worker); with no pages free the same job is queued instead, with the same result."""
     from dmsim.blockdev import FileDevice
 
     src_path, dst_path = tmp_path / "s", tmp_path / "d"
@@ -770,25 +781,29 @@ async def test_small_file_copy_runs_inline_and_gives_pages_back(tmp_path):
     src, dst = FileDevice(str(src_path)), FileDevice(str(dst_path))
     try:
         async with open_kcopyd_client() as kc:
-            submitted = []
-            real_submit = kc._submit
-            kc._submit = lambda *a: (submitted.append(a), real_submit(*a))[1]
+            queued = []
+            real_queue = kc._queue
+            kc._queue = lambda job: (queued.append(job), real_queue(job))[1]
             assert await kc.copy_async(Region(src, 0, 8), [Region(dst, 0, 8)]) == (0, 0)
-            assert submitted == [] and kc.pages.in_use == 0 and kc.outstanding_jobs == 0
+            assert queued == [] and kc.pages.in_use == 0 and kc.outstanding_jobs == 0
+            assert kc.pages.peak_in_use == 1
             assert await kc.copy_async(Region(src, 8, 8), [Region(dst, 8, 8)], IGNORE_ERROR) == (0, 0)
             got = []
             kc.copy(Region(src, 0, 8), [Region(dst, 0, 8)], WRITE_SEQ,
                     lambda r, w, ctx: got.append((r, w, ctx)), "ctx")
-            assert got == [] and submitted == []          # copied; the callback is queued
+            assert got == [] and queued == []             # copied; the callback is queued
             await kc.flush()
             assert got == [(0, 0, "ctx")]
             held = kc.pages.capacity
             kc.pages.in_use += held                      # pool exhausted: must queue
+            assert not kc.copy_now(src, 16, dst, 16, 48)  # copy_now can't queue: refuses
+            assert queued == [] and kc.outstanding_jobs == 0
             async with trio.open_nursery() as n:
                 n.start_soon(kc.copy_async, Region(src, 16, 48), [Region(dst, 16, 48)])
                 await trio.testing.wait_all_tasks_blocked()
-                assert len(submitted) == 1               # queued, waiting for pages
+                assert len(queued) == 1 and not queued[0].inline   # waiting for pages
                 kc.pages.give(held)
+            assert kc.copy_now(src, 0, dst, 0, 64) and kc.outstanding_jobs == 0
         assert dst_path.read_bytes() == payload
     finally:
         src.close()
