@@ -336,9 +336,7 @@ class Manager:
                         raise DMError(errno.EINVAL)
                     for t in live.targets:
                         await t.preresume()
-                    if md.removed:
-                        raise DMError(errno.ENXIO)
-                    md.unblock_io()
+                    md.unblock_io()          # (a device being removed stays dying: no I/O)
                     for t in live.targets:
                         await t.resume()
                 finally:
