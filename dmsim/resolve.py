@@ -103,19 +103,6 @@ def resolve(name: str, cwd: str, mount: Mount | None) -> Resolved:
         except OSError:
             raise DMError(errno.ENODEV) from None
         name = "/dev/" + os.path.basename(target)
-    path = os.path.normpath(os.path.join(cwd, name))
-    parent, base = os.path.split(path)
-    if base.startswith("dm-") and parent == "/dev" and base[3:].isascii() and base[3:].isdigit() and \
-            (mount is None or mount.dir != "/dev"):
-        return Resolved("dm-minor", minor=int(base[3:]))
-    if parent == "/dev/mapper" and base and (mount is None or mount.dir != "/dev/mapper"):
-        if mount is None:                # in-process: /dev/mapper/NAME is ours
-            return Resolved("mapper", name=base)
-        try:
-            found = _walk(os.path.join(cwd, name), mount)
-        except DMError:
-            return Resolved("mapper", name=base)   # no kernel node of that name: ours
-        return found
     return _walk(os.path.join(cwd, name), mount)
 
 
@@ -145,9 +132,16 @@ def _walk(path: str, mount: Mount | None) -> Resolved:
         if mount is not None and nxt in (mount.dir, mount.real_dir):
             prefix, in_mount, st = nxt, True, None
             continue
+        if nxt == "/dev/mapper" and mount is None and len(todo) == 1 and todo[0] not in (".", ".."):
+            return Resolved("mapper", name=todo[0])   # in-process, even with no /dev/mapper here
+        ours = _dm_node(nxt, bool(todo), mount)
+        if ours is not None and mount is None:
+            return ours                          # in-process: /dev/mapper/NAME, /dev/dm-N are ours
         try:
             st = os.lstat(nxt)
         except OSError:
+            if ours is not None:
+                return ours                      # no kernel node of that name: ours
             raise DMError(errno.ENODEV) from None
         if stat.S_ISLNK(st.st_mode):
             links += 1
@@ -183,6 +177,20 @@ def _walk(path: str, mount: Mount | None) -> Resolved:
         if onto is not None:
             return onto
     return Resolved("file", path=prefix)
+
+
+def _dm_node(path: str, more: bool, mount: Mount | None) -> Resolved | None:
+    """What ``/dev/mapper/NAME`` or ``/dev/dm-N`` (the last component) names when our
+    mount is not there: one of our devices, unless a real node of that name exists."""
+    if more:
+        return None
+    parent, base = os.path.split(path)
+    if parent == "/dev/mapper" and (mount is None or mount.dir != "/dev/mapper"):
+        return Resolved("mapper", name=base)
+    if parent == "/dev" and base.startswith("dm-") and base[3:].isascii() and base[3:].isdigit() and \
+            (mount is None or mount.dir != "/dev"):
+        return Resolved("dm-minor", minor=int(base[3:]))
+    return None
 
 
 def _loop_onto_mount(rdev: int, mount: Mount) -> Resolved | None:

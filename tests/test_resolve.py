@@ -295,3 +295,46 @@ def test_daemon_cli_paths(tmp_path):
         assert run("ls").returncode == 0                     # still answering
     finally:
         d.cleanup()
+
+
+def test_dm_nodes_reached_through_symlinks(tree):
+    """udev's by-id links point at ../../dm-N; a link may lead to /dev/mapper/NAME."""
+    tmp, mnt, _ = tree
+    os.symlink("/dev/dm-5", tmp / "byid")
+    os.symlink("/dev/mapper/dmsim-no-such-node", tmp / "ml2")
+    assert res("byid", tmp, mnt) == rs.Resolved("dm-minor", minor=5)
+    assert res("ml2", tmp, mnt) == rs.Resolved("mapper", name="dmsim-no-such-node")
+    assert rs.resolve(str(tmp / "ml2"), "/", None) == rs.Resolved("mapper", name="dmsim-no-such-node")
+
+
+async def test_a_hung_lookup_times_out(tree, monkeypatch):
+    """A lookup that never returns (a hung NFS path) gives ENODEV after the timeout, in
+    wall-clock time, and the loop keeps running meanwhile."""
+    import time
+
+    tmp, mnt, _ = tree
+    real = rs.resolve
+
+    def slow(name, cwd, mount):
+        if name == "hung":
+            time.sleep(1.0)
+        return real(name, cwd, mount)
+
+    monkeypatch.setattr(rs, "resolve", slow)
+    monkeypatch.setattr(rs, "RESOLVE_TIMEOUT_SECONDS", 0.2)
+    ticks = []
+
+    async def ticker():
+        while True:
+            ticks.append(1)
+            await trio.sleep(0.02)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(ticker)
+        t0 = time.monotonic()
+        out, _ = await rs.resolve_all(["a.img", "hung"], str(tmp), str(mnt), (0, 0))
+        assert time.monotonic() - t0 < 0.9
+        n.cancel_scope.cancel()
+    assert out["a.img"].kind == "file"
+    assert isinstance(out["hung"], DMError) and out["hung"].errno == errno.ENODEV
+    assert len(ticks) >= 3
