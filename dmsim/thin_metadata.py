@@ -562,10 +562,12 @@ class PoolMetadata:
         return len(todo)
 
     def highest_mapped_block(self, dev_id: int) -> int | None:
-        last = None
-        for vb, _b, _t in self.mappings(dev_id):
-            last = vb
-        return last
+        """``dm_thin_get_highest_mapped_block``: None if the device maps nothing."""
+        self._check_io()
+        self._device(dev_id)
+        raw = self.tl_info.lookup(self.root, [dev_id])
+        found = self.bl_info.find_highest(int.from_bytes(raw, "little"))
+        return None if found is None else found[0]
 
     def changed_this_transaction(self) -> bool:
         return any(td.changed for td in self.devices.values())

@@ -234,6 +234,17 @@ class BTreeInfo:
         for child in children:
             yield from self.items(child, start)
 
+    def find_highest(self, root: int) -> tuple[int, bytes] | None:
+        """The largest key of a one-level tree and its value (``dm_btree_find_highest_key``)."""
+        n = self.read_node(root)
+        while not n.is_leaf:
+            if not n.nr_entries:
+                return None
+            n = self.read_node(n.value64(n.nr_entries - 1))
+        if not n.nr_entries:
+            return None
+        return n.keys[n.nr_entries - 1], n.value(n.nr_entries - 1)
+
     def walk(self, root: int) -> Iterator[tuple[tuple[int, ...], bytes]]:
         """Every (keys per level, bottom value) of a multi-level tree, in key order."""
         yield from self._walk(root, 0, ())

@@ -1,0 +1,213 @@
+"""thin: a thinly provisioned device in a thin-pool.
+
+Table: ``<pool dev> <dev id> [<external origin dev>]``
+
+The device's blocks live in the pool's data device, mapped through the pool's metadata
+(created there first with the pool's ``create_thin`` or ``create_snap`` message).  A read of
+an unmapped block returns zeros, or the external origin's data where it has some.  The first
+write to a block provisions one: a write of the whole block needs nothing more, a partial one
+first zeroes the new block (unless ``skip_block_zeroing``) or copies the origin's data
+there, with kcopyd.  A write to a block a snapshot may still share copies it first (breaking
+sharing), as the kernel does when the block predates the device's last snapshot.  Whole-block
+discards unmap (and, with passdown, discard the data block once nothing shares it); FLUSH and
+FUA commit the pool's metadata after flushing the data device.
+
+Status (info): ``<mapped sectors> <highest mapped sector|->`` (``Fail`` in a failed pool);
+table: ``<pool dev> <dev id> [<origin dev>]``.  Kernel: drivers/md/dm-thin.c (thin_ctr,
+thin_map, thin_status).
+"""
+from __future__ import annotations
+
+import errno
+from typing import Sequence
+
+import trio
+
+from dmsim.bio import Bio, Op, settle_read, to_bytes
+from dmsim.errors import DMError, TargetError
+from dmsim.persistent_data import NoSpace
+
+from .base import STATUSTYPE_TABLE, Target, register
+from .thin_pool import PM_FAIL, PM_READ_ONLY, Pool, lookup_pool, read_dev_id
+
+
+@register
+class Thin(Target):
+    name = "thin"
+    version = (1, 22, 0)
+
+    pool: Pool
+
+    async def ctr(self, args: Sequence[str]) -> None:
+        if len(args) not in (2, 3):
+            raise TargetError("Invalid argument count")
+        self.origin_dev = None
+        if len(args) == 3:
+            if args[0] == args[2]:
+                raise TargetError("Error setting origin device")
+            try:
+                self.origin_dev = self.ctx.get_device(args[2], False)
+            except DMError as e:
+                raise TargetError("Error opening origin device", e.errno) from None
+        try:
+            self.pool_dev = self.ctx.get_device(args[0])
+        except DMError as e:
+            raise TargetError("Error opening pool device", e.errno) from None
+        dev_id = read_dev_id(args[1])
+        if dev_id is None:
+            raise TargetError("Invalid device id")
+        self.dev_id = dev_id
+        if not hasattr(self.pool_dev, "live"):
+            raise TargetError("Couldn't get pool mapped device")
+        pool = lookup_pool(self.ctx, self.pool_dev)
+        if pool is None:
+            raise TargetError("Couldn't find pool object")
+        if pool.pf.mode == PM_FAIL:
+            raise TargetError("Couldn't open thin device, Pool is in fail mode")
+        if not pool.md.device_exists(dev_id):
+            raise TargetError("Couldn't open thin internal device", errno.ENODATA)
+        if pool.suspended:
+            raise TargetError("Unable to activate thin device while pool is suspended")
+        pool.refs += 1
+        self.pool = pool
+        self.max_io_len = pool.sectors_per_block
+
+    async def dtr(self) -> None:
+        await self.pool.release()
+
+    # -- I/O --------------------------------------------------------------------------------
+
+    async def map(self, bio: Bio):
+        pool = self.pool
+        if pool.pf.mode == PM_FAIL:
+            raise DMError(errno.EIO)
+        op = bio.op
+        if op is Op.FLUSH and not bio.sectors:
+            await self._commit()
+            return None
+        if op is Op.READ:
+            return await self._read(bio)
+        if op is Op.DISCARD:
+            await self._discard(bio)
+            return None
+        if op is Op.WRITE_ZEROES:
+            bio = Bio(Op.WRITE, bio.sector, bio.sectors, bytes(to_bytes(bio.sectors)), bio.fua)
+        if pool.pf.mode == PM_READ_ONLY:
+            raise DMError(errno.EIO)
+        await self._write(bio)
+        if bio.fua:
+            await self._commit()
+        return None
+
+    async def _commit(self) -> None:
+        pool = self.pool
+        if pool.pf.mode in (PM_READ_ONLY, PM_FAIL):
+            await pool.data_dev.flush()
+            return
+        await pool.commit_locked()
+
+    def _origin_sectors(self, vblock: int) -> int:
+        """Sectors of the external origin inside virtual block ``vblock`` (0 if none)."""
+        if self.origin_dev is None:
+            return 0
+        spb = self.pool.sectors_per_block
+        start = vblock * spb
+        return max(0, min(spb, self.origin_dev.size_sectors - start))
+
+    async def _read(self, bio: Bio):
+        pool = self.pool
+        spb = pool.sectors_per_block
+        vblock, offset = divmod(bio.sector, spb)
+        r = pool.md.find_block(self.dev_id, vblock)
+        if r is not None:
+            sub = Bio(Op.READ, r.block * spb + offset, bio.sectors, bio.data)
+            return settle_read(sub, await pool.data_dev.submit(sub))
+        have = self._origin_sectors(vblock)
+        if have > offset:
+            n = min(bio.sectors, have - offset)
+            data = bytearray(to_bytes(bio.sectors))
+            data[:to_bytes(n)] = await self.origin_dev.read(bio.sector, n)  # type: ignore[union-attr]
+            return settle_read(bio, bytes(data))
+        return settle_read(bio, bytes(to_bytes(bio.sectors)))
+
+    async def _write(self, bio: Bio) -> None:
+        pool = self.pool
+        spb = pool.sectors_per_block
+        vblock, offset = divmod(bio.sector, spb)
+        async with pool.lock:
+            r = pool.md.find_block(self.dev_id, vblock)
+            if r is not None and not r.shared:
+                await pool.data_dev.submit(Bio(Op.WRITE, r.block * spb + offset, bio.sectors, bio.data))
+                return
+            while True:
+                try:
+                    new = await pool.alloc_data_block()
+                    break
+                except NoSpace:
+                    pool.lock.release()
+                    try:
+                        await pool.wait_for_space()
+                    finally:
+                        with trio.CancelScope(shield=True):
+                            await pool.lock.acquire()
+                    r = pool.md.find_block(self.dev_id, vblock)
+            whole = offset == 0 and bio.sectors == spb
+            if not whole:
+                if r is not None:
+                    await pool.copy_block(pool.data_dev, r.block * spb, spb, new)
+                else:
+                    have = self._origin_sectors(vblock)
+                    if have and (have < spb or pool.pf.zero_new_blocks):
+                        if have < spb:
+                            await pool.zero_block(new)
+                        await pool.copy_block(self.origin_dev, vblock * spb, have, new)
+                    elif pool.pf.zero_new_blocks:
+                        await pool.zero_block(new)
+            await pool.data_dev.submit(Bio(Op.WRITE, new * spb + offset, bio.sectors, bio.data))
+            pool.md.insert_block(self.dev_id, vblock, new)
+
+    async def _discard(self, bio: Bio) -> None:
+        pool = self.pool
+        if not pool.pf.discard_enabled:
+            return
+        spb = pool.sectors_per_block
+        vblock, offset = divmod(bio.sector, spb)
+        if offset or bio.sectors != spb:
+            return  # less than a block: nothing to unmap
+        if pool.pf.mode == PM_READ_ONLY:
+            raise DMError(errno.EIO)
+        async with pool.lock:
+            r = pool.md.find_block(self.dev_id, vblock)
+            if r is None:
+                return
+            pool.md.remove_block(self.dev_id, vblock)
+            if pool.pf.discard_passdown and pool.md.data_sm.get_count(r.block) == 0:
+                await pool.data_dev.discard(r.block * spb, spb)
+
+    # -- status -----------------------------------------------------------------------------
+
+    def status(self, kind: str, noflush: bool = False) -> str:
+        pool = self.pool
+        if pool.pf.mode == PM_FAIL:
+            return "Fail"
+        if kind == STATUSTYPE_TABLE:
+            out = "%s %d" % (self.pool_dev.ref, self.dev_id)
+            if self.origin_dev is not None:
+                out += " %s" % self.origin_dev.ref
+            return out
+        md = pool.md
+        if not md.device_exists(self.dev_id):
+            return "-"
+        spb = pool.sectors_per_block
+        mapped = md.device_details(self.dev_id).mapped_blocks
+        highest = md.highest_mapped_block(self.dev_id)
+        return "%d %s" % (mapped * spb, "-" if highest is None else "%d" % ((highest + 1) * spb - 1))
+
+    def iterate_devices(self):
+        """``thin_iterate_devices``: the pool device as far as the bound pool target reaches."""
+        pool = self.pool
+        if pool.ti is None:
+            return []
+        blocks = pool.ti.len // pool.sectors_per_block
+        return [(self.pool_dev, 0, pool.sectors_per_block * blocks)] if blocks else []
+

@@ -1,0 +1,554 @@
+"""thin-pool: a pool of data blocks shared by thin devices, with the kernel's metadata.
+
+Table: ``<metadata dev> <data dev> <data block size> <low water mark> [<#features> <feature>*]``
+
+``data block size`` is in sectors (a multiple of 128, 64 KiB to 1 GiB), ``low water mark``
+in data blocks (an event when free blocks fall to it); features are ``skip_block_zeroing``,
+``ignore_discard``, ``no_discard_passdown``, ``read_only`` and ``error_if_no_space``.
+The metadata device holds dm-thin-metadata's format (:mod:`dmsim.thin_metadata`, checked
+with thin-provisioning-tools): an all-zero one is formatted at the first load.  I/O to the
+pool device itself goes to the data device.
+
+Status (info): ``<transaction id> <used>/<total> metadata blocks <used>/<total> data blocks
+<held metadata root|-> <rw|ro|out_of_data_space> <ignore_discard|discard_passdown|
+no_discard_passdown> <error_if_no_space|queue_if_no_space> <needs_check|-> <metadata low
+watermark>``, committing first unless noflush (``Fail`` once the pool failed).  Messages:
+``create_thin <id>``, ``create_snap <id> <origin id>``, ``delete <id>``,
+``set_transaction_id <current> <new>``, ``reserve_metadata_snap``, ``release_metadata_snap``,
+each committed on success.  The data device grows at resume to the pool target's length.
+
+Kernel: drivers/md/dm-thin.c (pool_ctr, pool_status, pool_message, pool_preresume).  Here
+the metadata device must be an image file or a block device (it is read as a file), and
+provisioning is serialised pool-wide where the kernel locks per block (its bio prison).
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from typing import TYPE_CHECKING, Sequence
+
+import trio
+
+from dmsim.bio import Bio, Op
+from dmsim.errors import DMError, TargetError
+from dmsim.kcopyd import Region
+from dmsim.persistent_data import NoSpace
+from dmsim.thin_metadata import THIN_METADATA_MAX_SECTORS, PoolMetadata
+
+from .base import STATUSTYPE_TABLE, Target, kstrtouint, passthrough, register
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dmsim.blockdev import BlockDevice
+
+DATA_DEV_BLOCK_SIZE_MIN_SECTORS = 128
+DATA_DEV_BLOCK_SIZE_MAX_SECTORS = 2097152
+MAX_DEV_ID = (1 << 24) - 1
+COMMIT_PERIOD_SECONDS = 1.0
+NO_SPACE_TIMEOUT_SECONDS = 60.0
+
+PM_WRITE = "write"
+PM_OUT_OF_DATA_SPACE = "out-of-data-space"
+PM_READ_ONLY = "read-only"
+PM_FAIL = "fail"
+
+
+class PoolFeatures:
+    """``struct pool_features``."""
+
+    def __init__(self) -> None:
+        self.mode = PM_WRITE
+        self.zero_new_blocks = True
+        self.discard_enabled = True
+        self.discard_passdown = True
+        self.error_if_no_space = False
+
+    def copy(self) -> "PoolFeatures":
+        pf = PoolFeatures()
+        pf.__dict__.update(self.__dict__)
+        return pf
+
+    def emit(self) -> str:
+        """``emit_flags``: the count, then each feature, each followed by a space."""
+        words = []
+        if not self.zero_new_blocks:
+            words.append("skip_block_zeroing")
+        if not self.discard_enabled:
+            words.append("ignore_discard")
+        if not self.discard_passdown:
+            words.append("no_discard_passdown")
+        if self.mode == PM_READ_ONLY:
+            words.append("read_only")
+        if self.error_if_no_space:
+            words.append("error_if_no_space")
+        return "".join(w + " " for w in ["%d" % len(words)] + words)
+
+
+def parse_pool_features(args: list[str]) -> PoolFeatures:
+    """``parse_pool_features``: ``<#args> <arg>*`` after the four fixed arguments."""
+    pf = PoolFeatures()
+    if not args:
+        return pf
+    n = kstrtouint(args[0])
+    if n is None or n > 4 or n > len(args) - 1:
+        raise TargetError("Invalid number of pool feature arguments")
+    for word in args[1:1 + n]:
+        w = word.lower()
+        if w == "skip_block_zeroing":
+            pf.zero_new_blocks = False
+        elif w == "ignore_discard":
+            pf.discard_enabled = False
+        elif w == "no_discard_passdown":
+            pf.discard_passdown = False
+        elif w == "read_only":
+            pf.mode = PM_READ_ONLY
+        elif w == "error_if_no_space":
+            pf.error_if_no_space = True
+        else:
+            raise TargetError("Unrecognised pool feature requested")
+    return pf
+
+
+def read_dev_id(word: str) -> int | None:
+    """``read_dev_id``: a decimal id up to 2^24 - 1."""
+    if not word.isascii() or not word.isdigit():
+        return None
+    v = int(word)
+    return v if v <= MAX_DEV_ID else None
+
+
+# -- the pool object (``struct pool``), one per pool device ----------------------------------
+
+_pools: dict[tuple[int, int], "Pool"] = {}
+
+
+def _key(ctx, md) -> tuple[int, int]:
+    return id(ctx.manager), id(md)
+
+
+def lookup_pool(ctx, pool_md) -> "Pool | None":
+    """``__pool_table_lookup``: the pool a mapped device is, if any."""
+    return _pools.get(_key(ctx, pool_md))
+
+
+class Pool:
+    """What a pool device's tables and its thin devices share: metadata, data device, mode."""
+
+    def __init__(self, ctx, pool_md, metadata_dev: "BlockDevice", data_dev: "BlockDevice",
+                 sectors_per_block: int, md: PoolMetadata):
+        self.ctx = ctx
+        self.pool_md = pool_md
+        self.metadata_dev = metadata_dev
+        self.data_dev = data_dev
+        self.sectors_per_block = sectors_per_block
+        self.md = md
+        self.pf = PoolFeatures()
+        self.low_water_blocks = 0
+        self.low_water_triggered = False
+        self.suspended = True
+        self.refs = 1
+        self.lock = trio.Lock()
+        self.kc = None
+        self.space_event = trio.Event()
+        self.ti: ThinPool | None = None
+        self._committer_started = False
+
+    @property
+    def name(self) -> str:
+        return self.pool_md.name
+
+    def log(self, message: str) -> None:
+        self.ctx.log("thin: " + message)
+
+    def mode(self) -> str:
+        return self.pf.mode
+
+    def set_mode(self, mode: str) -> None:
+        """``set_pool_mode`` with the kernel's log lines."""
+        old = self.pf.mode
+        if mode == old:
+            return
+        self.pf.mode = mode
+        if mode == PM_OUT_OF_DATA_SPACE:
+            self.log("%s: switching pool to out-of-data-space (%s IO) mode"
+                     % (self.name, "error" if self.pf.error_if_no_space else "queue"))
+        elif mode == PM_READ_ONLY:
+            self.log("%s: switching pool to read-only mode" % self.name)
+        elif mode == PM_FAIL:
+            self.log("%s: switching pool to failure mode" % self.name)
+        elif mode == PM_WRITE:
+            self.log("%s: switching pool to write mode" % self.name)
+        if self.ti is not None:
+            self.ti.ctx.event()
+
+    async def commit(self) -> None:
+        """``commit``: flush the data device, then commit the metadata (off the Trio thread)."""
+        if self.pf.mode in (PM_READ_ONLY, PM_FAIL):
+            raise DMError(errno.EINVAL, "pool is read only")
+        await self.data_dev.flush()
+        try:
+            await trio.to_thread.run_sync(self.md.commit)
+        except DMError as e:
+            self.log("%s: dm_pool_commit_metadata failed: error = %d" % (self.name, -e.errno))
+            self.set_mode(PM_READ_ONLY)
+            raise
+
+    def try_commit_now(self) -> None:
+        """pool_status's commit, as plain calls: only when nothing is half done and the data
+        device can be flushed synchronously (an image file or block device)."""
+        md = self.md
+        if self.pf.mode != PM_WRITE or self.lock.locked() or \
+                not (md.changed_this_transaction() or md.bm.dirty_count()):
+            return
+        fd = getattr(self.data_dev, "fd", None)
+        if fd is None:
+            return
+        try:
+            if getattr(self.data_dev, "sync", False):
+                os.fdatasync(fd)
+            md.commit()
+        except (OSError, DMError):
+            pass
+
+    async def commit_locked(self) -> None:
+        async with self.lock:
+            await self.commit()
+
+    async def committer(self) -> None:
+        """The periodic commit (``COMMIT_PERIOD``): changes never wait longer than a second."""
+        while True:
+            await trio.sleep(COMMIT_PERIOD_SECONDS)
+            if self.suspended or self.pf.mode != PM_WRITE:
+                continue
+            async with self.lock:
+                if self.md.changed_this_transaction() or self.md.bm.dirty_count():
+                    with contextlib.suppress(DMError):
+                        await self.commit()
+
+    async def alloc_data_block(self) -> int:
+        """``alloc_data_block`` (pool lock held): low water event, commit to free, no-space mode."""
+        md = self.md
+        free = md.free_data_blocks()
+        if free <= self.low_water_blocks and not self.low_water_triggered:
+            self.log("%s: reached low water mark for data device: sending event." % self.name)
+            self.low_water_triggered = True
+            if self.ti is not None:
+                self.ti.ctx.event()
+        if not free:
+            await self.commit()
+        try:
+            return md.alloc_data_block()
+        except NoSpace:
+            self.set_mode(PM_OUT_OF_DATA_SPACE)
+            raise
+
+    async def wait_for_space(self) -> None:
+        """Queue mode: wait for the pool to grow, or error once ``no_space_timeout`` passes."""
+        if self.pf.error_if_no_space:
+            raise DMError(errno.ENOSPC, "no free data blocks")
+        with trio.move_on_after(NO_SPACE_TIMEOUT_SECONDS):
+            await self.space_event.wait()
+            return
+        self.pf.error_if_no_space = True
+        self.log("%s: switching pool to out-of-data-space (error IO) mode" % self.name)
+        raise DMError(errno.ENOSPC, "no free data blocks")
+
+    def grew(self) -> None:
+        self.space_event.set()
+        self.space_event = trio.Event()
+        if self.pf.mode == PM_OUT_OF_DATA_SPACE:
+            self.set_mode(PM_WRITE)
+
+    async def zero_block(self, b: int) -> None:
+        spb = self.sectors_per_block
+        assert self.kc is not None
+        r, w = await self.kc.zero_async([Region(self.data_dev, b * spb, spb)])
+        if r or w:
+            raise DMError(errno.EIO, "zeroing data block %d failed" % b)
+
+    async def copy_block(self, src_dev, src_sector: int, count: int, b: int) -> None:
+        spb = self.sectors_per_block
+        assert self.kc is not None
+        r, w = await self.kc.copy_async(Region(src_dev, src_sector, count), [Region(self.data_dev, b * spb, count)])
+        if r or w:
+            raise DMError(errno.EIO, "copying to data block %d failed" % b)
+
+    async def release(self) -> None:
+        """One user fewer; the last one commits, closes the metadata and drops the pool."""
+        self.refs -= 1
+        if self.refs:
+            return
+        if _pools.get(_key(self.ctx, self.pool_md)) is self:
+            del _pools[_key(self.ctx, self.pool_md)]
+        try:
+            if self.pf.mode == PM_WRITE or self.pf.mode == PM_OUT_OF_DATA_SPACE:
+                await self.commit()
+        except DMError:
+            pass
+        finally:
+            self.md.fail_io = True  # committed above; close must not try again
+            await trio.to_thread.run_sync(self.md.close)
+            if self.kc is not None:
+                await self.kc.destroy()
+
+
+@register
+class ThinPool(Target):
+    name = "thin-pool"
+    version = (1, 22, 0)
+    singleton = True
+    always_writeable = True
+    immutable = True
+
+    pool: Pool
+
+    async def ctr(self, args: Sequence[str]) -> None:
+        if len(args) < 4:
+            raise TargetError("Invalid argument count")
+        if args[0] == args[1]:
+            raise TargetError("Error setting metadata or data device")
+        pf = parse_pool_features(list(args[4:]))
+        try:
+            self.metadata_dev = self.ctx.get_device(args[0], pf.mode != PM_READ_ONLY)
+        except DMError as e:
+            raise TargetError("Error opening metadata block device", e.errno) from None
+        if self.metadata_dev.size_sectors > THIN_METADATA_MAX_SECTORS:
+            self.ctx.log("thin: Metadata device %s is larger than %d sectors: excess space will not be used."
+                         % (self.metadata_dev.kname, THIN_METADATA_MAX_SECTORS))
+        try:
+            self.data_dev = self.ctx.get_device(args[1])
+        except DMError as e:
+            raise TargetError("Error getting data device", e.errno) from None
+        bs = kstrtouint(args[2])
+        if not bs or bs < DATA_DEV_BLOCK_SIZE_MIN_SECTORS or bs > DATA_DEV_BLOCK_SIZE_MAX_SECTORS or \
+                bs & (DATA_DEV_BLOCK_SIZE_MIN_SECTORS - 1):
+            raise TargetError("Invalid block size")
+        w = args[3]
+        if not w.isascii() or not w.lstrip("+").isdigit():
+            raise TargetError("Invalid low water mark")
+        self.low_water_blocks = int(w.lstrip("+"))
+        self.requested_pf = pf
+        self.pool = await self._find_pool(bs, pf)
+        if self.pool.refs > 1 and pf.discard_enabled != self.pool.pf.discard_enabled:
+            await self.pool.release()
+            raise TargetError("Discard support cannot be disabled once enabled")
+        self.max_io_len = 0
+
+    async def _find_pool(self, bs: int, pf: PoolFeatures) -> Pool:
+        """``__pool_find``: the pool of this device or of this metadata device, or a new one."""
+        md_path = getattr(self.metadata_dev, "path", None)
+        for pool in _pools.values():
+            if pool.ctx.manager is self.ctx.manager and pool.metadata_dev is self.metadata_dev:
+                if pool.pool_md is not self.ctx.md:
+                    raise TargetError("metadata device already in use by a pool", errno.EBUSY)
+                if pool.data_dev is not self.data_dev:
+                    raise TargetError("data device already in use by a pool", errno.EBUSY)
+                pool.refs += 1
+                return pool
+        existing = lookup_pool(self.ctx, self.ctx.md)
+        if existing is not None:
+            if existing.metadata_dev is not self.metadata_dev or existing.data_dev is not self.data_dev:
+                raise TargetError("different pool cannot replace a pool")
+            existing.refs += 1
+            return existing
+        if not md_path:
+            raise TargetError("Error creating metadata object", errno.EINVAL)
+        try:
+            durable = getattr(self.ctx.manager, "durability", "fsync") == "fsync"
+            md = await trio.to_thread.run_sync(lambda: PoolMetadata(
+                md_path, bs, format_device=pf.mode != PM_READ_ONLY, read_only=pf.mode == PM_READ_ONLY,
+                durable=durable, log=self.ctx.log))
+        except DMError as e:
+            raise TargetError("Error creating metadata object", e.errno) from None
+        pool = Pool(self.ctx, self.ctx.md, self.metadata_dev, self.data_dev, bs, md)
+        try:
+            pool.kc = await self.ctx.kcopyd_client()
+        except BaseException:
+            await trio.to_thread.run_sync(md.close)
+            raise
+        _pools[_key(self.ctx, self.ctx.md)] = pool
+        return pool
+
+    async def dtr(self) -> None:
+        if self.pool.ti is self:
+            self.pool.ti = None
+        await self.pool.release()
+
+    async def preresume(self) -> None:
+        """``pool_preresume``: take over the pool (features, low water), grow the data and metadata."""
+        pool = self.pool
+        pool.ti = self
+        mode = pool.pf.mode
+        pool.pf = self.requested_pf.copy()
+        if mode in (PM_FAIL, PM_READ_ONLY) and self.requested_pf.mode == PM_WRITE:
+            pool.pf.mode = mode
+        pool.low_water_blocks = self.low_water_blocks
+        md = pool.md
+        data_size = self.len // pool.sectors_per_block
+        sb_size = md.data_dev_size()
+        if data_size < sb_size:
+            self.ctx.log("thin: %s: pool target (%d blocks) too small: expected %d" % (pool.name, data_size, sb_size))
+            raise DMError(errno.EINVAL)
+        changed = False
+        if data_size > sb_size and pool.pf.mode != PM_READ_ONLY:
+            if md.needs_check:
+                self.ctx.log("thin: %s: unable to grow the data device until repaired." % pool.name)
+            else:
+                if sb_size:
+                    self.ctx.log("thin: %s: growing the data device from %d to %d blocks"
+                                 % (pool.name, sb_size, data_size))
+                md.resize_data_dev(data_size)
+                changed = True
+                pool.grew()
+        meta_size = min(self.metadata_dev.size_sectors, THIN_METADATA_MAX_SECTORS) // 8
+        sb_meta = md.metadata_dev_size()
+        if meta_size > sb_meta and pool.pf.mode != PM_READ_ONLY and sb_meta:
+            self.ctx.log("thin: %s: growing the metadata device from %d to %d blocks" % (pool.name, sb_meta, meta_size))
+            md.resize_metadata_dev(meta_size)
+            changed = True
+        if changed:
+            await pool.commit_locked()
+
+    async def resume(self) -> None:
+        pool = self.pool
+        pool.low_water_triggered = False
+        pool.suspended = False
+        if not pool._committer_started:
+            pool._committer_started = True
+            self.ctx.start_task(pool.committer, name="thin-pool commit")
+
+    async def postsuspend(self) -> None:
+        pool = self.pool
+        pool.suspended = True
+        if pool.pf.mode in (PM_WRITE, PM_OUT_OF_DATA_SPACE):
+            with contextlib.suppress(DMError):
+                await pool.commit_locked()
+
+    async def map(self, bio: Bio):
+        return await passthrough(self.data_dev, bio)
+
+    def iterate_devices(self):
+        return [(self.data_dev, 0, self.len)]
+
+    # -- status -----------------------------------------------------------------------------
+
+    def status(self, kind: str, noflush: bool = False) -> str:
+        pool = self.pool
+        if kind == STATUSTYPE_TABLE:
+            return "%s %s %d %d %s" % (self.metadata_dev.ref, self.data_dev.ref, pool.sectors_per_block,
+                                       self.low_water_blocks, self.requested_pf.emit())
+        if pool.pf.mode == PM_FAIL:
+            return "Fail"
+        md = pool.md
+        if not noflush and not pool.suspended:
+            pool.try_commit_now()
+        meta_total = md.metadata_dev_size()
+        data_total = md.data_dev_size()
+        out = "%d %d/%d %d/%d " % (md.transaction_id, meta_total - md.free_metadata_blocks(), meta_total,
+                                   data_total - md.free_data_blocks(), data_total)
+        out += "%d " % md.held_root if md.held_root else "- "
+        if pool.pf.mode == PM_OUT_OF_DATA_SPACE:
+            out += "out_of_data_space "
+        elif pool.pf.mode == PM_READ_ONLY:
+            out += "ro "
+        else:
+            out += "rw "
+        if not pool.pf.discard_enabled:
+            out += "ignore_discard "
+        elif pool.pf.discard_passdown:
+            out += "discard_passdown "
+        else:
+            out += "no_discard_passdown "
+        out += "error_if_no_space " if pool.pf.error_if_no_space else "queue_if_no_space "
+        out += "needs_check " if md.needs_check else "- "
+        meta_dev_blocks = min(self.metadata_dev.size_sectors, THIN_METADATA_MAX_SECTORS) // 8
+        out += "%d " % min(1024, meta_dev_blocks // 4)
+        return out
+
+    # -- messages ---------------------------------------------------------------------------
+
+    async def message(self, argv: Sequence[str]) -> str | None:
+        pool = self.pool
+        if pool.pf.mode in (PM_READ_ONLY, PM_FAIL):
+            self.ctx.log("thin: %s: unable to service pool target messages in READ_ONLY or FAIL mode" % pool.name)
+            raise DMError(errno.EOPNOTSUPP)
+        cmd = argv[0]
+        want = {"create_thin": 2, "create_snap": 3, "delete": 2, "set_transaction_id": 3,
+                "reserve_metadata_snap": 1, "release_metadata_snap": 1}.get(cmd.lower())
+        if want is None:
+            self.ctx.log("thin: Unrecognised thin pool target message received: %s" % cmd)
+            raise DMError(errno.EINVAL)
+        if len(argv) != want:
+            self.ctx.log("thin: Incorrect number of arguments for '%s' message" % cmd)
+            raise DMError(errno.EINVAL)
+        async with pool.lock:
+            await self._message(cmd.lower(), list(argv[1:]))
+            with contextlib.suppress(DMError):
+                await pool.commit()
+        return None
+
+    def _dev_id(self, word: str) -> int:
+        v = read_dev_id(word)
+        if v is None:
+            self.ctx.log("thin: Message received with invalid device id: %s" % word)
+            raise DMError(errno.EINVAL)
+        return v
+
+    async def _message(self, cmd: str, args: list[str]) -> None:
+        md = self.pool.md
+        log = self.ctx.log
+        try:
+            if cmd == "create_thin":
+                dev = self._dev_id(args[0])
+                try:
+                    md.create_thin(dev)
+                except DMError:
+                    log("thin: Creation of new thinly-provisioned device with id %s failed." % args[0])
+                    raise
+            elif cmd == "create_snap":
+                dev = self._dev_id(args[0])
+                origin = self._dev_id(args[1])
+                try:
+                    md.create_snap(dev, origin)
+                except DMError:
+                    log("thin: Creation of new snapshot %s of device %s failed." % (args[0], args[1]))
+                    raise
+            elif cmd == "delete":
+                dev = self._dev_id(args[0])
+                try:
+                    md.delete_thin(dev)
+                except DMError:
+                    log("thin: Deletion of thin device %s failed." % args[0])
+                    raise
+            elif cmd == "set_transaction_id":
+                ids: list[int] = []
+                for w in args:
+                    if not w.isascii() or not w.isdigit():
+                        log("thin: set_transaction_id message: Unrecognised %s id %s."
+                            % ("current" if not ids else "new", w))
+                        raise DMError(errno.EINVAL)
+                    ids.append(int(w))
+                try:
+                    md.set_transaction_id(ids[0], ids[1])
+                except DMError:
+                    log("thin: Failed to change transaction id from %s to %s." % (args[0], args[1]))
+                    raise
+            elif cmd == "reserve_metadata_snap":
+                try:
+                    md.reserve_metadata_snap()
+                except DMError:
+                    log("thin: reserve_metadata_snap message failed.")
+                    raise
+            elif cmd == "release_metadata_snap":
+                try:
+                    md.release_metadata_snap()
+                except DMError:
+                    log("thin: release_metadata_snap message failed.")
+                    raise
+        except NoSpace:
+            md.abort()
+            raise
+
+
+def write_zeroes_as_write(bio: Bio) -> Bio:
+    return Bio(Op.WRITE, bio.sector, bio.sectors, bytes(bio.sectors * 512), bio.fua)

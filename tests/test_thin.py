@@ -1,0 +1,250 @@
+"""thin: provisioning, zeroing, snapshots breaking sharing, external origins, discards, commits
+on FLUSH/FUA, status, constructor errors; and a model test of random I/O and snapshots against
+bytearrays, whose metadata must then pass our check and thin_check."""
+import os
+import random
+import shutil
+import subprocess
+
+import pytest
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_thin_pool import mk, pool_line
+from test_thin_pool import st as status
+
+import dmsim
+from dmsim.errors import DMError
+from dmsim.thin_metadata import PoolMetadata, check_metadata
+
+HAVE_THIN_CHECK = shutil.which("thin_check") is not None
+BLOCK = 128  # sectors per data block in these pools (64 KiB)
+
+
+def images(d, data_fill=None, mib=64):
+    meta, data = os.path.join(d, "meta.img"), os.path.join(d, "data.img")
+    with open(meta, "wb") as f:
+        f.truncate(4 << 20)
+    with open(data, "wb") as f:
+        if data_fill is None:
+            f.truncate(mib << 20)
+        else:
+            f.write(data_fill * (mib << 20))
+    return meta, data
+
+
+async def pool_and_thin(m, meta, data, features="", dev=0):
+    await mk(m, "pool", pool_line(meta, data, "128 0" + (" " + features if features else "")))
+    await m.message("pool", 0, "create_thin %d" % dev)
+    return await mk(m, "thin", "0 65536 thin /dev/mapper/pool %d" % dev)
+
+
+async def test_unprovisioned_reads_zero_and_writes_provision(tmp_path):
+    meta, data = images(str(tmp_path), data_fill=b"\xee")
+    async with dmsim.open_manager(durability="process") as m:
+        thin = await pool_and_thin(m, meta, data)
+        assert status(m, "thin") == "0 65536 thin 0 -"
+        assert await thin.read(0, 8) == bytes(4096)
+        await thin.write(130, b"p" * 512)           # partial write: the new block is zeroed first
+        assert await thin.read(128, 4) == bytes(1024) + b"p" * 512 + bytes(512)
+        await thin.write(BLOCK * 5, b"w" * (BLOCK * 512))  # whole block: no zeroing needed
+        assert status(m, "thin") == "0 65536 thin 256 767"
+        assert " 2/1024 " in status(m, "pool")
+        await m.remove("thin")
+        await m.remove("pool")
+
+
+async def test_skip_block_zeroing_leaves_old_data(tmp_path):
+    meta, data = images(str(tmp_path), data_fill=b"\xee")
+    async with dmsim.open_manager(durability="process") as m:
+        thin = await pool_and_thin(m, meta, data, "1 skip_block_zeroing")
+        await thin.write(0, b"p" * 512)
+        assert await thin.read(1, 1) == b"\xee" * 512
+        await m.remove("thin")
+        await m.remove("pool")
+
+
+async def test_snapshot_shares_until_written(tmp_path):
+    meta, data = images(str(tmp_path))
+    async with dmsim.open_manager(durability="process") as m:
+        thin = await pool_and_thin(m, meta, data)
+        await thin.write(0, b"a" * (BLOCK * 512))
+        await thin.write(BLOCK, b"b" * 512)
+        await m.suspend("thin")
+        await m.message("pool", 0, "create_snap 1 0")
+        await m.resume("thin")
+        snap = await mk(m, "snap", "0 65536 thin /dev/mapper/pool 1")
+        assert " 2/1024 " in status(m, "pool")         # shared: no new data blocks
+        await thin.write(8, b"c" * 512)                 # breaks sharing: copy, then write
+        assert await thin.read(0, 10) == b"a" * 4096 + b"c" * 512 + b"a" * 512
+        assert await snap.read(0, 10) == b"a" * 5120
+        await snap.write(BLOCK, b"d" * (BLOCK * 512))   # whole block: no copy
+        assert await thin.read(BLOCK, 1) == b"b" * 512
+        assert await snap.read(BLOCK, 1) == b"d" * 512
+        assert " 4/1024 " in status(m, "pool")
+        await m.remove("snap")
+        await m.remove("thin")
+        await m.remove("pool")
+    if HAVE_THIN_CHECK:
+        subprocess.run(["thin_check", meta], check=True, capture_output=True, timeout=60)
+
+
+async def test_external_origin(tmp_path):
+    meta, data = images(str(tmp_path))
+    origin = str(tmp_path / "origin.img")
+    rnd = random.Random(1)
+    content = rnd.randbytes(BLOCK * 512 * 3 + 4096)  # three blocks and a bit
+    with open(origin, "wb") as f:
+        f.write(content)
+    async with dmsim.open_manager(durability="process") as m:
+        await mk(m, "pool", pool_line(meta, data))
+        await m.message("pool", 0, "create_thin 0")
+        thin = await mk(m, "thin", "0 65536 thin /dev/mapper/pool 0 %s" % origin)
+        assert status(m, "thin") == "0 65536 thin 0 -"
+        assert str(m.table_lines("thin", "table")[0]).endswith(" 0 %s" % origin)
+        assert await thin.read(0, 16) == content[:8192]
+        n = len(content) // 512
+        assert await thin.read(BLOCK * 3, 16) == content[BLOCK * 3 * 512:] + bytes(8192 - 4096)
+        await thin.write(2, b"z" * 512)                     # copies the origin's block first
+        assert await thin.read(0, 4) == content[:1024] + b"z" * 512 + content[1536:2048]
+        await thin.write(BLOCK * 3 + 1, b"q" * 512)         # the origin's partial last block
+        assert await thin.read(BLOCK * 3, 16) == content[BLOCK * 3 * 512:BLOCK * 3 * 512 + 512] + b"q" * 512 + \
+            content[BLOCK * 3 * 512 + 1024:] + bytes(8192 - 4096)
+        with open(origin, "rb") as f:
+            assert f.read() == content                       # the origin is never written
+        assert n
+        await m.remove("thin")
+        await m.remove("pool")
+
+
+async def test_discard_unmaps_whole_blocks(tmp_path):
+    meta, data = images(str(tmp_path))
+    async with dmsim.open_manager(durability="process") as m:
+        thin = await pool_and_thin(m, meta, data)
+        for vb in range(3):
+            await thin.write(vb * BLOCK, b"x" * 512)
+        await thin.discard(BLOCK, BLOCK)          # one whole block
+        await thin.discard(2 * BLOCK, 8)          # part of one: nothing happens
+        assert await thin.read(BLOCK, 1) == bytes(512)
+        assert await thin.read(2 * BLOCK, 1) == b"x" * 512
+        await thin.flush()
+        assert status(m, "thin") == "0 65536 thin 256 383"
+        assert " 2/1024 " in status(m, "pool")
+        await m.remove("thin")
+        await m.remove("pool")
+
+
+async def test_flush_commits_and_a_reopen_finds_the_data(tmp_path):
+    meta, data = images(str(tmp_path))
+    async with dmsim.open_manager(durability="process") as m:
+        thin = await pool_and_thin(m, meta, data)
+        await thin.write(0, b"1" * 512)
+        await thin.flush()
+        await thin.write(BLOCK, b"2" * 512, fua=True)
+        # what a crash now would find: the committed metadata, read by a second opener
+        with PoolMetadata(meta, 128, format_device=False, durable=False, read_only=True) as md:
+            assert [vb for vb, _b, _t in md.mappings(0)] == [0, 1]
+        await m.remove("thin")
+        await m.remove("pool")
+        thin = await mk(m, "pool", pool_line(meta, data))
+        thin = await mk(m, "thin", "0 65536 thin /dev/mapper/pool 0")
+        assert await thin.read(BLOCK, 1) == b"2" * 512
+        await m.remove("thin")
+        await m.remove("pool")
+
+
+@pytest.mark.parametrize("table, error", [
+    ("/dev/mapper/pool", "Invalid argument count"),
+    ("/dev/mapper/pool x", "Invalid device id"),
+    ("/dev/mapper/pool 16777216", "Invalid device id"),
+    ("/dev/mapper/pool 9", "Couldn't open thin internal device"),
+    ("/dev/mapper/pool 0 /dev/mapper/pool", "Error setting origin device"),
+    ("/nonexistent 0", "Error opening pool device"),
+])
+async def test_constructor_errors(tmp_path, table, error):
+    meta, data = images(str(tmp_path))
+    async with dmsim.open_manager(durability="process") as m:
+        await mk(m, "pool", pool_line(meta, data))
+        await m.message("pool", 0, "create_thin 0")
+        m.read_log()
+        with pytest.raises(DMError):
+            await mk(m, "thin", "0 8192 thin " + table)
+        assert any(error in line for line in m.read_log()), error
+        await m.remove("pool")
+
+
+async def test_thin_over_a_non_pool_device(tmp_path):
+    meta, data = images(str(tmp_path))
+    async with dmsim.open_manager(durability="process") as m:
+        await mk(m, "z", "0 8192 zero")
+        with pytest.raises(DMError):
+            await mk(m, "thin", "0 8192 thin /dev/mapper/z 0")
+        assert any("Couldn't find pool object" in line for line in m.read_log())
+
+
+# -- model test -------------------------------------------------------------------------------
+
+OPS = st.lists(st.one_of(
+    st.tuples(st.just("write"), st.integers(0, 2), st.integers(0, 40 * BLOCK - 1), st.integers(1, 300),
+              st.integers(0, 255)),
+    st.tuples(st.just("discard"), st.integers(0, 2), st.integers(0, 39), st.integers(1, 3)),
+    st.tuples(st.just("snap"), st.integers(0, 2), st.integers(0, 2)),
+    st.tuples(st.just("flush"), st.integers(0, 2)),
+), min_size=1, max_size=25)
+
+SIZE = 40 * BLOCK
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(ops=OPS)
+def test_model_random_io_and_snapshots(tmp_path_factory, ops):
+    """Thin devices as bytearrays: every read matches, and the metadata checks clean after."""
+    d = str(tmp_path_factory.mktemp("thinmodel"))
+    meta, data = images(d, mib=16)
+
+    async def run():
+        model: dict[int, bytearray] = {0: bytearray(SIZE * 512)}
+        async with dmsim.open_manager(durability="process") as m:
+            await mk(m, "pool", pool_line(meta, data, size=16 << 11))
+            await m.message("pool", 0, "create_thin 0")
+            devs = {0: await mk(m, "t0", "0 %d thin /dev/mapper/pool 0" % SIZE)}
+            for op in ops:
+                if op[0] == "write":
+                    _, d_, sector, n, byte = op
+                    if d_ not in devs:
+                        continue
+                    n = min(n, SIZE - sector)
+                    payload = bytes([byte]) * (n * 512)
+                    await devs[d_].write(sector, payload)
+                    model[d_][sector * 512:(sector + n) * 512] = payload
+                elif op[0] == "discard":
+                    _, d_, vb, n = op
+                    if d_ not in devs:
+                        continue
+                    n = min(n, 40 - vb)
+                    await devs[d_].discard(vb * BLOCK, n * BLOCK)
+                    model[d_][vb * BLOCK * 512:(vb + n) * BLOCK * 512] = bytes(n * BLOCK * 512)
+                elif op[0] == "snap":
+                    _, new, origin = op
+                    if new in devs or origin not in devs:
+                        continue
+                    await m.suspend("t%d" % origin)
+                    await m.message("pool", 0, "create_snap %d %d" % (new, origin))
+                    await m.resume("t%d" % origin)
+                    devs[new] = await mk(m, "t%d" % new, "0 %d thin /dev/mapper/pool %d" % (SIZE, new))
+                    model[new] = bytearray(model[origin])
+                else:
+                    if op[1] in devs:
+                        await devs[op[1]].flush()
+            for d_, dev in devs.items():
+                assert await dev.read(0, SIZE) == bytes(model[d_]), d_
+            for d_ in devs:
+                await m.remove("t%d" % d_)
+            await m.remove("pool")
+
+    trio.run(run)
+    with PoolMetadata(meta, 128, format_device=False, durable=False) as md:
+        assert check_metadata(md) == []
+    if HAVE_THIN_CHECK:
+        r = subprocess.run(["thin_check", meta], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
