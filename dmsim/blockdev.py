@@ -31,7 +31,7 @@ import threading
 import trio
 
 from . import syncthread
-from .bio import Bio, Op, SECTOR_SIZE, to_bytes, to_sectors
+from .bio import SECTOR_SIZE, Bio, Op, to_bytes, to_sectors
 from .errors import DMError
 
 #: copy_to uses copy_file_range only where the destination is aligned to the copy's
@@ -103,15 +103,6 @@ class BlockDevice:
         dm core turns the preflush into an empty flush ahead of the write, as here."""
         await self.flush()
         await self.write(sector, data, fua=True)
-
-    #: whether :meth:`try_write_now` would write (rather than return False)
-    writes_now = False
-
-    def try_write_now(self, sector: int, data) -> bool:
-        """Write (flush and FUA included) as a plain call when this device can do so
-        without waiting (then no other task runs meanwhile); False, with nothing
-        written, when it can't: use :meth:`submit`."""
-        return False
 
     def check_bounds(self, bio: Bio) -> None:
         if bio.sectors and (bio.sector < 0 or bio.end_sector > self.size_sectors):
@@ -191,7 +182,7 @@ class FileDevice(BlockDevice):
         try:
             self.fd = os.open(self.path, flags | os.O_CLOEXEC)
         except OSError as e:
-            raise DMError(e.errno, "Device lookup failed") from None
+            raise DMError(e.errno or errno.EIO, "Device lookup failed") from None
         st = os.fstat(self.fd)
         self.is_blockdev = stat.S_ISBLK(st.st_mode)
         if self.is_blockdev:
@@ -288,10 +279,11 @@ class FileDevice(BlockDevice):
 
     def _copy_through_buffer(self, dst: "FileDevice", off_in: int, off_out: int, left: int) -> None:
         """``copy_to`` for a destination not aligned to the copy's size where
-        :func:`_splice_copy` can't run: pread + pwrite through one reused buffer.  ``copy_file_range`` there leaves the destination's
-        page cache in small folios, and reading it back is ~40% slower (measured: 32 MiB
-        copied as 1 MiB runs at a snapshot COW's offsets, read back in 6.5 ms against
-        4.7 ms when written with pwrite); a snapshot's COW is read back all the time."""
+        :func:`_splice_copy` can't run: pread + pwrite through one reused buffer.
+        ``copy_file_range`` there leaves the destination's page cache in small folios,
+        and reading it back is ~40% slower (measured: 32 MiB copied as 1 MiB runs at a
+        snapshot COW's offsets, read back in 6.5 ms against 4.7 ms when written with
+        pwrite); a snapshot's COW is read back all the time."""
         global _copy_buffer
         if _copy_buffer is None:
             _copy_buffer = bytearray(_ALIGNED_COPY_BYTES)
@@ -331,22 +323,6 @@ class FileDevice(BlockDevice):
                 await self._call(self._write, to_bytes(sector), data)
         except OSError as e:
             raise DMError(e.errno or errno.EIO) from None
-
-    @property
-    def writes_now(self) -> bool:
-        return not (self.sync or self.io_mode != "inline" or self.closed or self.read_only)
-
-    def try_write_now(self, sector: int, data) -> bool:
-        # inline I/O that never syncs: flush and FUA are no-ops, the write is a pwrite
-        if not self.writes_now:
-            return False
-        if sector < 0 or sector + to_sectors(len(data)) > self.size_sectors:
-            raise DMError(errno.EIO, "access beyond end of device")
-        try:
-            self._write(to_bytes(sector), data)
-        except OSError as e:
-            raise DMError(e.errno or errno.EIO) from None
-        return True
 
     async def _call(self, fn, *args):
         if self.io_mode == "thread":
@@ -407,7 +383,7 @@ class MemoryDevice(BlockDevice):
         if self.read_only:
             raise DMError(errno.EPERM, "write to read-only device")
         if bio.op is Op.WRITE:
-            self.buf[off:off + n] = bio.data
+            self.buf[off:off + n] = bio.data if bio.data is not None else bytes(n)
         elif bio.op in (Op.DISCARD, Op.WRITE_ZEROES):
             self.buf[off:off + n] = bytes(n)
         return None

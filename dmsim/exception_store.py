@@ -13,8 +13,9 @@ Two stores, as in the kernel (``dm-exception-store.c``, ``dm-snap-persistent.c``
 Commit order is the kernel's: an exception is committed only after its data chunk was
 copied, the area write carries PREFLUSH+FUA (here: flush, then a FUA write), so the
 on-disk metadata never references a chunk whose data is not durable.  Callers commit
-exceptions one at a time, in allocation order; callbacks of a batch run after the
-area holding them is on disk.
+runs of exceptions in allocation order (``commit_exceptions``, the one commit path);
+the area is written once no exception is pending or it is full, and the callbacks of
+everything it holds run after that.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import errno
 import struct
 import sys
 from array import array
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Sequence
 
 from .bio import SECTOR_SHIFT, to_bytes
 from .errors import DMError
@@ -36,7 +37,7 @@ _HEADER = struct.Struct("<4I")
 _PAIR = struct.Struct("<QQ")
 
 Callback = Callable[[bool], Awaitable[None]]
-AddException = Callable[[int, int], None]
+AddException = Callable[[Sequence[int], Sequence[int]], None]     # (old chunks, new chunks)
 
 
 class StoreError(Exception):
@@ -90,35 +91,41 @@ class ExceptionStore:
         self.chunk_sectors = chunk_sectors
         self.log = log
         self.userspace_supports_overflow = False
+        self.valid = 1              # 0 once the snapshot is invalid (the header says so)
 
     @property
     def chunk_shift(self) -> int:
         return self.chunk_sectors.bit_length() - 1
 
-    def set_chunk_size(self, chunk_sectors: int) -> str | None:
-        err = chunk_size_error(chunk_sectors, self.cow, self.origin)
-        if err is None:
-            self.chunk_sectors = chunk_sectors
-        return err
+    async def read_metadata(self, add: AddException) -> int:
+        """Load the exceptions on the COW through ``add``: 0, or 1 for an invalid one."""
+        raise NotImplementedError
 
+    def prepare_exceptions(self, count: int) -> list[tuple[int, int]]:
+        """Allocate up to ``count`` COW chunks: ``[(first new chunk, n)]`` runs."""
+        raise NotImplementedError
 
-    def commit_now(self, old: int, new: int, count: int = 1) -> bool:
-        """:meth:`commit_exceptions` as a plain call, for a caller that prepared every
-        pending exception itself (:meth:`commit_ready` was true) and commits them in
-        order, one run after another without awaiting between: the same area writes
-        at the same points, done here and now, the last run's leaving everything
-        durable.  False, with nothing changed, when the COW can't be written without
-        waiting.  After True, ``valid`` is what the callbacks would be told."""
-        return False
+    async def commit_exceptions(self, old: int, new: int, count: int, valid: bool,
+                                callback: Callback) -> None:
+        """Commit a run of exceptions; ``callback(valid)`` once it is durable."""
+        raise NotImplementedError
 
-    def commit_ready(self) -> bool:
-        """Whether exceptions prepared next could :meth:`commit_now` (asked before
-        preparing them, so that no copy is made for nothing)."""
-        return False
+    async def drop_snapshot(self) -> None:
+        """Mark the snapshot invalid where the store keeps its state."""
 
-    def room_for(self, count: int) -> bool:
-        """Whether :meth:`prepare_exceptions` would surely hand out ``count`` chunks."""
-        return False
+    async def prepare_merge(self) -> tuple[int, int, int]:
+        raise NotImplementedError       # (only stores that can_merge)
+
+    async def commit_merge(self, nr_merged: int) -> None:
+        raise NotImplementedError
+
+    def usage(self) -> tuple[int, int, int]:
+        """(total_sectors, sectors_allocated, metadata_sectors)."""
+        raise NotImplementedError
+
+    def table(self) -> str:
+        raise NotImplementedError
+
 
 class TransientStore(ExceptionStore):
     """``N``: COW chunks from 0 up, nothing on disk, commit always succeeds."""
@@ -130,13 +137,6 @@ class TransientStore(ExceptionStore):
     async def read_metadata(self, add: AddException) -> int:
         return 0
 
-    def prepare_exception(self) -> int | None:
-        if self.cow.size_sectors < self.next_free_sectors + self.chunk_sectors:
-            return None
-        new_chunk = self.next_free_sectors >> self.chunk_shift
-        self.next_free_sectors += self.chunk_sectors
-        return new_chunk
-
     def prepare_exceptions(self, count: int) -> list[tuple[int, int]]:
         """Allocate up to ``count`` chunks at once: ``[(first new chunk, n)]``, fewer
         chunks than asked when the COW fills up."""
@@ -147,22 +147,6 @@ class TransientStore(ExceptionStore):
         first = self.next_free_sectors >> self.chunk_shift
         self.next_free_sectors += n * self.chunk_sectors
         return [(first, n)]
-
-    async def commit_exception(self, old: int, new: int, valid: bool, callback: Callback) -> None:
-        await callback(valid)
-
-    def commit_now(self, old: int, new: int, count: int = 1) -> bool:
-        return True     # nothing on disk
-
-    def commit_ready(self) -> bool:
-        return self.cow.writes_now      # (the callers write data as plain calls too)
-
-    def room_for(self, count: int) -> bool:
-        return (self.cow.size_sectors - self.next_free_sectors) >> self.chunk_shift >= count
-
-    @property
-    def valid(self) -> bool:
-        return True
 
     async def commit_exceptions(self, old: int, new: int, count: int, valid: bool,
                                 callback: Callback) -> None:
@@ -193,7 +177,6 @@ class PersistentStore(ExceptionStore):
             else:
                 log("persistent snapshot: Unsupported persistent store option: %s" % options)
                 raise StoreError("Exception store type constructor failed")
-        self.valid = 1
         self.version = SNAPSHOT_DISK_VERSION
         self.next_free = NUM_SNAPSHOT_HDR_CHUNKS + 1
         self.current_area = 0
@@ -313,20 +296,10 @@ class PersistentStore(ExceptionStore):
         self._skip_metadata()
 
     # -- exceptions ---------------------------------------------------------------------------
-    def prepare_exception(self) -> int | None:
-        """Allocate the next COW chunk (None: the COW is full)."""
-        if self.cow.size_sectors < (self.next_free + 1) * self.chunk_sectors:
-            return None
-        new_chunk = self.next_free
-        self.next_free += 1
-        self._skip_metadata()
-        self.pending_count += 1
-        return new_chunk
-
     def prepare_exceptions(self, count: int) -> list[tuple[int, int]]:
-        """Allocate up to ``count`` chunks at once, exactly as ``count`` calls of
-        :meth:`prepare_exception` would: ``[(first new chunk, n)]``, one run per stretch
-        between metadata areas; fewer chunks than asked when the COW fills up."""
+        """``persistent_prepare_exception`` ``count`` times at once: ``[(first new chunk,
+        n)]``, one run per stretch between metadata areas; fewer chunks than asked when
+        the COW fills up."""
         runs = []
         stride = self.exceptions_per_area + 1
         limit = self.cow.size_sectors // self.chunk_sectors      # chunks that fit
@@ -342,64 +315,15 @@ class PersistentStore(ExceptionStore):
             self._skip_metadata()
         return runs
 
-    async def commit_exception(self, old: int, new: int, valid: bool, callback: Callback) -> None:
-        """``persistent_commit_exception``: callers commit in allocation order, one at a
-        time.  The batch's callbacks run once the area holding it is durable."""
-        await self.commit_exceptions(old, new, 1, valid, callback)
-
     async def commit_exceptions(self, old: int, new: int, count: int, valid: bool,
                                 callback: Callback) -> None:
-        """``count`` consecutive exceptions ``old+i -> new+i`` committed as ``count`` calls
-        of ``persistent_commit_exception`` would be (same area writes at the same
-        points), with the entries packed in bulk; ``callback`` runs once all are durable."""
+        """``persistent_commit_exception`` for ``count`` consecutive exceptions ``old+i ->
+        new+i``, as ``count`` calls of it would be (same area writes at the same points:
+        when no exception is pending any more, or the area is full), the entries packed
+        in bulk.  Callers commit in allocation order; ``callback`` runs, with the others
+        of its area write, once all ``count`` are durable."""
         if not valid:
             self.valid = 0
-        if count == 1 and self.current_committed < self.exceptions_per_area:
-            _PAIR.pack_into(self.area, 16 * self.current_committed, old, new)
-            self.current_committed += 1
-            self.pending_count -= 1
-            self.callbacks.append(callback)
-            await self._maybe_write_area()
-            return
-        while count:
-            k = min(count, self.exceptions_per_area - self.current_committed)
-            pairs = array("Q", bytes(16 * k))
-            pairs[0::2] = array("Q", range(old, old + k))
-            pairs[1::2] = array("Q", range(new, new + k))
-            if sys.byteorder != "little":
-                pairs.byteswap()
-            at = 16 * self.current_committed
-            self.area[at:at + 16 * k] = pairs.tobytes()
-            self.current_committed += k
-            self.pending_count -= k
-            old, new, count = old + k, new + k, count - k
-            if not count:
-                self.callbacks.append(callback)
-            await self._maybe_write_area()
-
-    def commit_ready(self) -> bool:
-        return not self.pending_count and not self.callbacks and bool(self.valid) and self.cow.writes_now
-
-    def room_for(self, count: int) -> bool:
-        left = self.cow.size_sectors // self.chunk_sectors - self.next_free
-        return left - left // (self.exceptions_per_area + 1) - 1 >= count     # less its areas
-
-    def commit_now(self, old: int, new: int, count: int = 1) -> bool:
-        # commit_exceptions + _maybe_write_area, with the writes as plain calls
-        if count > self.pending_count or self.callbacks or not self.cow.writes_now:
-            return False
-        if (count == 1 and self.pending_count == 1 and self.valid
-                and self.current_committed < self.exceptions_per_area - 1):
-            # the common case: one exception, the area written now, not filling up
-            _PAIR.pack_into(self.area, 16 * self.current_committed, old, new)
-            self.current_committed += 1
-            self.pending_count = 0
-            try:
-                self.cow.try_write_now((NUM_SNAPSHOT_HDR_CHUNKS + (self.exceptions_per_area + 1)
-                                        * self.current_area) * self.chunk_sectors, bytes(self.area))
-            except DMError:
-                self.valid = 0
-            return True
         per_area = self.exceptions_per_area
         while count:
             k = min(count, per_area - self.current_committed)
@@ -416,26 +340,9 @@ class PersistentStore(ExceptionStore):
             self.current_committed += k
             self.pending_count -= k
             old, new, count = old + k, new + k, count - k
-            full = self.current_committed == per_area
-            if self.pending_count and not full:
-                continue
-            if full:
-                try:
-                    self.cow.try_write_now(self.area_location(self.current_area + 1) * self.chunk_sectors,
-                                           bytes(self.chunk_bytes))
-                except DMError:
-                    self.valid = 0
-            if self.valid:
-                try:
-                    self.cow.try_write_now(self.area_location(self.current_area) * self.chunk_sectors,
-                                           bytes(self.area))
-                except DMError:
-                    self.valid = 0
-            if full:
-                self.current_committed = 0
-                self.current_area += 1
-                self.area = bytearray(self.chunk_bytes)
-        return True
+            if not count:
+                self.callbacks.append(callback)
+            await self._maybe_write_area()
 
     async def _maybe_write_area(self) -> None:
         """The tail of ``persistent_commit_exception``: write the area when nothing else
@@ -508,6 +415,7 @@ def create_store(args, cow, origin, log) -> ExceptionStore:
     if len(args) < 2:
         raise StoreError("Insufficient exception store arguments")
     kind = args[0][:1].upper()
+    cls: type[ExceptionStore]
     if kind == "P":
         cls = PersistentStore
     elif kind == "N":

@@ -305,7 +305,6 @@ class Snapshot(Target):
     name = "snapshot"
     version = (1, 16, 0)
     merging = False
-    kc = None       # (set by ctr: dtr of a table whose ctr failed early has nothing to stop)
 
     async def ctr(self, args):
         if len(args) < 4:
@@ -477,7 +476,7 @@ class Snapshot(Target):
             if n == 1:
                 pending[first] = pe
             else:
-                pending.update(zip(range(first, first + n), itertools.repeat(pe, n)))
+                pending.update(dict.fromkeys(range(first, first + n), pe))
             pes.append(pe)
             first += n
         self.pending_exceptions_count += len(pes)
@@ -709,7 +708,7 @@ class Snapshot(Target):
             await self.invalidate(errno.ENOMEM)
         raise DMError(errno.EIO)
 
-    async def _read_chunks(self, bio: Bio) -> bytes:
+    async def _read_chunks(self, bio: Bio):
         """A read over several chunks: one read per run of chunks that is contiguous on
         the COW or on the origin (the lookups run in C: ``map`` over the table)."""
         shift = self.store.chunk_shift
@@ -726,11 +725,10 @@ class Snapshot(Target):
         news = self.complete.lookups(first, last)
         n = len(news)
         holes = news.count(None)
+        tracked: list[int] = []
         if holes == n:                   # all on the origin
             runs = [(0, n)]
-            tracked = ()
         else:
-            tracked = ()
             if holes:
                 # origin chunk i stands for i - _FAR: origin runs are consecutive
                 # numbers too, and never continue a COW run
@@ -787,7 +785,7 @@ class Snapshot(Target):
         for none of them."""
         shift = self.store.chunk_shift
         block_sectors = 1 << (LINEAR_BLOCK_SHIFT + shift)
-        segs = []
+        segs: list[list[int]] = []
         sector = bio.sector
         end = bio.end_sector
         for i, base in enumerate(bases):
@@ -980,8 +978,6 @@ class Snapshot(Target):
         src.valid = False
 
     async def dtr(self):
-        if self.kc is None:
-            return
         _, src, dest, _ = self._sharing_cow()
         if src is self and dest is not None:
             # a table replacing this one resumes (and takes the exceptions over) before
