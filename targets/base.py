@@ -69,6 +69,8 @@ class Target:
     name: str = ""
     version: tuple[int, int, int] = (1, 0, 0)
     singleton: bool = False
+    #: a kernel module loaded on first use (request_module): listed only once a table used it
+    module: str | None = None
     immutable: bool = False
     always_writeable: bool = False
     wildcard: bool = False
@@ -189,10 +191,16 @@ def _load_all() -> None:
             importlib.import_module("dmsim.targets." + info.name)
 
 
+_demanded: set[str] = set()
+
+
 def lookup(name: str) -> type[Target] | None:
     if name not in _registry:
         _load_all()
-    return _registry.get(name)
+    cls = _registry.get(name)
+    if cls is not None and cls.module:
+        _demanded.add(cls.module)
+    return cls
 
 
 #: the order 6.1 registers the types in (built-ins, then the oracle's preloaded modules:
@@ -207,4 +215,4 @@ def registered() -> list[type[Target]]:
     _load_all()
     rank = {name: i for i, name in enumerate(KERNEL_ORDER)}
     names = sorted(_order, key=lambda n: (rank.get(n, len(rank)), _order.index(n)))
-    return [_registry[n] for n in reversed(names)]
+    return [_registry[n] for n in reversed(names) if not _registry[n].module or _registry[n].module in _demanded]

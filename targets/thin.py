@@ -28,13 +28,13 @@ from dmsim.errors import DMError, TargetError
 from dmsim.persistent_data import NoSpace
 
 from .base import STATUSTYPE_TABLE, Target, register
-from .thin_pool import PM_FAIL, PM_READ_ONLY, Pool, lookup_pool, read_dev_id
+from .thin_pool import PM_FAIL, PM_READ_ONLY, Pool, ThinPool, lookup_pool, read_dev_id
 
 
-@register
 class Thin(Target):
     name = "thin"
     version = (1, 22, 0)
+    module = "dm_thin_pool"
 
     pool: Pool
 
@@ -211,3 +211,6 @@ class Thin(Target):
         blocks = pool.ti.len // pool.sectors_per_block
         return [(self.pool_dev, 0, pool.sectors_per_block * blocks)] if blocks else []
 
+
+register(Thin)
+register(ThinPool)

@@ -30,13 +30,13 @@ from typing import TYPE_CHECKING, Sequence
 
 import trio
 
-from dmsim.bio import Bio, Op
+from dmsim.bio import Bio
 from dmsim.errors import DMError, TargetError
 from dmsim.kcopyd import Region
 from dmsim.persistent_data import NoSpace
 from dmsim.thin_metadata import THIN_METADATA_MAX_SECTORS, PoolMetadata
 
-from .base import STATUSTYPE_TABLE, Target, kstrtouint, passthrough, register
+from .base import STATUSTYPE_TABLE, Target, kstrtouint, passthrough
 
 if TYPE_CHECKING:  # pragma: no cover
     from dmsim.blockdev import BlockDevice
@@ -292,10 +292,10 @@ class Pool:
                 await self.kc.destroy()
 
 
-@register
 class ThinPool(Target):
     name = "thin-pool"
     version = (1, 22, 0)
+    module = "dm_thin_pool"
     singleton = True
     always_writeable = True
     immutable = True
@@ -550,5 +550,5 @@ class ThinPool(Target):
             raise
 
 
-def write_zeroes_as_write(bio: Bio) -> Bio:
-    return Bio(Op.WRITE, bio.sector, bio.sectors, bytes(bio.sectors * 512), bio.fua)
+# dm-thin-pool.ko registers thin, then thin-pool (dm_thin_init): thin.py does both, in that order
+from . import thin as _thin  # noqa: E402,F401
