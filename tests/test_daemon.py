@@ -682,3 +682,27 @@ async def test_shut_down_is_bounded_whatever_hangs(autojump_clock, caplog):
     assert trio.current_time() - t0 <= d.SHUTDOWN_SECONDS + 0.01
     assert m.suspends == ["stuck", "other"]       # one stuck device does not starve the next
     assert "took too long" in caplog.text
+
+
+def test_daemon_stop_gives_up_with_a_message(tmp_path):
+    """A "daemon" that ignores SIGTERM (it holds the lock, its pid in the pid file):
+    ``daemon stop --timeout`` gives up after that long, says so, and fails."""
+    state = tmp_path / "st"
+    state.mkdir(mode=0o700)
+    code = ("import fcntl, os, signal, sys, time\n"
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            "fd = os.open(sys.argv[1] + '/lock', os.O_RDWR | os.O_CREAT, 0o600)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+            "open(sys.argv[1] + '/pid', 'w').write('%d\\n' % os.getpid())\n"
+            "print('ready', flush=True)\n"
+            "time.sleep(60)\n")
+    p = subprocess.Popen([sys.executable, "-c", code, str(state)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline() == "ready\n"
+        t0 = time.monotonic()
+        r = dmsim("daemon", "stop", "--state-dir", str(state), "--timeout", "1", env=dict(os.environ))
+        assert r.returncode == 1 and "(pid %d) has not stopped after 1 s" % p.pid in r.stderr, r.stderr
+        assert time.monotonic() - t0 < 10
+    finally:
+        p.kill()
+        p.wait()
