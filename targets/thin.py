@@ -164,7 +164,11 @@ class Thin(Target):
                     elif pool.pf.zero_new_blocks:
                         await pool.zero_block(new)
             await pool.data_dev.submit(Bio(Op.WRITE, new * spb + offset, bio.sectors, bio.data))
-            pool.md.insert_block(self.dev_id, vblock, new)
+            try:
+                pool.md.insert_block(self.dev_id, vblock, new)
+            except DMError as e:
+                pool.metadata_operation_failed("dm_thin_insert_block", e)
+                raise DMError(errno.EIO) from None
 
     async def _discard(self, bio: Bio) -> None:
         pool = self.pool
@@ -180,7 +184,11 @@ class Thin(Target):
             r = pool.md.find_block(self.dev_id, vblock)
             if r is None:
                 return
-            pool.md.remove_block(self.dev_id, vblock)
+            try:
+                pool.md.remove_block(self.dev_id, vblock)
+            except DMError as e:
+                pool.metadata_operation_failed("dm_thin_remove_range", e)
+                raise DMError(errno.EIO) from None
             if pool.pf.discard_passdown and pool.md.data_sm.get_count(r.block) == 0:
                 await pool.data_dev.discard(r.block * spb, spb)
 

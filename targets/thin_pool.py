@@ -151,7 +151,7 @@ class Pool:
         self.kc = None
         self.space_event = trio.Event()
         self.ti: ThinPool | None = None
-        self._committer_started = False
+        self.committer_token = 0
 
     @property
     def name(self) -> str:
@@ -182,16 +182,37 @@ class Pool:
             self.ti.ctx.event()
 
     async def commit(self) -> None:
-        """``commit``: flush the data device, then commit the metadata (off the Trio thread)."""
+        """``commit``: flush the data device, then commit the metadata.
+
+        The metadata commit runs on the Trio thread, as plain calls: reads and status look
+        the metadata up without the pool lock, so no other thread may change it meanwhile.
+        """
         if self.pf.mode in (PM_READ_ONLY, PM_FAIL):
             raise DMError(errno.EINVAL, "pool is read only")
         await self.data_dev.flush()
         try:
-            await trio.to_thread.run_sync(self.md.commit)
+            self.md.commit()
         except DMError as e:
-            self.log("%s: dm_pool_commit_metadata failed: error = %d" % (self.name, -e.errno))
-            self.set_mode(PM_READ_ONLY)
+            self.metadata_operation_failed("dm_pool_commit_metadata", e)
             raise
+
+    def metadata_operation_failed(self, op: str, e: DMError) -> None:
+        """``metadata_operation_failed``: abort to the last commit, flag needs_check, go read-only."""
+        self.log("%s: metadata operation '%s' failed: error = %d" % (self.name, op, -e.errno))
+        self.log("%s: aborting current metadata transaction" % self.name)
+        try:
+            self.md.abort()
+        except DMError:
+            self.log("%s: failed to abort metadata transaction" % self.name)
+            self.set_mode(PM_FAIL)
+            return
+        try:
+            self.md.set_needs_check()
+        except DMError:
+            self.log("%s: failed to set 'needs_check' flag in metadata" % self.name)
+            self.set_mode(PM_FAIL)
+            return
+        self.set_mode(PM_READ_ONLY)
 
     def try_commit_now(self) -> None:
         """pool_status's commit, as plain calls: only when nothing is half done and the data
@@ -214,10 +235,13 @@ class Pool:
         async with self.lock:
             await self.commit()
 
-    async def committer(self) -> None:
-        """The periodic commit (``COMMIT_PERIOD``): changes never wait longer than a second."""
-        while True:
+    async def committer(self, token: int) -> None:
+        """The periodic commit (``COMMIT_PERIOD``): changes never wait longer than a second.
+        One runs per pool: a newer table's resume starts another and this one stops."""
+        while self.committer_token == token:
             await trio.sleep(COMMIT_PERIOD_SECONDS)
+            if self.committer_token != token:
+                return
             if self.suspended or self.pf.mode != PM_WRITE:
                 continue
             async with self.lock:
@@ -407,15 +431,15 @@ class ThinPool(Target):
             md.resize_metadata_dev(meta_size)
             changed = True
         if changed:
-            await pool.commit_locked()
+            with contextlib.suppress(DMError):
+                await pool.commit_locked()
 
     async def resume(self) -> None:
         pool = self.pool
         pool.low_water_triggered = False
         pool.suspended = False
-        if not pool._committer_started:
-            pool._committer_started = True
-            self.ctx.start_task(pool.committer, name="thin-pool commit")
+        pool.committer_token += 1
+        self.ctx.start_task(pool.committer, pool.committer_token, name="thin-pool commit")
 
     async def postsuspend(self) -> None:
         pool = self.pool

@@ -231,3 +231,56 @@ async def test_out_of_data_space_queue_mode_waits_for_growth(imgs, autojump_cloc
         assert " rw " in st(m, "pool")
         await m.remove("t")
         await m.remove("pool")
+
+
+async def test_metadata_full_aborts_to_read_only_with_needs_check(tmp_path):
+    """A full metadata device fails the write, aborts to the last commit, flags needs_check, goes ro."""
+    meta, data = str(tmp_path / "meta.img"), str(tmp_path / "data.img")
+    with open(meta, "wb") as f:
+        f.truncate(64 * 4096)
+    with open(data, "wb") as f:
+        f.truncate(4 << 30)  # sparse
+    async with dmsim.open_manager(durability="process") as m:
+        await mk(m, "pool", "0 %d thin-pool %s %s 128 0 1 skip_block_zeroing" % (8 << 20, meta, data))
+        await m.message("pool", 0, "create_thin 0")
+        thin = await mk(m, "t", "0 %d thin /dev/mapper/pool 0" % (8 << 20))
+        written = []
+        with pytest.raises(DMError):
+            for i in range(100000):
+                vb = (i * 7919) % 65536
+                await thin.write(vb * 128, b"m" * 512)
+                written.append(vb)
+                if i % 500 == 499:
+                    await thin.flush()
+        log = m.read_log()
+        assert any("metadata operation" in x and "error = -28" in x for x in log), log[-5:]
+        assert any("thin: pool: switching pool to read-only mode" in x for x in log)
+        s = st(m, "pool")
+        assert " ro " in s and " needs_check " in s
+        with pytest.raises(DMError):
+            await thin.write(0, b"x" * 512)
+        assert await thin.read(written[0] * 128, 1) == b"m" * 512
+        with pytest.raises(DMError):
+            await m.message("pool", 0, "create_thin 1")
+        await m.remove("t")
+        await m.remove("pool")
+    with PoolMetadata(meta, 128, format_device=False, durable=False, read_only=True) as md:
+        assert md.needs_check
+        assert check_metadata(md) == []
+
+
+async def test_periodic_commit_survives_a_pool_reload(imgs, autojump_clock):
+    meta, data = imgs
+    async with dmsim.open_manager(durability="process") as m:
+        await mk(m, "pool", pool_line(meta, data))
+        await m.message("pool", 0, "create_thin 0")
+        await m.load("pool", parse_table_text(pool_line(meta, data)))
+        await m.suspend("pool")
+        await m.resume("pool")
+        thin = await mk(m, "t", "0 8192 thin /dev/mapper/pool 0")
+        await thin.write(0, b"p" * 512)
+        await trio.sleep(2)
+        with PoolMetadata(meta, 128, format_device=False, durable=False, read_only=True) as md:
+            assert [vb for vb, _b, _t in md.mappings(0)] == [0]
+        await m.remove("t")
+        await m.remove("pool")
