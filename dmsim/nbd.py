@@ -9,28 +9,34 @@ NetworkBlockDevice/nbd ``doc/proto.md`` (no TLS, no oldstyle):
   when asked), LIST (devices with a live table), ABORT and STRUCTURED_REPLY; any other
   option gets NBD_REP_ERR_UNSUP.  The default export ``""`` is refused, as nbdkit's file
   plugin refuses it in directory mode: there is no one obvious device to give.
-* commands READ, WRITE, FLUSH, TRIM (the target's discard), WRITE_ZEROES and DISC; the
-  FUA flag on every command (a WRITE is a FUA bio, TRIM and WRITE_ZEROES are followed by
-  a flush), NO_HOLE accepted (dmsim's zeroing never promises holes), DF on reads once
-  structured replies are on (a read is always one chunk).  Size constraints: the minimum
-  block is the device's logical block size, the preferred one a page (or that block),
-  payloads up to :data:`MAX_PAYLOAD_BYTES`.  Errors as the spec and nbdkit give them:
-  out of range EINVAL (ENOSPC for writes and write-zeroes), unaligned EINVAL, a
-  read-only device EPERM, unknown commands or flags EINVAL, target failures EIO.
+* commands READ, WRITE, FLUSH, TRIM (the target's discard), WRITE_ZEROES (the target's
+  write zeroes, which may punch a hole; with NO_HOLE a write of zeros) and DISC, TRIM and
+  WRITE_ZEROES in pieces of at most :data:`MAX_PAYLOAD_BYTES`; the FUA flag on every
+  command (a WRITE is a FUA bio, TRIM and WRITE_ZEROES are followed by a flush); DF on
+  reads once structured replies are on (a read is always one chunk).  Size constraints:
+  the minimum block is the device's logical block size, the preferred one a page (or
+  that block), payloads up to :data:`MAX_PAYLOAD_BYTES`.  Errors as the spec and nbdkit
+  give them: out of range EINVAL (ENOSPC for writes and write-zeroes), unaligned EINVAL,
+  a read-only device EPERM, unknown commands or flags EINVAL, target failures EIO.
+  Structured replies carry a message with each error.  Transmission flags: FLUSH, FUA,
+  TRIM, WRITE_ZEROES, CAN_MULTI_CONN (every connection reaches the same device, no cache
+  of its own), READ_ONLY for a read-only table.
 
 An export in transmission is an open of the device (its open count), so removing it fails
 with EBUSY while the client is connected.  Requests go to ``MappedDevice.submit`` as a
 FUSE file's do: a suspended device holds them until resume.  The requests of one
 connection run concurrently (replies by cookie, in completion order) up to
-:data:`MAX_INFLIGHT_REQUESTS` and :data:`MAX_INFLIGHT_BYTES`; past either the
-connection stops reading.  A client that hangs up lets its requests under way finish
-(cancelling a target mid-request is not safe), then its open is dropped.  Malformed
-input (bad magic, truncation, oversized option or write payload, too many options, a
-handshake slower than :data:`HANDSHAKE_TIMEOUT_SECONDS`) closes that connection only.
+:data:`MAX_INFLIGHT_REQUESTS` and :data:`MAX_INFLIGHT_BYTES` (every request but FLUSH
+counts its length, up to the payload maximum); past either the connection stops
+reading.  A client that hangs up lets its requests under way finish (cancelling a target
+mid-request is not safe), then its open is dropped.  Malformed input (bad magic,
+truncation, oversized option or write payload, too many options, a handshake slower
+than :data:`HANDSHAKE_TIMEOUT_SECONDS`) closes that connection only.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import logging
 import os
@@ -129,6 +135,7 @@ HANDSHAKE_TIMEOUT_SECONDS = 60
 LISTEN_BACKLOG = 1024
 _RECV_BYTES = 64 << 10
 _IOV_MAX = 1024
+_SOCKET_BUFFER_BYTES = 2 << 20
 
 _REQUEST = struct.Struct(">IHHQQI")
 _OPTION = struct.Struct(">QII")
@@ -236,6 +243,10 @@ class NBDServer:
                 await stream.aclose()
             return
         self.connections += 1
+        for opt in (_stdsocket.SO_SNDBUF, _stdsocket.SO_RCVBUF):
+            # room for a whole 1 MiB request or reply: one syscall, not five waits
+            with contextlib.suppress(OSError):
+                stream.socket.setsockopt(_stdsocket.SOL_SOCKET, opt, _SOCKET_BUFFER_BYTES)
         try:
             await _Connection(self, stream).run()
         finally:
@@ -460,6 +471,8 @@ class _Connection:
         if md is None:
             await self.opt_reply(opt, REP_ERR_UNKNOWN, why)
             return False
+        if opt == OPT_GO:
+            self.enter(md)   # opened before any reply goes out: md cannot go away meanwhile
         block = max(md.logical_block_size, SECTOR_SIZE)
         infos = [struct.pack(">HQH", INFO_EXPORT, to_bytes(md.size_sectors), self.transmission_flags(md)),
                  struct.pack(">HIII", INFO_BLOCK_SIZE, block, max(block, PAGE_SIZE), MAX_PAYLOAD_BYTES)]
@@ -469,8 +482,6 @@ class _Connection:
             infos.append(struct.pack(">H", INFO_DESCRIPTION) + describe(md).encode())
         for info in infos:
             await self.opt_reply(opt, REP_INFO, info)
-        if opt == OPT_GO:
-            self.enter(md)   # no checkpoint since the lookup: md is still there
         await self.opt_reply(opt, REP_ACK)
         return opt == OPT_GO
 
@@ -499,7 +510,8 @@ class _Connection:
                     break
                 if cmd == CMD_DISC:
                     break
-                cost = min(length, MAX_PAYLOAD_BYTES) if cmd in (CMD_READ, CMD_WRITE) else 0
+                # TRIM and WRITE_ZEROES count too: a target may zero through a buffer
+                cost = min(length, MAX_PAYLOAD_BYTES) if cmd != CMD_FLUSH else 0
                 data = None
                 if cmd == CMD_WRITE:
                     if length > MAX_PAYLOAD_BYTES:
@@ -568,7 +580,14 @@ class _Connection:
         if cmd == CMD_WRITE:
             await md.write(sector, data, fua=bool(flags & CMD_FLAG_FUA))
             return None
-        await md.submit(Bio(Op.DISCARD if cmd == CMD_TRIM else Op.WRITE_ZEROES, sector, sectors))
+        op = Op.DISCARD if cmd == CMD_TRIM else Op.WRITE_ZEROES
+        step = to_sectors(MAX_PAYLOAD_BYTES)    # a 4 GiB zeroing need not be one 4 GiB buffer
+        for first in range(sector, sector + sectors, step):
+            n = min(step, sector + sectors - first)
+            if cmd == CMD_WRITE_ZEROES and flags & CMD_FLAG_NO_HOLE:
+                await md.write(first, bytes(to_bytes(n)))    # allocated, not a punched hole
+            else:
+                await md.submit(Bio(op, first, n))
         if flags & CMD_FLAG_FUA:
             await md.flush()
         return None

@@ -973,3 +973,26 @@ async def test_connection_cap(served, monkeypatch):
                 await trio.sleep(0.01)
     await b.aclose()
     await d.aclose()
+
+
+async def test_large_trim_and_zeroes_go_in_pieces(served, monkeypatch):
+    """A TRIM or WRITE_ZEROES longer than the payload maximum reaches the device in pieces
+    no longer than it; NO_HOLE zeroing is a write of zeros (no hole punched)."""
+    monkeypatch.setattr(nbd, "MAX_PAYLOAD_BYTES", 64 << 10)
+    md = served.m.find("lin")
+    seen = []
+    submit = md.submit
+
+    async def spy(bio):
+        seen.append((bio.op.name, bio.sectors))
+        return await submit(bio)
+
+    monkeypatch.setattr(md, "submit", spy)
+    c = await Raw.connect(served.unix)
+    await c.go("lin")
+    for cmd, flags in ((nbd.CMD_TRIM, 0), (nbd.CMD_WRITE_ZEROES, 0), (nbd.CMD_WRITE_ZEROES, nbd.CMD_FLAG_NO_HOLE)):
+        seen.clear()
+        assert (await c.call(cmd, 0, MiB, flags=flags)).error == 0
+        assert len(seen) == 16 and all(n == 128 for _, n in seen), seen
+        assert {op for op, _ in seen} == {"DISCARD" if cmd == nbd.CMD_TRIM else "WRITE" if flags else "WRITE_ZEROES"}
+    assert await md.pread(0, MiB) == bytes(MiB)
