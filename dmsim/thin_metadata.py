@@ -178,6 +178,7 @@ class PoolMetadata:
         self.read_only = read_only
         self._log = log or (lambda line: None)
         self.fail_io = False
+        self._open_counts: dict[int, int] = {}
         self.bm = BlockManager(path, read_only=read_only, durable=durable)
         try:
             self._create_objects(format_device)
@@ -436,10 +437,26 @@ class PoolMetadata:
         td.mapped_blocks = origin.mapped_blocks
         td.snapshotted_time = self.time
 
-    def delete_thin(self, dev_id: int) -> None:
-        """``dm_pool_delete_thin_device``: drop a device, its mappings and the data only it held."""
+    def open_device(self, dev_id: int) -> None:
+        """``dm_pool_open_thin_device``: a user (a thin target) holds the device (-ENODATA if none)."""
         self._check_io()
         self._device(dev_id)
+        self._open_counts[dev_id] = self._open_counts.get(dev_id, 0) + 1
+
+    def close_device(self, dev_id: int) -> None:
+        n = self._open_counts.get(dev_id, 0) - 1
+        if n > 0:
+            self._open_counts[dev_id] = n
+        else:
+            self._open_counts.pop(dev_id, None)
+
+    def delete_thin(self, dev_id: int) -> None:
+        """``dm_pool_delete_thin_device``: drop a device, its mappings and the data only it held
+        (-EBUSY while a thin target has it open)."""
+        self._check_io()
+        self._device(dev_id)
+        if self._open_counts.get(dev_id):
+            raise DMError(errno.EBUSY, "thin device %d is open" % dev_id)
         self.devices.pop(dev_id, None)
         if self.details_info.lookup_or_none(self.details_root, [dev_id]) is not None:
             self.details_root = self.details_info.remove(self.details_root, [dev_id])

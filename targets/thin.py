@@ -64,15 +64,19 @@ class Thin(Target):
             raise TargetError("Couldn't find pool object")
         if pool.pf.mode == PM_FAIL:
             raise TargetError("Couldn't open thin device, Pool is in fail mode")
-        if not pool.md.device_exists(dev_id):
-            raise TargetError("Couldn't open thin internal device", errno.ENODATA)
+        try:
+            pool.md.open_device(dev_id)
+        except DMError as e:
+            raise TargetError("Couldn't open thin internal device", e.errno) from None
         if pool.suspended:
+            pool.md.close_device(dev_id)
             raise TargetError("Unable to activate thin device while pool is suspended")
         pool.refs += 1
         self.pool = pool
         self.max_io_len = pool.sectors_per_block
 
     async def dtr(self) -> None:
+        self.pool.md.close_device(self.dev_id)
         await self.pool.release()
 
     # -- I/O --------------------------------------------------------------------------------

@@ -248,3 +248,137 @@ def test_model_random_io_and_snapshots(tmp_path_factory, ops):
     if HAVE_THIN_CHECK:
         r = subprocess.run(["thin_check", meta], capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stdout + r.stderr
+
+
+# -- against the kernel -----------------------------------------------------------------------
+# tests/fixtures/thin-kernel: scenario.sh run on the oracle's 6.1 kernel (kernel-dm) over a
+# 4 MiB metadata and a 64 MiB data image: its output, its log lines and the images it left.
+
+KFIX = os.path.join(os.path.dirname(__file__), "fixtures", "thin-kernel")
+
+
+def _gunzip(name, dest):
+    import gzip
+    with gzip.open(os.path.join(KFIX, name), "rb") as f, open(dest, "wb") as out:
+        out.write(f.read())
+    return dest
+
+
+def _expected():
+    with open(os.path.join(KFIX, "expected.txt")) as f:
+        return f.read().splitlines()
+
+
+def _pattern(word: bytes, n: int) -> bytes:
+    return (word * (n // len(word) + 1))[:n]
+
+
+async def test_kernel_made_pool_activates_with_the_same_status_and_data(tmp_path):
+    """The pool the kernel left: dmsim opens it, reports the kernel's last status and data."""
+    meta = _gunzip("meta.img.gz", str(tmp_path / "meta.img"))
+    data = _gunzip("data.img.gz", str(tmp_path / "data.img"))
+    exp = _expected()
+    import hashlib
+    async with dmsim.open_manager(durability="process") as m:
+        await mk(m, "pool", pool_line(meta, data, "128 16"))
+        assert status(m, "pool") == exp[exp.index("== done") - 1]
+        t = await mk(m, "t", "0 65536 thin /dev/mapper/pool 0")
+        s = await mk(m, "s", "0 65536 thin /dev/mapper/pool 1")
+        after = exp.index("== after snap write")
+        assert status(m, "t") == exp[after + 1] and status(m, "s") == exp[after + 2]
+        assert hashlib.md5(await t.read(0, 1024)).hexdigest() + "  -" == exp[after + 4]
+        assert hashlib.md5(await s.read(0, 1024)).hexdigest() + "  -" == exp[after + 5]
+        # and dmsim carries on with it: a new block on the snapshot, a snapshot of the snapshot
+        await s.write(7 * BLOCK, b"k" * 512)
+        await m.message("pool", 0, "create_snap 2 1")
+        await m.remove("s")
+        await m.remove("t")
+        await m.remove("pool")
+    with PoolMetadata(meta, 128, format_device=False, durable=False) as md:
+        assert check_metadata(md) == []
+        assert [vb for vb, _b, _t in md.mappings(2)] == [2, 5, 7]
+    if HAVE_THIN_CHECK:
+        subprocess.run(["thin_check", meta], check=True, capture_output=True, timeout=60)
+
+
+async def test_same_workload_as_the_kernel_writes_the_same_metadata(tmp_path):
+    """scenario.sh's workload on dmsim: the kernel's statuses, data, log lines, and mappings
+    (data blocks and times included) identical to the kernel's metadata."""
+    import hashlib
+    meta, data = images(str(tmp_path))
+    exp = _expected()
+    out: list[str] = []
+    async with dmsim.open_manager(durability="process") as m:
+        await mk(m, "pool", pool_line(meta, data, "128 16"))
+        out.append(status(m, "pool"))
+        await m.message("pool", 0, "create_thin 0")
+        t = await mk(m, "t", "0 65536 thin /dev/mapper/pool 0")
+        out.append(status(m, "t"))
+        await t.write(2 * BLOCK, _pattern(b"abcdefgh\n", 65536))
+        page = bytearray(4096)
+        page[1024:1030] = b"kernel"               # printf 'kernel' at byte 332800, a page write
+        await t.write(648, bytes(page))
+        await t.flush()
+        out += [status(m, "t"), status(m, "pool")]
+        await m.suspend("t")
+        await m.message("pool", 0, "create_snap 1 0")
+        await m.resume("t")
+        s = await mk(m, "s", "0 65536 thin /dev/mapper/pool 1")
+        await t.write(33 * 8, _pattern(b"12345678\n", 4096))
+        await t.flush()
+        out += [status(m, "t"), status(m, "s"), status(m, "pool")]
+        out.append(hashlib.md5(await t.read(0, 1024)).hexdigest() + "  -")
+        out.append(hashlib.md5(await s.read(0, 1024)).hexdigest() + "  -")
+        m.read_log()
+        for msg in ("create_thin 0", "create_snap 5 9", "delete 7", "set_transaction_id 3 4"):
+            with pytest.raises(DMError):
+                await m.message("pool", 0, msg)
+        for table in ("0 8192 thin /dev/mapper/pool 9", "0 8192 thin-pool %s %s 100 16" % (meta, data)):
+            with pytest.raises(DMError):
+                await mk(m, "bad", table)
+        klog = [line for line in m.read_log() if line.startswith(("device-mapper: thin", "device-mapper: table"))]
+        await m.message("pool", 0, "set_transaction_id 0 1")
+        await m.message("pool", 0, "reserve_metadata_snap")
+        held = status(m, "pool").split()
+        await m.message("pool", 0, "release_metadata_snap")
+        out.append(status(m, "pool"))
+        await m.remove("s")
+        await m.remove("t")
+        await m.remove("pool")
+    fresh = exp.index("== fresh")
+    assert out[0] == exp[fresh + 1]
+    assert out[1] == exp[fresh + 3]
+    written = exp.index("== written")
+    assert out[2:4] == exp[written + 1:written + 3]
+    after = exp.index("== after snap write")
+    assert out[4:9] == exp[after + 1:after + 6]
+    kernel_held = exp[exp.index("== ids") + 1].split()
+    assert held[:6] + held[7:] == kernel_held[:6] + kernel_held[7:]  # the held root's block aside
+    assert out[9] == exp[exp.index("== done") - 1]
+    with open(os.path.join(KFIX, "expected-klog.txt")) as f:
+        assert klog == f.read().splitlines()
+    kmeta = _gunzip("meta.img.gz", str(tmp_path / "kernel-meta.img"))
+    views = []
+    for path in (meta, kmeta):
+        with PoolMetadata(path, 128, format_device=False, durable=False, read_only=True) as md:
+            views.append(({d: list(md.mappings(d)) for d in md.device_ids()},
+                          {d: md.device_details(d) for d in md.device_ids()}, md.transaction_id, md.time))
+    assert views[0] == views[1]
+    if shutil.which("thin_dump"):
+        dumps = [subprocess.run(["thin_dump", p], capture_output=True, text=True, timeout=60).stdout
+                 for p in (meta, kmeta)]
+        assert dumps[0] == dumps[1]
+
+
+async def test_delete_of_an_open_thin_is_busy(tmp_path):
+    """As the kernel (``td->open_count``): a thin device with an active table cannot be deleted."""
+    meta, data = images(str(tmp_path))
+    async with dmsim.open_manager(durability="process") as m:
+        await pool_and_thin(m, meta, data)
+        with pytest.raises(DMError) as e:
+            await m.message("pool", 0, "delete 0")
+        assert e.value.errno == 16  # EBUSY
+        assert any("Deletion of thin device 0 failed." in x for x in m.read_log())
+        await m.remove("thin")
+        await m.message("pool", 0, "delete 0")
+        await m.remove("pool")
