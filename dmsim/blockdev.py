@@ -104,6 +104,10 @@ class BlockDevice:
         await self.flush()
         await self.write(sector, data, fua=True)
 
+    #: whether :meth:`submit` and :meth:`write_preflush_fua` finish without a scheduling
+    #: point (no other task runs meanwhile): a snapshot's copy-out then needs no shield
+    io_at_once = False
+
     def check_bounds(self, bio: Bio) -> None:
         if bio.sectors and (bio.sector < 0 or bio.end_sector > self.size_sectors):
             raise DMError(errno.EIO, "access beyond end of device")
@@ -178,6 +182,7 @@ class FileDevice(BlockDevice):
         self.read_only = read_only
         self.io_mode = io_mode
         self.sync = durability == "fsync"
+        self.io_at_once = not self.sync and io_mode == "inline"     # plain calls, never a sync
         flags = os.O_RDONLY if read_only else os.O_RDWR
         try:
             self.fd = os.open(self.path, flags | os.O_CLOEXEC)
@@ -319,8 +324,10 @@ class FileDevice(BlockDevice):
         try:
             if self.sync:
                 await syncthread.run_sync(self._sync_write_sync, to_bytes(sector), data)
+            elif self.io_mode == "thread":
+                await syncthread.run_sync(self._write, to_bytes(sector), data)
             else:
-                await self._call(self._write, to_bytes(sector), data)
+                self._write(to_bytes(sector), data)         # (io_at_once: a plain call)
         except OSError as e:
             raise DMError(e.errno or errno.EIO) from None
 

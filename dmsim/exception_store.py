@@ -357,7 +357,8 @@ class PersistentStore(ExceptionStore):
                 self.valid = 0
         if self.valid:
             try:
-                await self._chunk_write(self.area_location(self.current_area), self.area, preflush_fua=True)
+                await self.cow.write_preflush_fua(self.area_location(self.current_area) * self.chunk_sectors,
+                                                  bytes(self.area))
             except DMError:
                 self.valid = 0
         if full:

@@ -258,17 +258,23 @@ async def _origin_write(snapshots, start: int, end: int) -> list:
                     seen[id(pe)] = pe
                 waits.extend(seen.values())
                 missing = list(itertools.filterfalse(pending.__contains__, missing))
+        if not missing:
+            continue
         mine: list = []
         no_space = False
-        for run_first, n in (_consecutive(missing) if missing else ()):
+        for run_first, n in ((missing[0], 1),) if len(missing) == 1 else _consecutive(missing):
             pes = snap.insert_pending_run(run_first, n)
             mine.extend(pes)
-            if not pes or _chunks_of(pes) < n:
+            if not pes or (n > 1 and _chunks_of(pes) < n):
                 no_space = True
                 break
         if mine:
             await snap.copy_out(mine)
-            waits.extend(pe for pe in mine if not pe.finished)
+            if len(mine) == 1:
+                if not mine[0].finished:
+                    waits.append(mine[0])
+            else:
+                waits.extend(pe for pe in mine if not pe.finished)
         if no_space:
             await snap.invalidate(errno.ENOMEM)
     return waits
@@ -289,7 +295,8 @@ async def do_origin(key, start: int, end: int, limit: bool) -> None:
     its chunks copied (re-checked after each wait, as ``retry_origin_bios`` does)."""
     if limit:
         for s in list(_origins.get(key, [])):
-            await s.wait_for_in_progress()
+            if s.in_progress > COW_THRESHOLD:
+                await s.wait_for_in_progress()
     while True:
         waits = await _origin_write(_origins.get(key, []), start, end)
         if not waits:
@@ -329,6 +336,7 @@ class Snapshot(Target):
             raise TargetError("Couldn't create exception store") from None
         self.valid = True
         self.active = False
+        self.table_size = 0         # (set at resume, before active: origin writes look at it)
         self.snapshot_overflowed = False
         self.merge_failed = False
         self.complete = ExceptionTable()
@@ -444,12 +452,6 @@ class Snapshot(Target):
             if not snaps:
                 del _origins[self.key]
 
-    @property
-    def table_size(self) -> int:
-        size = self.__dict__.get("_table_size")
-        if size is None:
-            size = self._table_size = self.ctx.table.size_sectors     # a table never changes
-        return size
 
     def has_exception(self, sector: int) -> bool:
         """Whether an origin write at ``sector`` needs no copy for this snapshot (the
@@ -482,25 +484,42 @@ class Snapshot(Target):
         self.pending_exceptions_count += len(pes)
         return pes
 
+    def _at_once(self) -> bool:
+        """Whether the copy-out pipeline runs without a scheduling point: a COW whose
+        writes are plain calls (:attr:`BlockDevice.io_at_once`) and no origin read to
+        wait for.  Then no other task can run, and nothing can cancel it half done."""
+        return self.cow.io_at_once and not self._tracked and not self._tracked_spans
+
     async def copy_out(self, pes: list) -> None:
         """``start_copy`` for exceptions just allocated, in the caller's task: the origin
         chunks are copied to their COW chunks (runs consecutive on both as one kcopyd
         job; the kernel issues one per chunk, the bytes written are the same), then
-        committed and completed (:meth:`_copies_done`).  Uncontended, with image files
-        that need no syncs, all of it runs without a scheduling point, as plain calls.
-        Shielded: other writers of these chunks wait for them."""
-        self.in_progress += _chunks_of(pes)
-        with trio.CancelScope(shield=True):
-            cs = self.store.chunk_sectors
-            origin_sectors = self.origin.size_sectors
-            errors = []
-            for run in self._runs(pes):
-                src = run[0].old_chunk * cs
-                count = min(_chunks_of(run) * cs, origin_sectors - src)
-                read_err, write_err = await self.kc.copy_async(
-                    Region(self.origin, src, count), [Region(self.cow, run[0].new_chunk * cs, count)])
-                errors.extend([bool(read_err or write_err)] * len(run))
-            await self._copies_done(pes, errors)
+        committed and completed (:meth:`_copies_done`).  Shielded, as other writers of
+        these chunks wait for them, unless it runs at once (:meth:`_at_once`: then the
+        only await that could block, a copy kcopyd can't make inline, is shielded)."""
+        self.in_progress += pes[0].count if len(pes) == 1 else _chunks_of(pes)
+        if self.cow.io_at_once and not self._tracked and not self._tracked_spans:    # _at_once
+            await self._copy_out(pes, True)
+        else:
+            with trio.CancelScope(shield=True):
+                await self._copy_out(pes, False)
+
+    async def _copy_out(self, pes: list, at_once: bool) -> None:
+        cs = self.store.chunk_sectors
+        kc, origin, cow = self.kc, self.origin, self.cow
+        origin_sectors = origin.size_sectors
+        errors = []
+        for run in (pes,) if len(pes) == 1 else self._runs(pes):
+            src = run[0].old_chunk * cs
+            dst = run[0].new_chunk * cs
+            count = min((run[0].count if len(run) == 1 else _chunks_of(run)) * cs, origin_sectors - src)
+            if at_once and kc.copy_now(origin, src, cow, dst, count):
+                errors.extend([False] * len(run))       # (the job's inline mode)
+                continue
+            with trio.CancelScope(shield=at_once):
+                read_err, write_err = await kc.copy_async(Region(origin, src, count), [Region(cow, dst, count)])
+            errors.extend([bool(read_err or write_err)] * len(run))
+        await self._copies_done(pes, errors)
 
     @staticmethod
     def _runs(pes: list):
@@ -519,31 +538,37 @@ class Snapshot(Target):
         """``start_full_bio``: whole-chunk writes to the snapshot go straight to their new
         COW chunks instead of a copy (``items``: (pe, bio) in allocation order; runs of
         consecutive COW chunks are one write), then the same commit and completion as
-        :meth:`copy_out`."""
+        :meth:`copy_out`, shielded the same way."""
         pes = [pe for pe, _ in items]
         self.in_progress += _chunks_of(pes)
-        with trio.CancelScope(shield=True):
-            cs = self.store.chunk_sectors
-            errors = []
-            i = 0
-            while i < len(items):
-                j = i + 1
-                while (j < len(items)
-                       and items[j][0].new_chunk == items[j - 1][0].new_chunk + items[j - 1][0].count
-                       and items[j][1].sector == items[j - 1][1].end_sector):
-                    j += 1
-                first = items[i][1]
-                data = first.data if j == i + 1 else b"".join(b.data for _, b in items[i:j])
-                err = False
-                try:
-                    await self.cow.submit(Bio(Op.WRITE, items[i][0].new_chunk * cs,
-                                              sum(pe.count for pe, _ in items[i:j]) * cs,
-                                              data, first.fua))
-                except DMError:
-                    err = True
-                errors.extend([err] * (j - i))
-                i = j
-            await self._copies_done(pes, errors)
+        if self._at_once():
+            await self._write_out(items, pes)
+        else:
+            with trio.CancelScope(shield=True):
+                await self._write_out(items, pes)
+
+    async def _write_out(self, items: list, pes: list) -> None:
+        cs = self.store.chunk_sectors
+        errors = []
+        i = 0
+        while i < len(items):
+            j = i + 1
+            while (j < len(items)
+                   and items[j][0].new_chunk == items[j - 1][0].new_chunk + items[j - 1][0].count
+                   and items[j][1].sector == items[j - 1][1].end_sector):
+                j += 1
+            first = items[i][1]
+            data = first.data if j == i + 1 else b"".join(b.data for _, b in items[i:j])
+            err = False
+            try:
+                await self.cow.submit(Bio(Op.WRITE, items[i][0].new_chunk * cs,
+                                          sum(pe.count for pe, _ in items[i:j]) * cs,
+                                          data, first.fua))
+            except DMError:
+                err = True
+            errors.extend([err] * (j - i))
+            i = j
+        await self._copies_done(pes, errors)
 
     async def _copies_done(self, pes: list, errors: list) -> None:
         """``copy_callback``: commit exceptions strictly in allocation order.  Whichever
@@ -566,7 +591,7 @@ class Snapshot(Target):
                         functools.partial(self._pending_complete, nxt))
             finally:
                 self._committing = False
-        self.in_progress -= _chunks_of(pes)
+        self.in_progress -= pes[0].count if len(pes) == 1 else _chunks_of(pes)
         if self._in_progress_waiters:
             self._in_progress_event.set()
             self._in_progress_event = trio.Event()
@@ -962,6 +987,7 @@ class Snapshot(Target):
             dest._take_over(src)
         self._unregister()
         self._insert()
+        self.table_size = self.ctx.table.size_sectors     # (complete by now; never changes)
         self.active = True
 
     def _take_over(self, src: "Snapshot") -> None:
