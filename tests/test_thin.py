@@ -10,6 +10,7 @@ import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from test_thin_pool import mk, pool_line
 from test_thin_pool import st as status
 
@@ -382,3 +383,102 @@ async def test_delete_of_an_open_thin_is_busy(tmp_path):
         await m.remove("thin")
         await m.message("pool", 0, "delete 0")
         await m.remove("pool")
+
+
+# -- state machine over the blocking API ------------------------------------------------------
+
+class ThinIOMachine(RuleBasedStateMachine):
+    """Thin devices against bytearrays through dmsim.api.DM: writes (whole and partial blocks),
+    discards, snapshots of thins and of snapshots, flushes and pool reloads; every device reads
+    back as its model, and the metadata left passes our check and thin_check."""
+
+    NBLK = 20
+
+    def __init__(self):
+        super().__init__()
+        import tempfile
+
+        import dmsim.api
+        self.dir = tempfile.TemporaryDirectory()
+        self.meta, self.data = images(self.dir.name, mib=16)
+        self.dm = dmsim.api.DM().__enter__()
+        self.pool_table = pool_line(self.meta, self.data, size=256 * BLOCK)
+        self.dm.create("pool", self.pool_table)
+        self.dm.message("pool", 0, "create_thin", "0")
+        self.size = self.NBLK * BLOCK
+        self.dm.create("t0", "0 %d thin /dev/mapper/pool 0" % self.size)
+        self.model = {0: bytearray(self.size * 512)}
+
+    def teardown(self):
+        try:
+            for d in list(self.model):
+                self.dm.remove("t%d" % d)
+            self.dm.remove("pool")
+        finally:
+            self.dm.close()
+        try:
+            with PoolMetadata(self.meta, 128, format_device=False, durable=False) as md:
+                assert check_metadata(md) == []
+                assert sorted(md.device_ids()) == sorted(self.model)
+            if HAVE_THIN_CHECK:
+                r = subprocess.run(["thin_check", self.meta], capture_output=True, text=True, timeout=60)
+                assert r.returncode == 0, r.stdout + r.stderr
+        finally:
+            self.dir.cleanup()
+
+    devs = st.integers(0, 3)
+
+    @rule(d=devs, sector=st.integers(0, NBLK * BLOCK - 1), n=st.integers(1, 2 * BLOCK), byte=st.integers(1, 255))
+    def write(self, d, sector, n, byte):
+        if d not in self.model:
+            return
+        n = min(n, self.size - sector)
+        payload = bytes([byte]) * (n * 512)
+        self.dm.write("t%d" % d, sector * 512, payload)
+        self.model[d][sector * 512:(sector + n) * 512] = payload
+
+    @rule(d=devs, vb=st.integers(0, NBLK - 1))
+    def discard(self, d, vb):
+        if d not in self.model:
+            return
+        dev = self.dm.device("t%d" % d)
+        self.dm._call(dev.discard, vb * BLOCK, BLOCK)
+        self.model[d][vb * BLOCK * 512:(vb + 1) * BLOCK * 512] = bytes(BLOCK * 512)
+
+    @rule(new=devs, origin=devs)
+    def snapshot(self, new, origin):
+        if new in self.model or origin not in self.model:
+            return
+        self.dm.suspend("t%d" % origin)
+        self.dm.message("pool", 0, "create_snap", str(new), str(origin))
+        self.dm.resume("t%d" % origin)
+        self.dm.create("t%d" % new, "0 %d thin /dev/mapper/pool %d" % (self.size, new))
+        self.model[new] = bytearray(self.model[origin])
+
+    @precondition(lambda self: len(self.model) > 1)
+    @rule(d=devs)
+    def delete(self, d):
+        if d not in self.model:
+            return
+        self.dm.remove("t%d" % d)
+        self.dm.message("pool", 0, "delete", str(d))
+        del self.model[d]
+
+    @rule(d=devs)
+    def flush(self, d):
+        if d in self.model:
+            self.dm.flush("t%d" % d)
+
+    @rule()
+    def reload_pool(self):
+        self.dm.reload("pool", self.pool_table)
+
+    @invariant()
+    def contents(self):
+        for d, m in self.model.items():
+            assert self.dm.read("t%d" % d, 0, self.size * 512) == bytes(m), d
+
+
+TestThinIO = ThinIOMachine.TestCase
+TestThinIO.settings = settings(max_examples=10, stateful_step_count=15, deadline=None,
+                               suppress_health_check=list(HealthCheck))
