@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import bisect
 import errno
+from collections.abc import Sequence
 
 from dmsim.bio import SECTOR_SHIFT, Op
 from dmsim.errors import DMError, TargetError
@@ -35,7 +36,7 @@ class Dust(Target):
     name = "dust"
     version = (1, 0, 0)
 
-    async def ctr(self, args):
+    async def ctr(self, args: Sequence[str]) -> None:
         if len(args) != 3:
             raise TargetError("Invalid argument count")
         blksz = kstrtouint(args[2])

@@ -18,6 +18,7 @@ Kernel: drivers/md/dm-stripe.c (striped 1.6.0 on 6.1).
 from __future__ import annotations
 
 import errno
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dmsim.bio import Bio, Op
@@ -42,7 +43,7 @@ class Striped(Target):
     name = "striped"
     version = (1, 6, 0)
 
-    async def ctr(self, args):
+    async def ctr(self, args: Sequence[str]) -> None:
         if len(args) < 2:
             raise TargetError("Not enough arguments")
         n = kstrtouint(args[0])
