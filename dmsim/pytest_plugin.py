@@ -13,7 +13,9 @@ Fixtures:
     ``images.of(data)``; sizes may also be given as ``sectors=``.
 ``snapshot_stack``
     an async factory of snapshot stacks (origin + snapshot devices over image files,
-    persistent COW), with ``merge()``.
+    persistent COW), with ``merge()``; ``origin_first=True`` creates the origin device
+    before the snapshot, which is then suspended and resumed around the snapshot's
+    creation (the kernel's rule: see ``dmsim.snapshots.take_snapshot``).
 """
 from __future__ import annotations
 
@@ -102,9 +104,13 @@ async def snapshot_stack(dm, images):
     from .snapshots import merge_snapshot, take_snapshot
 
     async def make(origin: str | None = None, origin_mib: float = 8, cow_mib: float = 4,
-                   chunk_sectors: int = 8, store: str = "P", name: str = "snap"):
+                   chunk_sectors: int = 8, store: str = "P", name: str = "snap",
+                   origin_first: bool = False):
         origin = origin or images.random(mib=origin_mib, seed=1)
         cow = images.zero(mib=cow_mib)
+        if origin_first:
+            sectors = os.path.getsize(origin) // SECTOR_SIZE
+            await dm.create(name + "-origin", "0 %d snapshot-origin %s" % (sectors, origin))
         origin_md, snap_md = await take_snapshot(dm.manager, origin, cow, name=name,
                                                  chunk_sectors=chunk_sectors, store=store)
 

@@ -1092,6 +1092,10 @@ class SnapshotMerge(Snapshot):
         self._merge_stopped = trio.Event()
         self.ctx.start_task(self._merge_loop, name="snapshot-merge")
 
+    @property
+    def merge_running(self) -> bool:
+        return self._merge_running
+
     async def wait_merge_stopped(self) -> None:
         """Wait until the merge stops: done, failed, or stopped by a suspend."""
         await self._merge_stopped.wait()

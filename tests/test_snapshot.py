@@ -923,3 +923,22 @@ async def test_concurrent_first_writes_share_syncs(small, monkeypatch):
         print("fdatasyncs per first write: %.2f" % per_write)
         assert per_write < 1, "%d fdatasyncs for 16 first writes" % len(calls)
         assert st(m, "s") == "0 16384 snapshot %d/32768 16" % (8 * 18)
+
+
+async def test_origin_resumed_before_its_snapshot_copies_out_only_first_chunks(small):
+    """The kernel's rule, kept for conformance (issue 11 item 7): a snapshot-origin
+    resumed while it had no snapshot has no split boundary, and a multi-chunk write
+    through it copies out only its first chunk; after a suspend/resume of the origin
+    every chunk is copied out."""
+    O, C, _ = small
+    original = read_at(O, 0, 64 * 512)
+    async with dmsim.open_manager() as m:
+        o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, O))
+        s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, C))
+        await o.write(0, fill(1, 24))                       # chunks 0-2
+        got = await s.read(0, 24)
+        assert got[:4096] == original[:4096] and got[4096:] == fill(1, 16)
+        await m.suspend("o")
+        await m.resume("o")
+        await o.write(32, fill(2, 24))                      # chunks 4-6
+        assert await s.read(32, 24) == original[32 * 512:56 * 512]
