@@ -297,11 +297,19 @@ class _Connection:
                 await self.stream.aclose()
 
     # -- bytes in and out --------------------------------------------------------------------------
+    async def _recv_into(self, buf) -> int:
+        """A plain ``readv`` while data is there (no scheduler pass per read; the reader
+        still yields when the socket is empty or its requests are at the cap), else wait."""
+        while True:
+            try:
+                return os.readv(self.sock.fileno(), [buf])
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.sock)
+            except OSError as e:
+                raise _Hangup("") from e
+
     async def _fill(self) -> None:
-        try:
-            got = await self.sock.recv_into(self._chunk)
-        except OSError as e:
-            raise _Hangup("") from e
+        got = await self._recv_into(self._chunk)
         if not got:
             raise _Hangup("")
         self.buf += memoryview(self._chunk)[:got]
@@ -323,10 +331,7 @@ class _Connection:
         del self.buf[:have]
         pos = have
         while pos < n:
-            try:
-                got = await self.sock.recv_into(mv[pos:])
-            except OSError as e:
-                raise _Hangup("") from e
+            got = await self._recv_into(mv[pos:])
             if not got:
                 raise _Hangup("truncated write payload")
             pos += got
