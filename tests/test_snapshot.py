@@ -82,12 +82,12 @@ def disks(tmp_path):
 async def test_case_02_snapshot_matches_kernel(disks):
     """The whole of conformance case 02-snapshot: statuses, data, and the COW image
     byte for byte (md5 recorded on the kernel)."""
-    O, C = disks
+    ORIG, C = disks
     SZ = 131072
     async with dmsim.open_manager() as m:
-        snap = await mk(m, "snap", "0 %d snapshot %s %s P 8" % (SZ, O, C))
+        snap = await mk(m, "snap", "0 %d snapshot %s %s P 8" % (SZ, ORIG, C))
         orig = await md5_dev(snap)
-        origin = await mk(m, "origin", "0 %d snapshot-origin %s" % (SZ, O))
+        origin = await mk(m, "origin", "0 %d snapshot-origin %s" % (SZ, ORIG))
         assert st(m, "snap") == "0 131072 snapshot 16/32768 16"
         assert st(m, "origin") == "0 131072 snapshot-origin "
         for byte, sector, count in ((0o21, 0, 8), (0o42, 1000, 12), (0o63, 65536, 128), (0o104, 131071, 1)):
@@ -101,22 +101,22 @@ async def test_case_02_snapshot_matches_kernel(disks):
         await snap.write(2048, fill(0o125, 8))
         await snap.flush()
         assert (await snap.read(2048, 1))[:16] == b"U" * 16
-        with open(O, "rb") as f:
+        with open(ORIG, "rb") as f:
             f.seek(2048 * 512)
             assert await origin.read(2048, 8) == f.read(4096)
         assert st(m, "snap") == "0 131072 snapshot 184/32768 16"
-        assert tb(m, "snap") == "0 131072 snapshot %s %s P 8" % (O, C)
-        assert tb(m, "origin") == "0 131072 snapshot-origin %s" % O
+        assert tb(m, "snap") == "0 131072 snapshot %s %s P 8" % (ORIG, C)
+        assert tb(m, "origin") == "0 131072 snapshot-origin %s" % ORIG
         snapmd5 = await md5_dev(snap)
         await m.remove("origin")
         await m.remove("snap")
-        snap = await mk(m, "snap", "0 %d snapshot %s %s P 8" % (SZ, O, C))
+        snap = await mk(m, "snap", "0 %d snapshot %s %s P 8" % (SZ, ORIG, C))
         assert st(m, "snap") == "0 131072 snapshot 184/32768 16"
         assert await md5_dev(snap) == snapmd5
         await m.remove("snap")
         m.read_log()
-        await mk(m, "snap", "0 %d snapshot %s %s P 16" % (SZ, O, C))
-        assert tb(m, "snap") == "0 131072 snapshot %s %s P 8" % (O, C)
+        await mk(m, "snap", "0 %d snapshot %s %s P 16" % (SZ, ORIG, C))
+        assert tb(m, "snap") == "0 131072 snapshot %s %s P 8" % (ORIG, C)
         await m.remove("snap")
         assert m.read_log() == ["device-mapper: persistent snapshot: chunk size 8 in device metadata "
                                 "overrides table chunk size of 16."]
@@ -127,7 +127,7 @@ async def test_case_02_snapshot_matches_kernel(disks):
     pairs = [struct.unpack_from("<QQ", cow, 4096 + 16 * i) for i in range(22)]
     assert pairs == ([(0, 2), (125, 3), (126, 4)] + [(8192 + i, 5 + i) for i in range(16)]
                      + [(16383, 21), (256, 22), (0, 0)])
-    assert md5_file(O) == "cfe1335a4fa0bfcd16146f4dd4b3a301"
+    assert md5_file(ORIG) == "cfe1335a4fa0bfcd16146f4dd4b3a301"
     assert hashlib.md5(cow).hexdigest() == "a3e38f890643d98fddc8c301cfbd71aa"
 
 
@@ -135,11 +135,11 @@ async def test_case_02_snapshot_matches_kernel(disks):
 @pytest.fixture
 def small(tmp_path):
     """8 MiB random origin, 16 MiB zero COW, 1 MiB zero COW."""
-    o, c, l = str(tmp_path / "o.img"), str(tmp_path / "c.img"), str(tmp_path / "l.img")
+    o, c, small_cow = str(tmp_path / "o.img"), str(tmp_path / "c.img"), str(tmp_path / "l.img")
     make_random(o, 8, 7)
     make_zero(c, 16)
-    make_zero(l, 1)
-    return o, c, l
+    make_zero(small_cow, 1)
+    return o, c, small_cow
 
 
 def read_at(path, offset, n):
@@ -152,109 +152,109 @@ SZ8 = 16384
 
 
 @pytest.mark.parametrize("params, error", [
-    ("{O} {C} P", "requires 4 or more arguments"),
-    ("{O} {C} N 0", "Chunk size not set"),
-    ("{O} {C} P 12", "Couldn't create exception store"),
-    ("{O} {C} X 8", "Couldn't create exception store"),
-    ("{O} {C} P abc", "Couldn't create exception store"),
-    ("{O} {C} P 4194304", "Couldn't create exception store"),
-    ("{O} {C} PX 8", "Couldn't create exception store"),
-    ("{O} {O} P 8", "COW device cannot be the same as origin device"),
-    ("{O} {C} P 8 1 discard_passdown_origin", "discard_passdown_origin feature depends on discard_zeroes_cow"),
-    ("{O} {C} P 8 1 foo", "Unrecognised feature requested"),
-    ("{O} {C} P 8 3 a b c", "Invalid number of feature arguments"),
+    ("{ORIG} {C} P", "requires 4 or more arguments"),
+    ("{ORIG} {C} N 0", "Chunk size not set"),
+    ("{ORIG} {C} P 12", "Couldn't create exception store"),
+    ("{ORIG} {C} X 8", "Couldn't create exception store"),
+    ("{ORIG} {C} P abc", "Couldn't create exception store"),
+    ("{ORIG} {C} P 4194304", "Couldn't create exception store"),
+    ("{ORIG} {C} PX 8", "Couldn't create exception store"),
+    ("{ORIG} {ORIG} P 8", "COW device cannot be the same as origin device"),
+    ("{ORIG} {C} P 8 1 discard_passdown_origin", "discard_passdown_origin feature depends on discard_zeroes_cow"),
+    ("{ORIG} {C} P 8 1 foo", "Unrecognised feature requested"),
+    ("{ORIG} {C} P 8 3 a b c", "Invalid number of feature arguments"),
     ("/nonexistent {C} P 8", "Cannot get origin device"),
-    ("{O} /nonexistent P 8", "Cannot get COW device"),
+    ("{ORIG} /nonexistent P 8", "Cannot get COW device"),
 ])
 async def test_constructor_errors(small, params, error):
-    O, C, _ = small
+    ORIG, C, _ = small
     async with dmsim.open_manager() as m:
         with pytest.raises(DMError):
-            await mk(m, "s", "0 %d snapshot %s" % (SZ8, params.format(O=O, C=C)))
+            await mk(m, "s", "0 %d snapshot %s" % (SZ8, params.format(ORIG=ORIG, C=C)))
         log = m.read_log()
         assert any(line.startswith("device-mapper: table: 253:0: snapshot: %s (-" % error) for line in log), log
     assert read_at(C, 0, 4096) == bytes(4096)
 
 
 async def test_persistent_store_option_logged(small):
-    O, C, _ = small
+    ORIG, C, _ = small
     async with dmsim.open_manager() as m:
         with pytest.raises(DMError):
-            await mk(m, "s", "0 %d snapshot %s %s PX 8" % (SZ8, O, C))
+            await mk(m, "s", "0 %d snapshot %s %s PX 8" % (SZ8, ORIG, C))
         assert m.read_log()[0] == "device-mapper: persistent snapshot: Unsupported persistent store option: X"
 
 
 async def test_origin_errors(small):
-    O, _, _ = small
+    ORIG, _, _ = small
     async with dmsim.open_manager() as m:
         with pytest.raises(DMError):
-            await mk(m, "o", "0 %d snapshot-origin %s extra" % (SZ8, O))
+            await mk(m, "o", "0 %d snapshot-origin %s extra" % (SZ8, ORIG))
         assert "snapshot-origin: origin: incorrect number of arguments (-EINVAL)" in m.read_log()[0]
 
 
 async def test_table_forms_and_default_chunk(small):
-    O, C, _ = small
+    ORIG, C, _ = small
     async with dmsim.open_manager() as m:
-        await mk(m, "s", "0 %d snapshot %s %s P 0" % (SZ8, O, C))
+        await mk(m, "s", "0 %d snapshot %s %s P 0" % (SZ8, ORIG, C))
         assert st(m, "s") == "0 16384 snapshot 64/32768 64"
-        assert tb(m, "s") == "0 16384 snapshot %s %s P 32" % (O, C)
+        assert tb(m, "s") == "0 16384 snapshot %s %s P 32" % (ORIG, C)
         await m.remove("s")
         assert read_at(C, 12, 4) == b"\x20\x00\x00\x00"
         make_zero(C, 16)
-        await mk(m, "s", "0 %d snapshot %s %s po 8 2 discard_zeroes_cow discard_passdown_origin" % (SZ8, O, C))
-        assert tb(m, "s") == "0 16384 snapshot %s %s PO 8 2 discard_zeroes_cow discard_passdown_origin" % (O, C)
+        await mk(m, "s", "0 %d snapshot %s %s po 8 2 discard_zeroes_cow discard_passdown_origin" % (SZ8, ORIG, C))
+        assert tb(m, "s") == "0 16384 snapshot %s %s PO 8 2 discard_zeroes_cow discard_passdown_origin" % (ORIG, C)
 
 
 @pytest.mark.parametrize("durability", ["fsync", "process"])
 async def test_transient_store(small, durability):
-    O, C, _ = small
+    ORIG, C, _ = small
     async with dmsim.open_manager(durability=durability) as m:
-        s = await mk(m, "s", "0 %d snapshot %s %s N 8" % (SZ8, O, C))
-        o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, O))
+        s = await mk(m, "s", "0 %d snapshot %s %s N 8" % (SZ8, ORIG, C))
+        o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, ORIG))
         assert st(m, "s") == "0 16384 snapshot 0/32768 0"
-        assert tb(m, "s") == "0 16384 snapshot %s %s N 8" % (O, C)
-        old = read_at(O, 0, 4096)
+        assert tb(m, "s") == "0 16384 snapshot %s %s N 8" % (ORIG, C)
+        old = read_at(ORIG, 0, 4096)
         await o.write(0, fill(1, 8))
         assert st(m, "s") == "0 16384 snapshot 8/32768 0"
         assert read_at(C, 0, 4096) == old
         assert await s.read(0, 8) == old
         # snapshot writes: a whole chunk lands in the next COW chunk, a partial one
         # after its origin chunk was copied there
-        orig = read_at(O, 0, 64 * 512)
+        orig = read_at(ORIG, 0, 64 * 512)
         await s.write(16, fill(7, 8))
         await s.write(40 + 2, fill(8, 3))
         assert st(m, "s") == "0 16384 snapshot 24/32768 0"
         assert read_at(C, 4096, 4096) == fill(7, 8)
         assert read_at(C, 8192, 4096) == orig[40 * 512:42 * 512] + fill(8, 3) + orig[45 * 512:48 * 512]
         assert await s.read(16, 32) == fill(7, 8) + orig[24 * 512:42 * 512] + fill(8, 3) + orig[45 * 512:48 * 512]
-        assert read_at(O, 16 * 512, 32 * 512) == orig[16 * 512:48 * 512]
+        assert read_at(ORIG, 16 * 512, 32 * 512) == orig[16 * 512:48 * 512]
         with pytest.raises(DMError):
-            await mk(m, "m", "0 %d snapshot-merge %s %s N 8" % (SZ8, O, C))
+            await mk(m, "m", "0 %d snapshot-merge %s %s N 8" % (SZ8, ORIG, C))
         assert "Snapshot exception store does not support snapshot-merge." in m.read_log()[-2]
 
 
 @pytest.mark.parametrize("durability", ["fsync", "process"])
 async def test_partial_snapshot_write_copies_then_overlays(small, durability):
-    O, C, _ = small
+    ORIG, C, _ = small
     async with dmsim.open_manager(durability=durability) as m:
-        s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, C))
-        before = read_at(O, 0, SZ8 * 512)
+        s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, ORIG, C))
+        before = read_at(ORIG, 0, SZ8 * 512)
         await s.write(9, fill(0xAB, 1))
         data = await s.read(8, 8)
         assert data[512:1024] == fill(0xAB, 1)
         assert data[:512] == before[8 * 512:9 * 512] and data[1024:] == before[10 * 512:16 * 512]
-        assert read_at(O, 0, SZ8 * 512) == before
+        assert read_at(ORIG, 0, SZ8 * 512) == before
         assert read_at(C, 4096, 16) == struct.pack("<QQ", 1, 2)
         assert st(m, "s") == "0 16384 snapshot 24/32768 16"
 
 
 @pytest.mark.parametrize("durability", ["fsync", "process"])
 async def test_concurrent_origin_writes_share_one_copy(small, durability):
-    O, C, _ = small
+    ORIG, C, _ = small
     async with dmsim.open_manager(durability=durability) as m:
-        s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, C))
-        o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, O))
-        old = read_at(O, 0, 4096)
+        s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, ORIG, C))
+        o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, ORIG))
+        old = read_at(ORIG, 0, 4096)
         async with trio.open_nursery() as n:
             for i in range(8):
                 n.start_soon(o.write, i, fill(0x10 + i, 1))
@@ -265,10 +265,10 @@ async def test_concurrent_origin_writes_share_one_copy(small, durability):
 
 @pytest.mark.parametrize("durability", ["fsync", "process"])
 async def test_full_cow_invalidates(small, durability):
-    O, _, L = small
+    ORIG, _, L = small
     async with dmsim.open_manager(durability=durability) as m:
-        s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, L))
-        o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, O))
+        s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, ORIG, L))
+        o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, ORIG))
         assert st(m, "s") == "0 16384 snapshot 16/2048 16"
         for c in range(254):
             await o.write(c * 8, fill(1, 8))
@@ -285,7 +285,7 @@ async def test_full_cow_invalidates(small, durability):
             await s.read(0, 8)
         await m.remove("o")
         await m.remove("s")
-        await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, L))
+        await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, ORIG, L))
         assert st(m, "s") == "0 16384 snapshot Invalid"
         assert m.read_log() == ["device-mapper: snapshots: Snapshot is marked invalid."]
 
@@ -324,11 +324,11 @@ async def test_origin_copy_out_failures(small, monkeypatch, fail, durability):
     fails, invalidates the snapshot with the kernel's log line, and the origin write
     still goes through."""
     from dmsim.blockdev import FileDevice
-    O, C, _ = small
-    old = read_at(O, 80 * 512, 4096)
+    ORIG, C, _ = small
+    old = read_at(ORIG, 80 * 512, 4096)
     async with dmsim.open_manager(durability=durability) as m:
-        s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, C))
-        o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, O))
+        s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, ORIG, C))
+        o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, ORIG))
         await o.write(0, fill(1, 8))
         assert st(m, "s") == "0 16384 snapshot 24/32768 16"
         if fail == "area":
@@ -353,7 +353,7 @@ async def test_origin_copy_out_failures(small, monkeypatch, fail, durability):
         assert m.read_log() == ["device-mapper: snapshots: Invalidating snapshot: Error reading/writing."]
         await m.remove("o")
         await m.remove("s")
-        await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, C))
+        await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, ORIG, C))
         assert st(m, "s") == "0 16384 snapshot Invalid"
 
 
@@ -363,10 +363,10 @@ async def test_single_chunk_snapshot_writes(small, monkeypatch, fail, durability
     """Single-chunk snapshot writes: a whole chunk goes straight to its COW chunk, a
     partial one has the origin chunk copied first; both read back and reload.  A failed
     data write or copy-out fails the write with EIO and invalidates the snapshot."""
-    O, C, _ = small
-    original = read_at(O, 0, 64 * 512)
+    ORIG, C, _ = small
+    original = read_at(ORIG, 0, 64 * 512)
     async with dmsim.open_manager(durability=durability) as m:
-        s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, C))
+        s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, ORIG, C))
         await s.write(8, fill(1, 8))                    # whole chunk 1
         await s.write(16 + 3, fill(2, 2))               # part of chunk 2
         assert st(m, "s") == "0 16384 snapshot 32/32768 16"
@@ -387,17 +387,17 @@ async def test_single_chunk_snapshot_writes(small, monkeypatch, fail, durability
             assert m.read_log() == ["device-mapper: snapshots: Invalidating snapshot: Error reading/writing."]
             return
         await m.remove("s")
-        s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, C))
+        s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, ORIG, C))
         assert await s.read(0, 64) == bytes(expect)
-    assert read_at(O, 0, 64 * 512) == original
+    assert read_at(ORIG, 0, 64 * 512) == original
 
 
 @pytest.mark.parametrize("durability", ["fsync", "process"])
 @pytest.mark.parametrize("store", ["P", "PO"])
 async def test_full_cow_snapshot_write(small, store, durability):
-    O, _, L = small
+    ORIG, _, L = small
     async with dmsim.open_manager(durability=durability) as m:
-        s = await mk(m, "s", "0 %d snapshot %s %s %s 8" % (SZ8, O, L, store))
+        s = await mk(m, "s", "0 %d snapshot %s %s %s 8" % (SZ8, ORIG, L, store))
         for c in range(254):
             await s.write(c * 8, fill(3, 8))
         with pytest.raises(DMError):
@@ -416,17 +416,17 @@ async def test_full_cow_snapshot_write(small, store, durability):
 
 @pytest.mark.parametrize("durability", ["fsync", "process"])
 async def test_second_area_and_reload(small, durability):
-    O, C, _ = small
+    ORIG, C, _ = small
     async with dmsim.open_manager(durability=durability) as m:
-        s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, C))
-        o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, O))
+        s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, ORIG, C))
+        o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, ORIG))
         for c in range(300):
             await o.write(c * 8, fill(5, 8))
         assert st(m, "s") == "0 16384 snapshot %d/32768 24" % ((2 + 300 + 1) * 8)
         view = await md5_dev(s)
         await m.remove("o")
         await m.remove("s")
-        s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, C))
+        s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, ORIG, C))
         assert st(m, "s") == "0 16384 snapshot %d/32768 24" % ((2 + 300 + 1) * 8)
         assert await md5_dev(s) == view
     assert read_at(C, 258 * 4096, 16) == struct.pack("<QQ", 256, 259)
@@ -434,13 +434,13 @@ async def test_second_area_and_reload(small, durability):
 
 
 async def test_256_exceptions_zero_next_area(small):
-    O, C, _ = small
+    ORIG, C, _ = small
     with open(C, "r+b") as f:                 # junk where area 1 will be: it must be zeroed
         f.seek(258 * 4096)
         f.write(b"\xff" * 4096)
     async with dmsim.open_manager() as m:
-        await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, C))
-        o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, O))
+        await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, ORIG, C))
+        o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, ORIG))
         for c in range(256):
             await o.write(c * 8, fill(6, 8))
         assert st(m, "s") == "0 16384 snapshot 2072/32768 24"
@@ -449,16 +449,17 @@ async def test_256_exceptions_zero_next_area(small):
 
 @pytest.mark.parametrize("header, log", [
     (b"\xef\xbe\xad\xde", "device-mapper: persistent snapshot: Invalid or corrupt snapshot"),
-    (struct.pack("<4I", 0x70416E53, 1, 2, 8), "device-mapper: persistent snapshot: unable to handle snapshot disk version 2"),
+    (struct.pack("<4I", 0x70416E53, 1, 2, 8),
+     "device-mapper: persistent snapshot: unable to handle snapshot disk version 2"),
 ])
 async def test_bad_header_refuses_and_writes_nothing(small, header, log):
-    O, C, _ = small
+    ORIG, C, _ = small
     with open(C, "r+b") as f:
         f.write(header)
     before = md5_file(C)
     async with dmsim.open_manager() as m:
         with pytest.raises(DMError):
-            await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, C))
+            await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, ORIG, C))
         lines = m.read_log()
         assert lines[0] == log
         assert "snapshot: Failed to read snapshot metadata (-" in lines[1]
@@ -466,7 +467,7 @@ async def test_bad_header_refuses_and_writes_nothing(small, header, log):
 
 
 async def test_corrupt_area_refuses(small):
-    O, C, _ = small
+    ORIG, C, _ = small
     with open(C, "r+b") as f:
         f.write(struct.pack("<4I", 0x70416E53, 1, 1, 8))
         f.seek(4096)
@@ -474,17 +475,17 @@ async def test_corrupt_area_refuses(small):
     before = md5_file(C)
     async with dmsim.open_manager() as m:
         with pytest.raises(DMError):
-            await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, C))
+            await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, ORIG, C))
         assert any("Failed to read snapshot metadata" in line for line in m.read_log())
     assert md5_file(C) == before
 
 
 @pytest.mark.parametrize("durability", ["fsync", "process"])
 async def test_merge_puts_snapshot_back(small, durability):
-    O, C, _ = small
+    ORIG, C, _ = small
     async with dmsim.open_manager(durability=durability) as m:
-        s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, C))
-        o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, O))
+        s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, ORIG, C))
+        o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, ORIG))
         for c in list(range(40)) + [100, 7, 2047]:
             await o.write(c * 8 + 1, fill(7, 3))
         await s.write(50 * 8, fill(8, 8))
@@ -492,7 +493,7 @@ async def test_merge_puts_snapshot_back(small, durability):
         view = await md5_dev(s)
         await m.remove("o")
         await m.remove("s")
-        mg = await mk(m, "m", "0 %d snapshot-merge %s %s P 8" % (SZ8, O, C))
+        mg = await mk(m, "m", "0 %d snapshot-merge %s %s P 8" % (SZ8, ORIG, C))
         assert await md5_dev(mg) == view            # usable during the merge
         seen = []
         while True:
@@ -502,31 +503,31 @@ async def test_merge_puts_snapshot_back(small, durability):
                 break
             await trio.sleep(0.001)
         assert await md5_dev(mg) == view
-        await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, O))
-    assert hashlib.md5(read_at(O, 0, SZ8 * 512)).hexdigest() == view
+        await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, ORIG))
+    assert hashlib.md5(read_at(ORIG, 0, SZ8 * 512)).hexdigest() == view
     assert read_at(C, 4096, 4096) == bytes(4096)
     assert read_at(C, 4, 4) == b"\x01\x00\x00\x00"
 
 
 @pytest.mark.parametrize("durability", ["fsync", "process"])
 async def test_merge_with_writes_during_merge(small, durability):
-    O, C, _ = small
+    ORIG, C, _ = small
     async with dmsim.open_manager(durability=durability) as m:
-        s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, C))
-        o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, O))
+        s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, ORIG, C))
+        o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, ORIG))
         for c in range(600):
             await o.write(c * 8, fill(1, 8))
         expect = bytearray(await md5_raw(s))
         await m.remove("o")
         await m.remove("s")
-        mg = await mk(m, "m", "0 %d snapshot-merge %s %s P 8" % (SZ8, O, C))
+        mg = await mk(m, "m", "0 %d snapshot-merge %s %s P 8" % (SZ8, ORIG, C))
         for c in range(0, 600, 7):
             await mg.write(c * 8 + 1, fill(0xEE, 2))
             expect[(c * 8 + 1) * 512:(c * 8 + 3) * 512] = fill(0xEE, 2)
         while st(m, "m") != "0 16384 snapshot-merge 16/32768 16":
             await trio.sleep(0.001)
         assert await mg.read(0, SZ8) == bytes(expect)
-    assert read_at(O, 0, SZ8 * 512) == bytes(expect)
+    assert read_at(ORIG, 0, SZ8 * 512) == bytes(expect)
 
 
 async def md5_raw(dev):
@@ -535,13 +536,13 @@ async def md5_raw(dev):
 
 @pytest.mark.parametrize("durability", ["fsync", "process"])
 async def test_handover_to_new_table(small, durability):
-    O, C, _ = small
+    ORIG, C, _ = small
     async with dmsim.open_manager(durability=durability) as m:
-        s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, C))
-        o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, O))
+        s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, ORIG, C))
+        o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, ORIG))
         await o.write(0, fill(1, 8))
         view = await md5_dev(s)
-        await m.load("s", parse_table_text("0 %d snapshot %s %s P 8" % (SZ8, O, C)))
+        await m.load("s", parse_table_text("0 %d snapshot %s %s P 8" % (SZ8, ORIG, C)))
         await m.suspend("s")
         await m.resume("s")
         assert st(m, "s") == "0 16384 snapshot 24/32768 16"
@@ -646,7 +647,7 @@ async def dmsim_interop_workload(m, o, c):
     r = random.Random(5)
     for i in range(200):
         await org.write(r.randrange(16384 - 40), fill(i % 200 + 1, r.randrange(1, 40)))
-    for i in range(60):
+    for _ in range(60):
         await s.write(r.randrange(16384 - 24), fill(0xCC, r.randrange(1, 24)))
     status, md5 = st(m, "snap"), await md5_dev(s)
     await m.remove("origin")
@@ -678,12 +679,12 @@ async def test_dmsim_made_cow_activates_on_the_kernel(tmp_path, monkeypatch, dur
 async def test_python_api_take_and_merge(small):
     from dmsim.snapshots import merge_snapshot, take_snapshot
 
-    O, C, L = small
-    original = read_at(O, 0, SZ8 * 512)
+    ORIG, C, L = small
+    original = read_at(ORIG, 0, SZ8 * 512)
     async with dmsim.open_manager() as m:
-        origin, snap = await take_snapshot(m, O, C, name="s1")
+        origin, snap = await take_snapshot(m, ORIG, C, name="s1")
         await origin.write(0, fill(1, 64))
-        _, snap2 = await take_snapshot(m, O, L, name="s2", origin_name="s1-origin", chunk_sectors=16)
+        _, snap2 = await take_snapshot(m, ORIG, L, name="s2", origin_name="s1-origin", chunk_sectors=16)
         await origin.write(64, fill(2, 64))
         assert await snap.read(0, SZ8) == original
         assert (await snap2.read(0, 128))[:64 * 512] == fill(1, 64)
@@ -694,7 +695,7 @@ async def test_python_api_take_and_merge(small):
         assert await origin.read(0, SZ8) == expect
         # the other snapshot kept its view through the merge
         assert (await snap2.read(0, 128)) == fill(1, 64) + original[64 * 512:128 * 512]
-    assert read_at(O, 0, SZ8 * 512) == expect
+    assert read_at(ORIG, 0, SZ8 * 512) == expect
 
 
 @pytest.mark.parametrize("store", ["P", "N"])
@@ -703,15 +704,15 @@ async def test_multi_chunk_requests_match_a_model(small, durability, store):
     """Requests spanning chunks are mapped whole by the snapshot target (runs of chunks
     contiguous on the COW or the origin become single I/Os): random multi-chunk reads and
     writes of both devices, concurrent, agree with a byte model; the COW reloads the same."""
-    O, C, _ = small
+    ORIG, C, _ = small
     r = random.Random(7)
     sectors = 2048
-    origin_model = bytearray(read_at(O, 0, sectors * 512))
+    origin_model = bytearray(read_at(ORIG, 0, sectors * 512))
     snap_model = bytearray(origin_model)
     async with dmsim.open_manager(durability=durability) as m:
-        s = await mk(m, "s", "0 %d snapshot %s %s %s 8" % (sectors, O, C, store))
-        o = await mk(m, "o", "0 %d snapshot-origin %s" % (sectors, O))
-        for round_ in range(30):
+        s = await mk(m, "s", "0 %d snapshot %s %s %s 8" % (sectors, ORIG, C, store))
+        o = await mk(m, "o", "0 %d snapshot-origin %s" % (sectors, ORIG))
+        for _round in range(30):
             ops = []
             used = set()
             for _ in range(6):           # concurrent requests on disjoint chunks
@@ -740,9 +741,9 @@ async def test_multi_chunk_requests_match_a_model(small, durability, store):
         if store == "P":
             await m.remove("o")
             await m.remove("s")
-            s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (sectors, O, C))
+            s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (sectors, ORIG, C))
             assert await s.read(0, sectors) == snap_model
-    assert read_at(O, 0, sectors * 512) == origin_model
+    assert read_at(ORIG, 0, sectors * 512) == origin_model
 
 
 @pytest.mark.parametrize("durability", ["fsync", "process"])
@@ -751,12 +752,12 @@ async def test_large_runs_read_back_through_block_index_and_after_reactivation(s
     and partial ones: snapshot reads spanning linear blocks, partial blocks and untouched
     chunks agree with the original bytes, live and after the COW is activated again (the
     block index is rebuilt from what the COW holds)."""
-    O, C, _ = small
-    original = read_at(O, 0, SZ8 * 512)
+    ORIG, C, _ = small
+    original = read_at(ORIG, 0, SZ8 * 512)
     r = random.Random(3)
     async with dmsim.open_manager(durability=durability) as m:
-        s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, C))
-        o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, O))
+        s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, ORIG, C))
+        o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, ORIG))
         await o.write(0, fill(1, 2048))                 # 4 whole blocks
         await o.write(4096 + 3, fill(2, 1500))          # unaligned: partial blocks
         await o.write(8192, fill(3, 1024))              # 2 blocks
@@ -774,7 +775,7 @@ async def test_large_runs_read_back_through_block_index_and_after_reactivation(s
         await check(s)
         await m.remove("o")
         await m.remove("s")
-        s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, C))
+        s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, ORIG, C))
         again = m.find("s").live.targets[0]
         assert again.complete.blocks == target.complete.blocks
         await check(s)
@@ -785,8 +786,8 @@ async def test_reads_over_linear_blocks_split_only_at_metadata_chunks(small, mon
     metadata chunk, each run whole blocks of the index: a snapshot read across the break
     is one read per run, without per-chunk lookups (``_read_blocks``)."""
     from dmsim.targets.snapshot import Snapshot
-    O, C, _ = small
-    original = read_at(O, 0, SZ8 * 512)
+    ORIG, C, _ = small
+    original = read_at(ORIG, 0, SZ8 * 512)
     calls = []
     real = Snapshot._read_blocks
 
@@ -795,8 +796,8 @@ async def test_reads_over_linear_blocks_split_only_at_metadata_chunks(small, mon
         return await real(self, bio, b0, bases)
     monkeypatch.setattr(Snapshot, "_read_blocks", spy)
     async with dmsim.open_manager() as m:
-        s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, C))
-        o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, O))
+        s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, ORIG, C))
+        o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, ORIG))
         await o.write(0, fill(1, 2048))
         await o.write(2048, fill(2, 2048))
         target = m.find("s").live.targets[0]
@@ -816,17 +817,17 @@ async def test_two_snapshots_copy_out_the_same_in_both_durabilities(tmp_path, mo
     for durability in ("fsync", "process"):
         d = tmp_path / durability
         d.mkdir()
-        O, C1, C2 = str(d / "o.img"), str(d / "c1.img"), str(d / "c2.img")
-        make_random(O, 8, 7)
+        ORIG, C1, C2 = str(d / "o.img"), str(d / "c1.img"), str(d / "c2.img")
+        make_random(ORIG, 8, 7)
         make_zero(C1, 16)
         make_zero(C2, 16)
-        original = read_at(O, 0, SZ8 * 512)
+        original = read_at(ORIG, 0, SZ8 * 512)
         waited = count_waits(monkeypatch)
         r = random.Random(21)
         async with dmsim.open_manager(durability=durability) as m:
-            s1 = await mk(m, "s1", "0 %d snapshot %s %s P 8" % (SZ8, O, C1))
-            s2 = await mk(m, "s2", "0 %d snapshot %s %s P 16" % (SZ8, O, C2))
-            o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, O))
+            s1 = await mk(m, "s1", "0 %d snapshot %s %s P 8" % (SZ8, ORIG, C1))
+            s2 = await mk(m, "s2", "0 %d snapshot %s %s P 16" % (SZ8, ORIG, C2))
+            o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, ORIG))
             for i in range(120):
                 start = r.randrange(SZ8 - 64)
                 await o.write(start, fill(i % 250 + 1, r.choice([1, 8, 16, 40, 64])))
@@ -834,7 +835,7 @@ async def test_two_snapshots_copy_out_the_same_in_both_durabilities(tmp_path, mo
             assert await s2.read(0, SZ8) == original
             status = (st(m, "s1"), st(m, "s2"))
         monkeypatch.undo()
-        results[durability] = (status, md5_file(C1), md5_file(C2), md5_file(O))
+        results[durability] = (status, md5_file(C1), md5_file(C2), md5_file(ORIG))
         assert not any(waited)
     assert results["fsync"] == results["process"]
 
@@ -847,16 +848,16 @@ async def test_concurrent_overlapping_origin_writes_keep_the_snapshot_view(small
     copied out once, before the first write to it, so the snapshot reads the original
     bytes (and, persistent, reads them again from the COW after reactivation); no write
     waits forever on a copy another one started."""
-    O, C, _ = small
-    original = read_at(O, 0, SZ8 * 512)
+    ORIG, C, _ = small
+    original = read_at(ORIG, 0, SZ8 * 512)
     r = random.Random(11)
 
     async def check_read(dev, start, count):      # the snapshot view holds during writes
         assert await dev.read(start, count) == original[start * 512:(start + count) * 512]
 
     async with dmsim.open_manager(durability=durability) as m:
-        s = await mk(m, "s", "0 %d snapshot %s %s %s 8" % (SZ8, O, C, store))
-        o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, O))
+        s = await mk(m, "s", "0 %d snapshot %s %s %s 8" % (SZ8, ORIG, C, store))
+        o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, ORIG))
         for round_ in range(4):
             with trio.fail_after(60):
                 async with trio.open_nursery() as n:
@@ -871,7 +872,7 @@ async def test_concurrent_overlapping_origin_writes_keep_the_snapshot_view(small
         if store == "P":
             await m.remove("o")
             await m.remove("s")
-            s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, C))
+            s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, ORIG, C))
             assert await s.read(0, SZ8) == original
 
 
@@ -903,7 +904,7 @@ async def test_concurrent_first_writes_share_syncs(small, monkeypatch):
     share area writes as the kernel's persistent store does (the area is written when no
     other exception is pending): well under the 2 fdatasyncs per first write that one
     area write each would take."""
-    O, C, _ = small
+    ORIG, C, _ = small
     calls = []
     real = os.fdatasync
 
@@ -912,8 +913,8 @@ async def test_concurrent_first_writes_share_syncs(small, monkeypatch):
         return real(fd)
 
     async with dmsim.open_manager(durability="fsync") as m:
-        await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, C))
-        o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, O))
+        await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, ORIG, C))
+        o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, ORIG))
         monkeypatch.setattr(os, "fdatasync", counting)
         async with trio.open_nursery() as n:
             for i in range(16):
@@ -930,11 +931,11 @@ async def test_origin_resumed_before_its_snapshot_copies_out_only_first_chunks(s
     resumed while it had no snapshot has no split boundary, and a multi-chunk write
     through it copies out only its first chunk; after a suspend/resume of the origin
     every chunk is copied out."""
-    O, C, _ = small
-    original = read_at(O, 0, 64 * 512)
+    ORIG, C, _ = small
+    original = read_at(ORIG, 0, 64 * 512)
     async with dmsim.open_manager() as m:
-        o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, O))
-        s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, O, C))
+        o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, ORIG))
+        s = await mk(m, "s", "0 %d snapshot %s %s P 8" % (SZ8, ORIG, C))
         await o.write(0, fill(1, 24))                       # chunks 0-2
         got = await s.read(0, 24)
         assert got[:4096] == original[:4096] and got[4096:] == fill(1, 16)
