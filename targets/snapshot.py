@@ -135,8 +135,12 @@ class ExceptionTable:
         else:
             self.chunks.update(zip(range(old, old + count), range(new, new + count), strict=True))
         shift = LINEAR_BLOCK_SHIFT
+        blocks = self.blocks
+        if blocks:          # a block the run covers in part is no longer known consecutive
+            blocks.pop(old >> shift, None)
+            blocks.pop((old + count - 1) >> shift, None)
         for b in range(-(-old >> shift), (old + count) >> shift):
-            self.blocks[b] = new + (b << shift) - old
+            blocks[b] = new + (b << shift) - old
 
     def load(self, olds, news) -> None:
         """Exceptions read back from the COW (in bulk); the block index is rebuilt once

@@ -943,3 +943,48 @@ async def test_origin_resumed_before_its_snapshot_copies_out_only_first_chunks(s
         await m.resume("o")
         await o.write(32, fill(2, 24))                      # chunks 4-6
         assert await s.read(32, 24) == original[32 * 512:56 * 512]
+
+
+def test_exception_table_matches_a_dict():
+    """ExceptionTable (the one owner of a snapshot's exceptions and its block index)
+    answers lookups, missing chunks and indexed blocks as a plain dict would, through
+    inserts of runs, removals and a reload from bulk (index rebuilt)."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as hst
+
+    from dmsim.targets.snapshot import LINEAR_BLOCK_SHIFT, ExceptionTable
+
+    op = hst.tuples(hst.sampled_from(["insert", "remove"]), hst.integers(0, 400), hst.integers(1, 140),
+                    hst.integers(0, 1000))
+
+    def check(t, ref):
+        assert t.chunks == ref
+        for first, last in ((0, 600), (5, 5), (64, 127), (100, 300)):
+            assert t.lookups(first, last) == [ref.get(c) for c in range(first, last + 1)]
+            assert t.missing(range(first, last + 1)) == [c for c in range(first, last + 1) if c not in ref]
+            bases = t.block_bases(first, last)
+            if bases is not None:       # every indexed block is whole and consecutive on the COW
+                for i, base in enumerate(bases):
+                    b0 = ((first >> LINEAR_BLOCK_SHIFT) + i) << LINEAR_BLOCK_SHIFT
+                    assert [ref.get(b0 + k) for k in range(1 << LINEAR_BLOCK_SHIFT)] == \
+                        list(range(base, base + (1 << LINEAR_BLOCK_SHIFT)))
+
+    @settings(max_examples=150, deadline=None)
+    @given(hst.lists(op, max_size=25))
+    def run(ops):
+        t, ref = ExceptionTable(), {}
+        for kind, old, count, new in ops:
+            if kind == "insert":
+                t.insert_run(old, new, count)
+                ref.update(zip(range(old, old + count), range(new, new + count), strict=True))
+            else:
+                t.remove_run(old, count)
+                for c in range(old, old + count):
+                    ref.pop(c, None)
+            check(t, ref)
+        again = ExceptionTable()
+        again.load(list(ref), list(ref.values()))
+        again.index()
+        check(again, ref)
+        assert set(t.blocks) <= set(again.blocks)      # the rebuilt index finds them all
+    run()
