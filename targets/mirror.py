@@ -35,7 +35,8 @@ from dmsim.blockdev import FileDevice
 from dmsim.device import Requeue
 from dmsim.dirty_log import CoreLog, DirtyLogError, create_dirty_log
 from dmsim.errors import DMError, TargetError
-from dmsim.kcopyd import FLAG_IGNORE_ERROR, Region as KRegion, Throttle
+from dmsim.kcopyd import FLAG_IGNORE_ERROR, Throttle
+from dmsim.kcopyd import Region as KRegion
 
 from .base import STATUSTYPE_INFO, Target, register
 
@@ -246,6 +247,9 @@ class Mirror(Target):
         # recovery slots (0 until resume); trio's semaphore hands a released slot to a
         # waiting stop_recovery first, like the kernel's FIFO down()
         self.recovery_count = trio.Semaphore(0)
+        #: slots held by suspend (all of them until the first resume): what resume or an
+        #: interrupted suspend's undo gives back
+        self._stopped_slots = MAX_RECOVERY
         self.recovery_in_flight = 0
         self._recovery_changed = trio.Event()
         # worker queues
@@ -508,33 +512,46 @@ class Mirror(Target):
             self._recovery_changed = trio.Event()
 
     # -- recovery -----------------------------------------------------------------------------
+    def _recovery_source(self) -> _Leg:
+        """The leg a region is copied from: the default one (the kernel's choice).
+
+        One deliberate difference: without handle_errors, a default leg that has failed
+        is never replaced, and the kernel copies from it anyway; kcopyd, told to ignore
+        errors, then writes the zero-filled pages of the failed read over every good leg,
+        and writes the mirror had acknowledged are gone.  Here such a region is copied
+        from the leg reads use instead (the next error-free one, as ``choose_mirror``)."""
+        leg = self._default_leg()
+        if leg.error_count and not self.handle_errors:
+            return self._choose_leg() or leg
+        return leg
+
     def _recover(self, reg: _Region) -> None:
-        src_leg = self._default_leg()
+        src_leg = self._recovery_source()
         start = reg.key * self.region_size
         count = min(self.region_size, self.len - start)
         src = KRegion(src_leg.dev, src_leg.offset + start, count)
-        dests = [KRegion(leg.dev, leg.offset + start, count) for leg in self.legs if leg is not src_leg]
+        dest_legs = [leg for leg in self.legs if leg is not src_leg]
+        dests = [KRegion(leg.dev, leg.offset + start, count) for leg in dest_legs]
         flags = 0 if self.handle_errors else FLAG_IGNORE_ERROR
         try:
-            self.kc.copy(src, dests, flags, self._recovery_complete, reg)
+            self.kc.copy(src, dests, flags, self._recovery_complete, (reg, src_leg, dest_legs))
         except DMError:
             self._recovery_end(reg, False)
 
-    def _recovery_complete(self, read_err: int, write_err: int, reg: _Region) -> None:
+    def _recovery_complete(self, read_err: int, write_err: int,
+                           context: tuple[_Region, _Leg, list[_Leg]]) -> None:
+        reg, src_leg, dest_legs = context
         if read_err:
             if _ratelimit():
                 self._log("Unable to read primary mirror during recovery")
-            self._fail_mirror(self._default_leg(), SYNC_ERROR)
+            self._fail_mirror(src_leg, SYNC_ERROR)
         if write_err:
             if _ratelimit():
                 self._log("Write error during recovery (error = 0x%x)" % write_err)
-            bit = 0
-            for leg in self.legs:
-                if leg is self._default_leg():
-                    continue
+            # bits are destinations: every leg but the source, in leg order
+            for bit, leg in enumerate(dest_legs):
                 if write_err & (1 << bit):
                     self._fail_mirror(leg, SYNC_ERROR)
-                bit += 1
         self._recovery_end(reg, not (read_err or write_err))
 
     def _recovery_end(self, reg: _Region, success: bool) -> None:
@@ -725,11 +742,11 @@ class Mirror(Target):
         self._wake()
         try:
             await self._pass_now()
-            if len(reqs) > 1 and bio.op is Op.WRITE and all(r.posted(WRITE_ALL) for r in reqs):
-                # one pass sent every region to all legs: write them as one request.  If a
-                # leg fails, each region redoes its own write so failures stay per region
-                if not await self._io_all(bio):
-                    return None
+            if (len(reqs) > 1 and bio.op is Op.WRITE and all(r.posted(WRITE_ALL) for r in reqs)
+                    and not await self._io_all(bio)):
+                # one pass sent every region to all legs: written as one request.  If a
+                # leg failed, each region redoes its own write so failures stay per region
+                return None
             if len(reqs) == 1:
                 await self._run(reqs[0])
             else:
@@ -776,7 +793,7 @@ class Mirror(Target):
         if bio.data is None:
             return b"".join(results)
         # a read into the caller's buffer: each part lands in its slice
-        for part, result in zip(parts, results):
+        for part, result in zip(parts, results, strict=True):
             if result is not part.data:
                 memoryview(part.data)[:] = result
         return bio.data
@@ -857,12 +874,29 @@ class Mirror(Target):
         holds, self.holds = self.holds, []
         for req in holds:
             self._hold(req)
-        # dm_rh_stop_recovery: take every recovery slot, then wait for in-flight copies
-        for _ in range(MAX_RECOVERY):
+        # dm_rh_stop_recovery: take every recovery slot, then wait for in-flight copies.
+        # Counted one by one, so that an interrupted suspend gives back what it took
+        while self._stopped_slots < MAX_RECOVERY:
             await self.recovery_count.acquire()
+            self._stopped_slots += 1
         while self.recovery_in_flight:
             await self._recovery_changed.wait()
         await self._flush_worker()
+
+    async def presuspend_undo(self):
+        """An interrupted suspend: the mirror goes on as before it (recovery restarts from
+        where it stopped).  The kernel's mirror has no undo and stays stopped until the
+        next resume; a suspend that the caller gave up must not leave that behind."""
+        self.suspend = False
+        self._noflush = False
+        self._start_recovery()
+        self._wake()
+
+    def _start_recovery(self) -> None:
+        """``dm_rh_start_recovery``: give back the slots suspend took."""
+        while self._stopped_slots:
+            self._stopped_slots -= 1
+            self.recovery_count.release()
 
     async def postsuspend(self):
         self._noflush = False
@@ -879,8 +913,7 @@ class Mirror(Target):
         self._live = True
         if self._log_resume_failed:
             self._log("log resume failed")
-        for _ in range(MAX_RECOVERY):
-            self.recovery_count.release()
+        self._start_recovery()
         self._wake()
 
     # -- status -----------------------------------------------------------------------------------

@@ -17,8 +17,7 @@ import pytest
 
 from dmsim.bio import Op
 from dmsim.blockdev import MemoryDevice
-from dmsim.dirty_log import (CoreLog, DirtyLogError, DiskLog, MIRROR_MAGIC, create_dirty_log,
-                             parse_disk_log)
+from dmsim.dirty_log import MIRROR_MAGIC, CoreLog, DirtyLogError, DiskLog, create_dirty_log, parse_disk_log
 from dmsim.errors import DMError
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "mirror-disklog-kernel.img.gz")

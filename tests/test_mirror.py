@@ -124,7 +124,8 @@ async def test_conformance_03_mirror(tmp_path):
         await e.create("m", "0 131072 mirror disk 2 %s 1024 2 %s 0 %s 0" % (L, A, B))
         assert e.status("m") == "0 131072 mirror 2 DISK1 DISK2 128/128 1 AA 3 disk DISK3 A"
         await m.remove("m")
-        log = open(L, "rb").read()
+        with open(L, "rb") as f:
+            log = f.read()
         assert log[:16] == bytes.fromhex("7252694d020000008000000000000000")
         assert log[1024:1040] == b"\xff" * 16 and log[1040:1536] == bytes(496)
 
@@ -301,9 +302,11 @@ async def test_resync_stops_at_suspend_and_restarts(autojump_clock, legs):
     async with dmsim.open_manager() as m:
         e = Env(m, legs)
         await e.create("m", "0 8192 mirror core 1 128 2 %s 0 %s 0" % (A, B))
-        await m.suspend("m")                  # before the worker's first recovery step
+        await m.suspend("m")                  # early: at most a region or so recovered
+        first = e.status("m")
         await trio.sleep(5)
-        assert e.status("m") == "0 8192 mirror 2 DISK1 DISK2 0/64 1 AA 1 core"
+        assert e.status("m") == first
+        assert int(first.split()[6].split("/")[0]) < 64
         await m.resume("m")
         while e.status("m").split()[6] == "0/64":
             await trio.sleep(0)
@@ -329,7 +332,8 @@ async def test_remove_during_resync_cancels_it(legs):
         await trio.sleep(0)
         await m.remove("m")
         # the disk log holds what was recovered when the table went away
-        img = open(L, "rb").read(1024 + 128)
+        with open(L, "rb") as f:
+            img = f.read(1024 + 128)
         assert img[8:16] == (1024).to_bytes(8, "little")
 
 
@@ -342,7 +346,7 @@ async def test_read_of_out_of_sync_region_uses_default_leg(legs):
         with trio.fail_after(10):
             while "1 AS" not in e.status("m"):
                 await trio.sleep(0.01)
-        assert await md.read(0, 8) == open(A, "rb").read(4096)
+        assert await md.read(0, 8) == sector_bytes(A, 0, 4096)
         # failed recoveries with handle_errors leave the regions out of sync
         assert e.status("m") == "0 8192 mirror 2 DISK1 dm:bad 0/8 1 AS 1 core"
         assert m.info("m").event_nr == 1
@@ -358,10 +362,10 @@ async def test_primary_read_error_falls_back(legs):
         await m.message("dA", 0, "addbadblock 1")
         await m.message("dA", 0, "enable")
         m.read_log()
-        assert await md.read(8, 8) == open(A, "rb").read(8192)[4096:]
+        assert await md.read(8, 8) == sector_bytes(A, 8, 4096)
         assert e.status("m") == "0 8192 mirror 2 dm:dA DISK2 8/8 1 RA 1 core"
         # the failed leg is skipped from now on
-        assert await md.read(8, 8) == open(B, "rb").read(8192)[4096:]
+        assert await md.read(8, 8) == sector_bytes(B, 8, 4096)
         assert e.klog() == ["kernel: device-mapper: raid1: Mirror read failed from 253:0. Trying alternative device."]
 
 
@@ -403,3 +407,58 @@ async def test_table_with_features_and_disk_sync(legs):
         assert e.table("m") == "0 8192 mirror disk 3 DISK4 1024 sync 2 DISK1 0 DISK2 0"
         await e.wait_sync("m")
         assert e.status("m") == "0 8192 mirror 2 DISK1 DISK2 8/8 1 AA 3 disk DISK4 A"
+
+
+# -- found by the model test (tests/test_mirror_model.py) ----------------------------------------
+@pytest.mark.parametrize("checkpoints", range(12))
+async def test_interrupted_suspend_leaves_mirror_running(autojump_clock, legs, checkpoints):
+    """A suspend given up part way (cancelled: a client gone, a timeout) must give back the
+    recovery slot it took: the resync goes on, and the next suspend does not hang (it did
+    when the cancel came while presuspend waited for the region copy in flight).  With
+    ``process`` durability: the autojump clock must not outrun real fdatasync threads."""
+    A, B, C, L = legs
+    async with dmsim.open_manager(durability="process") as m:
+        e = Env(m, legs)
+        await e.create("la", "0 8192 linear %s 0" % A)     # a leg whose I/O yields
+        await e.create("m", "0 156 mirror disk 3 %s 32 sync 3 253:0 0 %s 0 %s 0" % (L, B, C))
+        with trio.CancelScope() as scope:
+            async def cancel_later():
+                for _ in range(checkpoints):
+                    await trio.lowlevel.checkpoint()
+                scope.cancel()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(cancel_later)
+                await m.suspend("m")
+                nursery.cancel_scope.cancel()
+        if m.find("m").suspended:
+            await m.resume("m")
+        await e.wait_sync("m")
+        assert md5_file(A, 0, 156) == md5_file(B, 0, 156) == md5_file(C, 0, 156)
+        with trio.fail_after(10):
+            await m.suspend("m")
+            await m.resume("m")
+            await m.remove("m")
+        await m.remove("la")
+
+
+async def test_resync_never_copies_from_a_failed_default_leg(legs):
+    """Without handle_errors the default leg stays the default when it fails; the writes
+    acknowledged since are on the other legs only.  A later resync must not copy the failed
+    leg's (zero-filled) reads over them."""
+    A, B, _, _ = legs
+    async with dmsim.open_manager() as m:
+        e = Env(m, legs)
+        await e.create("la", "0 8192 linear %s 0" % A)
+        md = await e.create("m", "0 8192 mirror core 2 1024 nosync 2 253:0 0 %s 0" % B)
+        await m.suspend("la")
+        await m.load("la", parse_table_text("0 8192 error"))
+        await m.resume("la")
+        await md.write(1024, b"\x5a" * 4096)          # acknowledged: leg B has it
+        assert e.status("m") == "0 8192 mirror 2 dm:la DISK2 7/8 1 DA 1 core"
+        await m.suspend("m")
+        await m.resume("m")                           # resync of region 1
+        await e.wait_sync("m")
+        assert await md.read(1024, 8) == b"\x5a" * 4096
+        assert sector_bytes(B, 1024) == b"\x5a" * 16
+        await m.remove("m")
+        await m.remove("la")
