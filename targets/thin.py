@@ -122,10 +122,14 @@ class Thin(Target):
         pool = self.pool
         spb = pool.sectors_per_block
         vblock, offset = divmod(bio.sector, spb)
-        r = pool.md.find_block(self.dev_id, vblock)
-        if r is not None:
-            sub = Bio(Op.READ, r.block * spb + offset, bio.sectors, bio.data)
-            return settle_read(sub, await pool.data_dev.submit(sub))
+        await pool.io_enter()
+        try:
+            r = pool.md.find_block(self.dev_id, vblock)
+            if r is not None:
+                sub = Bio(Op.READ, r.block * spb + offset, bio.sectors, bio.data)
+                return settle_read(sub, await pool.data_dev.submit(sub))
+        finally:
+            pool.io_exit()
         have = self._origin_sectors(vblock)
         if have > offset:
             n = min(bio.sectors, have - offset)
@@ -138,6 +142,16 @@ class Thin(Target):
         pool = self.pool
         spb = pool.sectors_per_block
         vblock, offset = divmod(bio.sector, spb)
+        # the fast lane: a block this device alone maps is written in place, without the pool
+        # lock (an in-flight I/O holds off the next commit, so the block cannot be reused under it)
+        await pool.io_enter()
+        try:
+            r = pool.md.find_block(self.dev_id, vblock)
+            if r is not None and not r.shared:
+                await pool.data_dev.submit(Bio(Op.WRITE, r.block * spb + offset, bio.sectors, bio.data))
+                return
+        finally:
+            pool.io_exit()
         async with pool.lock:
             r = pool.md.find_block(self.dev_id, vblock)
             if r is not None and not r.shared:
@@ -177,7 +191,7 @@ class Thin(Target):
     async def _discard(self, bio: Bio) -> None:
         pool = self.pool
         if not pool.pf.discard_enabled:
-            return
+            raise DMError(errno.EOPNOTSUPP)  # ignore_discard: the device takes no discards
         spb = pool.sectors_per_block
         vblock, offset = divmod(bio.sector, spb)
         if offset or bio.sectors != spb:

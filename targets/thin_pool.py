@@ -152,6 +152,12 @@ class Pool:
         self.space_event = trio.Event()
         self.ti: ThinPool | None = None
         self.committer_token = 0
+        # I/O to mapped blocks outside the pool lock; a commit waits for it to drain, so a
+        # block freed meanwhile cannot be reallocated while a stale read or write is in flight
+        self.inflight = 0
+        self.draining = False
+        self._drained: trio.Event | None = None
+        self._commit_done = trio.Event()
 
     @property
     def name(self) -> str:
@@ -189,12 +195,33 @@ class Pool:
         """
         if self.pf.mode in (PM_READ_ONLY, PM_FAIL):
             raise DMError(errno.EINVAL, "pool is read only")
-        await self.data_dev.flush()
+        self.draining = True
+        self._commit_done = trio.Event()
         try:
-            self.md.commit()
-        except DMError as e:
-            self.metadata_operation_failed("dm_pool_commit_metadata", e)
-            raise
+            while self.inflight:
+                self._drained = trio.Event()
+                await self._drained.wait()
+            await self.data_dev.flush()
+            try:
+                self.md.commit()
+            except DMError as e:
+                self.metadata_operation_failed("dm_pool_commit_metadata", e)
+                raise
+        finally:
+            self.draining = False
+            self._drained = None
+            self._commit_done.set()
+
+    async def io_enter(self) -> None:
+        """Start an I/O outside the pool lock (waits while a commit drains the others)."""
+        while self.draining:
+            await self._commit_done.wait()
+        self.inflight += 1
+
+    def io_exit(self) -> None:
+        self.inflight -= 1
+        if not self.inflight and self._drained is not None:
+            self._drained.set()
 
     def metadata_operation_failed(self, op: str, e: DMError) -> None:
         """``metadata_operation_failed``: abort to the last commit, flag needs_check, go read-only."""
@@ -218,7 +245,7 @@ class Pool:
         """pool_status's commit, as plain calls: only when nothing is half done and the data
         device can be flushed synchronously (an image file or block device)."""
         md = self.md
-        if self.pf.mode != PM_WRITE or self.lock.locked() or \
+        if self.pf.mode != PM_WRITE or self.lock.locked() or self.inflight or self.draining or \
                 not (md.changed_this_transaction() or md.bm.dirty_count()):
             return
         fd = getattr(self.data_dev, "fd", None)
