@@ -996,3 +996,26 @@ async def test_large_trim_and_zeroes_go_in_pieces(served, monkeypatch):
         assert len(seen) == 16 and all(n == 128 for _, n in seen), seen
         assert {op for op, _ in seen} == {"DISCARD" if cmd == nbd.CMD_TRIM else "WRITE" if flags else "WRITE_ZEROES"}
     assert await md.pread(0, MiB) == bytes(MiB)
+
+
+async def test_replies_finished_together_go_out_in_one_syscall(served, monkeypatch):
+    """16 reads sent at once: their replies leave in a few writev calls, not 16."""
+    calls = []
+    writev = os.writev
+
+    def counting(fd, buffers):
+        calls.append(len(buffers))
+        return writev(fd, buffers)
+
+    c = await Raw.connect(served.unix)
+    await c.go("lin")
+    monkeypatch.setattr(os, "writev", counting)
+    batch = b""
+    for i in range(16):
+        c.cookie += 1
+        c.pending[c.cookie] = (nbd.CMD_READ, 4096)
+        batch += struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_READ, c.cookie, i * 4096, 4096)
+    await c.send(batch)
+    replies = [await c.reply() for _ in range(16)]
+    assert sorted(r.cookie for r in replies) == list(range(1, 17)) and all(not r.error for r in replies)
+    assert len(calls) <= 4 and sum(calls) == 32, calls
