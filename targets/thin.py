@@ -174,13 +174,13 @@ class Thin(Target):
                 if r is not None:
                     await pool.copy_block(pool.data_dev, r.block * spb, spb, new)
                 else:
+                    # schedule_external_copy / schedule_zero: the origin's part is copied, a
+                    # tail past the origin's end (or a block past it) zeroed unless skipped
                     have = self._origin_sectors(vblock)
-                    if have and (have < spb or pool.pf.zero_new_blocks):
-                        if have < spb:
-                            await pool.zero_block(new)
-                        await pool.copy_block(self.origin_dev, vblock * spb, have, new)
-                    elif pool.pf.zero_new_blocks:
+                    if have < spb and pool.pf.zero_new_blocks:
                         await pool.zero_block(new)
+                    if have:
+                        await pool.copy_block(self.origin_dev, vblock * spb, have, new)
             await pool.data_dev.submit(Bio(Op.WRITE, new * spb + offset, bio.sectors, bio.data))
             try:
                 pool.md.insert_block(self.dev_id, vblock, new)

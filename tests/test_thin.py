@@ -118,6 +118,28 @@ async def test_external_origin(tmp_path):
         await m.remove("pool")
 
 
+async def test_external_origin_is_copied_even_without_zeroing(tmp_path):
+    """skip_block_zeroing skips zeroing, never the copy of the origin's data under a partial write."""
+    meta, data = images(str(tmp_path), data_fill=b"\xee")
+    origin = str(tmp_path / "origin.img")
+    content = random.Random(2).randbytes(BLOCK * 512 + 2048)
+    with open(origin, "wb") as f:
+        f.write(content)
+    async with dmsim.open_manager(durability="process") as m:
+        await mk(m, "pool", pool_line(meta, data, "128 0 1 skip_block_zeroing"))
+        await m.message("pool", 0, "create_thin 0")
+        thin = await mk(m, "thin", "0 65536 thin /dev/mapper/pool 0 %s" % origin)
+        await thin.write(1, b"w" * 512)
+        assert await thin.read(0, BLOCK) == content[:512] + b"w" * 512 + content[1024:BLOCK * 512]
+        await thin.write(BLOCK + 1, b"v" * 512)        # the origin ends 4 sectors into this block
+        got = await thin.read(BLOCK, 8)
+        assert got[:512] == content[BLOCK * 512:BLOCK * 512 + 512] and got[512:1024] == b"v" * 512
+        assert got[1024:2048] == content[BLOCK * 512 + 1024:]
+        assert got[2048:] == b"\xee" * 2048                # not zeroed: skip_block_zeroing
+        await m.remove("thin")
+        await m.remove("pool")
+
+
 async def test_discard_unmaps_whole_blocks(tmp_path):
     meta, data = images(str(tmp_path))
     async with dmsim.open_manager(durability="process") as m:
