@@ -1019,3 +1019,22 @@ async def test_replies_finished_together_go_out_in_one_syscall(served, monkeypat
     replies = [await c.reply() for _ in range(16)]
     assert sorted(r.cookie for r in replies) == list(range(1, 17)) and all(not r.error for r in replies)
     assert len(calls) <= 4 and sum(calls) == 32, calls
+
+
+async def test_table_shrunk_under_a_client_and_deferred_remove(served):
+    """A reload to a smaller table: requests past the new end fail (EINVAL), the export
+    keeps its size; a deferred remove happens when the last client goes."""
+    m, dm = served.m, served.dm
+    c = await Raw.connect(served.unix)
+    assert (await c.go("scratch"))["size"] == MiB
+    await dm.reload("scratch", "0 1024 linear %s 0" % (served.tmp / "scratch.img"))
+    assert (await c.call(nbd.CMD_READ, 512 * 1024 - 4096, 4096)).error == 0
+    r = await c.call(nbd.CMD_READ, 512 * 1024, 4096)
+    assert r.error == nbd.NBD_EINVAL and "beyond the end" in r.message
+    await m.remove("scratch", deferred=True)
+    assert "scratch" in m.devices and m.info("scratch").deferred_remove
+    assert (await c.call(nbd.CMD_READ, 0, 4096)).error == 0
+    await c.aclose()
+    with trio.fail_after(10):
+        while "scratch" in m.devices:
+            await trio.sleep(0.01)
