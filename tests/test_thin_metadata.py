@@ -247,6 +247,30 @@ def test_thin_ls_counts_exclusive_and_shared(tmp_path):
     assert rows == [(0, 100, 30, 70), (1, 100, 30, 70)]
 
 
+@needs_tools
+def test_thin_delta_sees_what_a_snapshot_changed(tmp_path):
+    """thin_delta between an origin and its snapshot: the blocks rewritten, unmapped and added."""
+    if not shutil.which("thin_delta"):
+        pytest.skip("no thin_delta")
+    path = make_meta(tmp_path)
+    format_metadata(path, 128, 1000, durable=False)
+    with PoolMetadata(path, 128, durable=False) as md:
+        md.create_thin(0)
+        for vb in range(20):
+            md.insert_block(0, vb, md.alloc_data_block())
+        md.create_snap(1, 0)
+        for vb in (3, 4, 5, 10):
+            md.insert_block(1, vb, md.alloc_data_block())
+        md.remove_block(1, 15)
+        md.insert_block(1, 30, md.alloc_data_block())
+    r = run_tool("thin_delta", "--snap1", "0", "--snap2", "1", path)
+    assert r.returncode == 0, r.stderr
+    diff = [(e.tag, int(e.get("begin", "")), int(e.get("length", ""))) for e in ET.fromstring(r.stdout).iter()
+            if e.tag in ("same", "different", "left_only", "right_only")]
+    assert diff == [("same", 0, 3), ("different", 3, 3), ("same", 6, 4), ("different", 10, 1), ("same", 11, 4),
+                    ("left_only", 15, 1), ("same", 16, 4), ("right_only", 30, 1)]
+
+
 # -- errors -----------------------------------------------------------------------------------
 
 def test_unformatted_device_refused_without_format(tmp_path):
