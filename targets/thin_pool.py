@@ -181,7 +181,7 @@ class Pool:
         elif mode == PM_READ_ONLY:
             self.log("%s: switching pool to read-only mode" % self.name)
         elif mode == PM_FAIL:
-            self.log("%s: switching pool to failure mode" % self.name)
+            self.log("%s: switching pool to fail mode" % self.name)
         elif mode == PM_WRITE:
             self.log("%s: switching pool to write mode" % self.name)
         if self.ti is not None:
@@ -429,12 +429,21 @@ class ThinPool(Target):
         """``pool_preresume``: take over the pool (features, low water), grow the data and metadata."""
         pool = self.pool
         pool.ti = self
-        mode = pool.pf.mode
+        # bind_control_target: the table's features, the mode through set_pool_mode's rules
+        old = pool.pf.mode
+        new = self.requested_pf.mode
         pool.pf = self.requested_pf.copy()
-        if mode in (PM_FAIL, PM_READ_ONLY) and self.requested_pf.mode == PM_WRITE:
-            pool.pf.mode = mode
+        pool.pf.mode = old
         pool.low_water_blocks = self.low_water_blocks
         md = pool.md
+        if old == PM_FAIL:
+            new = old
+        elif new == PM_WRITE and md.needs_check:
+            self.ctx.log("thin: %s: unable to switch pool to write mode until repaired." % pool.name)
+            new = old if old != new else PM_READ_ONLY
+        elif new == PM_WRITE and md.read_only:
+            new = PM_READ_ONLY
+        pool.set_mode(new)
         data_size = self.len // pool.sectors_per_block
         sb_size = md.data_dev_size()
         if data_size < sb_size:

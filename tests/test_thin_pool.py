@@ -284,3 +284,37 @@ async def test_periodic_commit_survives_a_pool_reload(imgs, autojump_clock):
             assert [vb for vb, _b, _t in md.mappings(0)] == [0]
         await m.remove("t")
         await m.remove("pool")
+
+
+async def test_read_only_pool_and_needs_check(imgs):
+    """read_only: status ro, messages refused, thin writes fail, reads work; a pool whose
+    metadata needs_check comes up read-only whatever the table asks."""
+    meta, data = imgs
+    async with dmsim.open_manager(durability="process") as m:
+        await mk(m, "pool", pool_line(meta, data))
+        await m.message("pool", 0, "create_thin 0")
+        thin = await mk(m, "t", "0 8192 thin /dev/mapper/pool 0")
+        await thin.write(0, b"r" * 512)
+        await m.remove("t")
+        await m.remove("pool")
+        await mk(m, "pool", pool_line(meta, data, "128 16 1 read_only"))
+        assert " - ro discard_passdown " in st(m, "pool")
+        assert tb(m, "pool").endswith(" 128 16 1 read_only ")
+        m.read_log()
+        with pytest.raises(DMError):
+            await m.message("pool", 0, "create_thin 1")
+        assert any("thin: pool: unable to service pool target messages in READ_ONLY or FAIL mode" in x
+                   for x in m.read_log())
+        thin = await mk(m, "t", "0 8192 thin /dev/mapper/pool 0")
+        assert await thin.read(0, 1) == b"r" * 512
+        with pytest.raises(DMError):
+            await thin.write(0, b"w" * 512)
+        await m.remove("t")
+        await m.remove("pool")
+    with PoolMetadata(meta, 128, format_device=False, durable=False) as md:
+        md.set_needs_check()
+    async with dmsim.open_manager(durability="process") as m:
+        await mk(m, "pool", pool_line(meta, data))
+        assert " ro " in st(m, "pool") and " needs_check " in st(m, "pool")
+        assert any("thin: pool: unable to switch pool to write mode until repaired." in x for x in m.read_log())
+        await m.remove("pool")
