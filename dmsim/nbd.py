@@ -395,13 +395,13 @@ class _Connection:
             raise _Hangup("unknown client flags 0x%x" % cflags)
         self.no_zeroes = bool(cflags & FLAG_C_NO_ZEROES)
         for _ in range(MAX_OPTIONS):
-            magic, opt, length = _OPTION.unpack(await self.recv_exact(_OPTION.size))
+            magic, opt, length_bytes = _OPTION.unpack(await self.recv_exact(_OPTION.size))
             if magic != IHAVEOPT:
                 raise _Hangup("bad option magic 0x%x" % magic)
-            if length > MAX_OPTION_BYTES:
-                await self.opt_reply(opt, REP_ERR_TOO_BIG, "option data of %d bytes is too large" % length)
-                raise _Hangup("option of %d bytes" % length)
-            data = await self.recv_exact(length)
+            if length_bytes > MAX_OPTION_BYTES:
+                await self.opt_reply(opt, REP_ERR_TOO_BIG, "option data of %d bytes is too large" % length_bytes)
+                raise _Hangup("option of %d bytes" % length_bytes)
+            data = await self.recv_exact(length_bytes)
             if opt == OPT_EXPORT_NAME:
                 await self.export_name(data)
                 return True
@@ -514,34 +514,34 @@ class _Connection:
                     header = await self.recv_exact(_REQUEST.size)
                 except _Hangup:
                     break
-                magic, flags, cmd, cookie, offset, length = _REQUEST.unpack(header)
+                magic, flags, cmd, cookie, offset_bytes, length_bytes = _REQUEST.unpack(header)
                 if magic != REQUEST_MAGIC:
                     log.debug("NBD: bad request magic 0x%x; closing", magic)
                     break
                 if cmd == CMD_DISC:
                     break
                 # TRIM and WRITE_ZEROES count too: a target may zero through a buffer
-                cost = min(length, MAX_PAYLOAD_BYTES) if cmd != CMD_FLUSH else 0
+                cost_bytes = min(length_bytes, MAX_PAYLOAD_BYTES) if cmd != CMD_FLUSH else 0
                 data = None
                 if cmd == CMD_WRITE:
-                    if length > MAX_PAYLOAD_BYTES:
-                        log.debug("NBD: write payload of %d bytes; closing", length)
+                    if length_bytes > MAX_PAYLOAD_BYTES:
+                        log.debug("NBD: write payload of %d bytes; closing", length_bytes)
                         break
-                    await self.budget.acquire(cost)
+                    await self.budget.acquire(cost_bytes)
                     try:
-                        data = await self.recv_payload(length)
+                        data = await self.recv_payload(length_bytes)
                     except _Hangup:
-                        self.budget.release(cost)
+                        self.budget.release(cost_bytes)
                         break
                 else:
-                    await self.budget.acquire(cost)
-                nursery.start_soon(self.request, cmd, flags, cookie, offset, length, data, cost)
+                    await self.budget.acquire(cost_bytes)
+                nursery.start_soon(self.request, cmd, flags, cookie, offset_bytes, length_bytes, data, cost_bytes)
 
-    async def request(self, cmd: int, flags: int, cookie: int, offset: int, length: int,
-                      data: bytearray | None, cost: int) -> None:
+    async def request(self, cmd: int, flags: int, cookie: int, offset_bytes: int, length_bytes: int,
+                      data: bytearray | None, cost_bytes: int) -> None:
         try:
             try:
-                result = await self.execute(cmd, flags, offset, length, data)
+                result = await self.execute(cmd, flags, offset_bytes, length_bytes, data)
             except _RequestError as e:
                 await self.reply_error(cmd, cookie, e.nbd_errno, e.message)
             except (DMError, OSError) as e:
@@ -551,11 +551,11 @@ class _Connection:
                 log.exception("NBD request failed")
                 await self.reply_error(cmd, cookie, NBD_EIO, "%s: %s" % (type(e).__name__, e))
             else:
-                await self.reply(cmd, cookie, offset, result)
+                await self.reply(cmd, cookie, offset_bytes, result)
         finally:
-            self.budget.release(cost)
+            self.budget.release(cost_bytes)
 
-    async def execute(self, cmd: int, flags: int, offset: int, length: int, data: bytearray | None):
+    async def execute(self, cmd: int, flags: int, offset_bytes: int, length_bytes: int, data: bytearray | None):
         md = self.md
         assert md is not None
         known = CMD_FLAG_FUA
@@ -566,23 +566,23 @@ class _Connection:
         if flags & ~known:
             raise _RequestError(NBD_EINVAL, "command flags 0x%x not valid for command %d" % (flags & ~known, cmd))
         if cmd == CMD_FLUSH:
-            if offset or length:
+            if offset_bytes or length_bytes:
                 raise _RequestError(NBD_EINVAL, "flush with an offset or length")
             await md.flush()
             return None
         if cmd not in (CMD_READ, CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES):
             raise _RequestError(NBD_EINVAL, "unknown command %d" % cmd)
-        if cmd == CMD_READ and length > MAX_PAYLOAD_BYTES:
-            raise _RequestError(NBD_EINVAL, "read of %d bytes exceeds the maximum payload" % length)
+        if cmd == CMD_READ and length_bytes > MAX_PAYLOAD_BYTES:
+            raise _RequestError(NBD_EINVAL, "read of %d bytes exceeds the maximum payload" % length_bytes)
         end_bytes = min(self.size_bytes, to_bytes(md.size_sectors))
-        if offset + length > end_bytes:
+        if offset_bytes + length_bytes > end_bytes:
             err = NBD_ENOSPC if cmd in (CMD_WRITE, CMD_WRITE_ZEROES) else NBD_EINVAL
             raise _RequestError(err, "%d bytes at %d: beyond the end of the export (%d bytes)"
-                                % (length, offset, end_bytes))
-        if offset % self.min_block_bytes or length % self.min_block_bytes:
+                                % (length_bytes, offset_bytes, end_bytes))
+        if offset_bytes % self.min_block_bytes or length_bytes % self.min_block_bytes:
             raise _RequestError(NBD_EINVAL, "%d bytes at %d: not aligned to the %d byte block"
-                                % (length, offset, self.min_block_bytes))
-        sector, sectors = to_sectors(offset), to_sectors(length)
+                                % (length_bytes, offset_bytes, self.min_block_bytes))
+        sector, sectors = to_sectors(offset_bytes), to_sectors(length_bytes)
         if cmd == CMD_READ:
             return await md.read(sector, sectors) if sectors else b""
         if not sectors:
@@ -591,18 +591,18 @@ class _Connection:
             await md.write(sector, data, fua=bool(flags & CMD_FLAG_FUA))
             return None
         op = Op.DISCARD if cmd == CMD_TRIM else Op.WRITE_ZEROES
-        step = to_sectors(MAX_PAYLOAD_BYTES)    # a 4 GiB zeroing need not be one 4 GiB buffer
-        for first in range(sector, sector + sectors, step):
-            n = min(step, sector + sectors - first)
-            if cmd == CMD_WRITE_ZEROES and flags & CMD_FLAG_NO_HOLE:
-                await md.write(first, bytes(to_bytes(n)))    # allocated, not a punched hole
+        step_sectors = to_sectors(MAX_PAYLOAD_BYTES)    # a 4 GiB zeroing need not be one 4 GiB buffer
+        for first_sector in range(sector, sector + sectors, step_sectors):
+            piece_sectors = min(step_sectors, sector + sectors - first_sector)
+            if cmd == CMD_WRITE_ZEROES and flags & CMD_FLAG_NO_HOLE:   # allocated, not a punched hole
+                await md.write(first_sector, bytes(to_bytes(piece_sectors)))
             else:
-                await md.submit(Bio(op, first, n))
+                await md.submit(Bio(op, first_sector, piece_sectors))
         if flags & CMD_FLAG_FUA:
             await md.flush()
         return None
 
-    async def reply(self, cmd: int, cookie: int, offset: int, result) -> None:
+    async def reply(self, cmd: int, cookie: int, offset_bytes: int, result) -> None:
         if cmd != CMD_READ:
             await self.send(_SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie))
             return
@@ -611,7 +611,7 @@ class _Connection:
                 await self.send(_CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0))
                 return
             header = _CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, cookie,
-                                 8 + len(result)) + struct.pack(">Q", offset)
+                                 8 + len(result)) + struct.pack(">Q", offset_bytes)
         else:
             header = _SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
         await self.send(header, result)
