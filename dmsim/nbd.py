@@ -2,7 +2,8 @@
 
 ``serve_nbd(manager, "unix:PATH")`` or ``"tcp:HOST:PORT"`` listens until cancelled; the
 export name is the device name.  The protocol is the fixed newstyle handshake of
-NetworkBlockDevice/nbd ``doc/proto.md`` (no TLS, no oldstyle):
+NetworkBlockDevice/nbd ``doc/proto.md`` (no TLS, no oldstyle; a client that does not
+set NBD_FLAG_C_FIXED_NEWSTYLE may only send EXPORT_NAME):
 
 * handshake flags FIXED_NEWSTYLE and NO_ZEROES; options EXPORT_NAME, GO, INFO (replies
   NBD_INFO_EXPORT and NBD_INFO_BLOCK_SIZE always, NBD_INFO_NAME and NBD_INFO_DESCRIPTION
@@ -394,6 +395,7 @@ class _Connection:
         if cflags & ~(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES):
             raise _Hangup("unknown client flags 0x%x" % cflags)
         self.no_zeroes = bool(cflags & FLAG_C_NO_ZEROES)
+        fixed = bool(cflags & FLAG_C_FIXED_NEWSTYLE)
         for _ in range(MAX_OPTIONS):
             magic, opt, length_bytes = _OPTION.unpack(await self.recv_exact(_OPTION.size))
             if magic != IHAVEOPT:
@@ -402,6 +404,9 @@ class _Connection:
                 await self.opt_reply(opt, REP_ERR_TOO_BIG, "option data of %d bytes is too large" % length_bytes)
                 raise _Hangup("option of %d bytes" % length_bytes)
             data = await self.recv_exact(length_bytes)
+            if not fixed and opt != OPT_EXPORT_NAME:
+                # plain newstyle knows no option replies: EXPORT_NAME is all it may send
+                raise _Hangup("option %d from a client without fixed newstyle" % opt)
             if opt == OPT_EXPORT_NAME:
                 await self.export_name(data)
                 return True

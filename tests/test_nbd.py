@@ -274,6 +274,15 @@ async def test_export_name_refusals_hang_up(served):
     await c.recv_exact(18)
     await c.send(struct.pack(">I", 1 << 5))          # a client flag nobody defined
     assert await c.closed_by_server()
+    c = await Raw.connect(served.unix)                # plain newstyle: EXPORT_NAME works, nothing else
+    await c.greet(cflags=0)
+    await c.send_option(nbd.OPT_EXPORT_NAME, b"lin")
+    assert struct.unpack(">QH", (await c.recv_exact(134))[:10])[0] == 4 * MiB
+    await c.aclose()
+    c = await Raw.connect(served.unix)
+    await c.greet(cflags=0)
+    await c.send_option(nbd.OPT_LIST)
+    assert await c.closed_by_server()
 
 
 async def test_info_go_list_and_option_errors(served):
