@@ -112,3 +112,14 @@ def test_tiny_soak_passes_and_cleans_up(tmp_path):
     assert os.listdir(tmp_path) == []
     with open("/proc/self/mounts") as f:
         assert str(tmp_path) not in f.read()
+
+
+@pytest.mark.skipif(not fuse_usable(), reason="needs root, /dev/fuse and fusermount3")
+def test_one_trial_through_cli_processes(tmp_path):
+    """``--cli``: the same trial with every dmsetup command a ``dmsim`` process."""
+    r = subprocess.run([sys.executable, SCRIPT, "--trials", "1", "--kind", "snapshot", "--durability", "process",
+                        "--signal", "kill", "--seed", "2", "--cli", "--tmpdir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=100)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "snapshot kill process: 1 trials, 0 failures" in r.stdout, r.stdout
+    assert os.listdir(tmp_path) == []
