@@ -49,7 +49,8 @@ CLEAN, DIRTY, NOSYNC, RECOVERING = "clean", "dirty", "nosync", "recovering"
 #: ``raid1_resync_throttle``: one kcopyd throttle shared by every mirror (percent)
 resync_throttle = Throttle(100)
 
-_ratelimit_state = trio.lowlevel.RunVar("dm_ratelimit_state", default=None)
+_ratelimit_state: trio.lowlevel.RunVar[list[float] | None] = trio.lowlevel.RunVar("dm_ratelimit_state",
+                                                                                   default=None)
 RATELIMIT_INTERVAL_SECONDS = 5.0
 RATELIMIT_BURST = 10
 
@@ -68,13 +69,20 @@ def _ratelimit() -> bool:
 
 
 class _Leg:
-    __slots__ = ("dev", "offset", "error_count", "error_type")
+    """One leg.  ``error_count``/``error_type`` are the kernel's (status, events, reset when
+    the mirror gets back in sync).  ``stale`` is ours: the leg missed data (a write, a
+    flush or a region copy to it failed) and is not read or copied from while another
+    leg can be, even after that reset, until a resync reached it without a failure."""
+
+    __slots__ = ("dev", "offset", "error_count", "error_type", "stale", "recovery_failed")
 
     def __init__(self, dev, offset: int):
         self.dev = dev
         self.offset = offset
         self.error_count = 0
         self.error_type: set[int] = set()
+        self.stale = False
+        self.recovery_failed = False     # a copy to it failed since it went stale
 
     def status_char(self) -> str:
         if not self.error_count:
@@ -110,28 +118,30 @@ class _Req:
     __slots__ = ("_bio", "_parent", "_off", "region", "action", "leg", "error", "data", "inc",
                  "cancelled", "_ev", "_posted", "accounted")
 
-    def __init__(self, bio: Bio, region: int | None, parent: Bio | None = None, off: int = 0):
+    def __init__(self, bio: Bio | None, region: int | None, parent: Bio | None = None,
+                 off: tuple[int, int] = (0, 0)):
         self._bio = bio                 # None: the (offset, sectors) piece ``off`` of ``parent``
         self._parent = parent
         self._off = off
-        self.region = region
-        self.action = None
-        self.leg = None
+        self.accounted = region is not None     # takes part in region accounting
+        self.region = -1 if region is None else region
+        self.action = DONE
+        self.leg: _Leg | None = None
         self.error: BaseException | None = None
-        self.data = None
+        self.data: object = None
         self.inc = False
         self.cancelled = False
         self._ev: trio.Event | None = None
         self._posted = False
-        self.accounted = region is not None     # takes part in region accounting
 
     @property
     def bio(self) -> Bio:
         if self._bio is None:
+            assert self._parent is not None
             self._bio = self._parent.slice(*self._off)
         return self._bio
 
-    def post(self, action: str, leg=None) -> None:
+    def post(self, action: str, leg: _Leg | None = None) -> None:
         self.action = action
         self.leg = leg
         self._posted = True
@@ -294,11 +304,7 @@ class Mirror(Target):
         self.ctx.log("raid1: " + msg)
 
     def _table_live(self) -> bool:
-        table = getattr(self.ctx, "table", None)
-        md = getattr(self.ctx, "md", None)
-        if table is None or md is None:
-            return self._live
-        return md.live is table
+        return self.ctx.md.live is self.ctx.table
 
     def _event(self) -> None:
         """``dm_table_event``: lost while the table is not bound to the device."""
@@ -326,14 +332,23 @@ class Mirror(Target):
         return None
 
     def _choose_leg(self) -> _Leg | None:
-        """The default leg, else the next error-free one searching backwards."""
+        """The default leg, else the next error-free one searching backwards
+        (``choose_mirror``); a leg known to be stale only when no other is error-free."""
         n = len(self.legs)
+        fallback = None
         i = self.default
         for _ in range(n):
-            if not self.legs[i].error_count:
-                return self.legs[i]
+            leg = self.legs[i]
+            if not leg.error_count:
+                if not leg.stale:
+                    return leg
+                fallback = fallback or leg
             i = (i - 1) % n
-        return None
+        return fallback
+
+    def _mark_stale(self, leg: _Leg, recovery: bool = False) -> None:
+        leg.stale = True
+        leg.recovery_failed = leg.recovery_failed or recovery
 
     def _default_ok(self) -> bool:
         return not self._default_leg().error_count
@@ -400,6 +415,7 @@ class Mirror(Target):
         for i, leg in enumerate(self.legs):
             if bits & (1 << i):
                 self._fail_mirror(leg, FLUSH_ERROR)
+                self._mark_stale(leg)
         return bool(bits)
 
     # -- region hash (dm-region-hash.c) ---------------------------------------------------------
@@ -521,7 +537,7 @@ class Mirror(Target):
         and writes the mirror had acknowledged are gone.  Here such a region is copied
         from the leg reads use instead (the next error-free one, as ``choose_mirror``)."""
         leg = self._default_leg()
-        if leg.error_count and not self.handle_errors:
+        if (leg.error_count or leg.stale) and not self.handle_errors:
             return self._choose_leg() or leg
         return leg
 
@@ -545,6 +561,9 @@ class Mirror(Target):
             if _ratelimit():
                 self._log("Unable to read primary mirror during recovery")
             self._fail_mirror(src_leg, SYNC_ERROR)
+            if not self.handle_errors:
+                for leg in dest_legs:           # kcopyd wrote them the zero-filled read
+                    self._mark_stale(leg, True)
         if write_err:
             if _ratelimit():
                 self._log("Write error during recovery (error = 0x%x)" % write_err)
@@ -552,6 +571,7 @@ class Mirror(Target):
             for bit, leg in enumerate(dest_legs):
                 if write_err & (1 << bit):
                     self._fail_mirror(leg, SYNC_ERROR)
+                    self._mark_stale(leg, True)
         self._recovery_end(reg, not (read_err or write_err))
 
     def _recovery_end(self, reg: _Region, success: bool) -> None:
@@ -571,6 +591,9 @@ class Mirror(Target):
             self.leg_failure = False
             for leg in self.legs:
                 leg.error_count = 0
+                if leg.stale and not leg.recovery_failed:
+                    leg.stale = False           # every region copied to it since
+                leg.recovery_failed = False
                 leg.error_type.clear()
 
     # -- the worker ---------------------------------------------------------------------------
@@ -647,10 +670,10 @@ class Mirror(Target):
 
     def _do_reads(self, reads: list[_Req]) -> None:
         for req in reads:
-            leg = self._default_leg()
+            leg: _Leg | None = self._default_leg()
             if self._rh_state(req.region) in (CLEAN, DIRTY):
                 leg = self._choose_leg()
-            elif leg.error_count:
+            elif self._default_leg().error_count:
                 leg = None
             if leg is not None:
                 req.post(READ, leg)
@@ -794,6 +817,7 @@ class Mirror(Target):
             return b"".join(results)
         # a read into the caller's buffer: each part lands in its slice
         for part, result in zip(parts, results, strict=True):
+            assert part.data is not None
             if result is not part.data:
                 memoryview(part.data)[:] = result
         return bio.data
@@ -841,29 +865,32 @@ class Mirror(Target):
                 for i, leg in enumerate(self.legs):
                     if bits & (1 << i):
                         self._fail_mirror(leg, WRITE_ERROR)
+                        self._mark_stale(leg)
                 self._queue(self.failures, req)
             elif action == WRITE_DEFAULT:
-                leg = req.leg
+                dest = req.leg
+                assert dest is not None
                 try:
-                    await leg.dev.submit(self._remap(leg, bio))
+                    await dest.dev.submit(self._remap(dest, bio))
                 except DMError as e:
                     req.error = e
                 return
             elif action == READ:
-                leg = req.leg
+                src = req.leg
+                assert src is not None
                 try:
-                    req.data = await leg.dev.submit(self._remap(leg, bio))
+                    req.data = await src.dev.submit(self._remap(src, bio))
                     return
                 except DMError:
-                    self._fail_mirror(leg, READ_ERROR)
+                    self._fail_mirror(src, READ_ERROR)
                     if self._default_ok() or self._mirror_available(req.region):
                         if _ratelimit():
                             self._log("Read failure on mirror device %s.  Trying alternative device."
-                                      % leg.dev.ref)
+                                      % src.dev.ref)
                         self._queue(self.reads, req)
                     else:
                         if _ratelimit():
-                            self._log("Read failure on mirror device %s.  Failing I/O." % leg.dev.ref)
+                            self._log("Read failure on mirror device %s.  Failing I/O." % src.dev.ref)
                         req.error = DMError(errno.EIO)
                         return
 

@@ -462,3 +462,32 @@ async def test_resync_never_copies_from_a_failed_default_leg(legs):
         assert sector_bytes(B, 1024) == b"\x5a" * 16
         await m.remove("m")
         await m.remove("la")
+
+
+async def test_leg_that_lost_writes_is_not_read_after_resync(legs):
+    """Without handle_errors, a resync that could not write a leg still counts its region in
+    sync and resets every leg's error flags (status ``AA``, as the kernel).  A leg that
+    lost writes (here: it rejects writes, reads work) must not become the leg reads or the
+    next resync use again: its data is stale."""
+    A, B, _, _ = legs
+    async with dmsim.open_manager() as m:
+        e = Env(m, legs)
+        await e.create("la", "0 8192 linear %s 0" % A)
+        md = await e.create("m", "0 8192 mirror core 2 1024 nosync 2 253:0 0 %s 0" % B)
+        await m.suspend("la")
+        await m.load("la", parse_table_text("0 8192 flakey %s 0 0 3600 1 error_writes" % A))
+        await m.resume("la")
+        await md.write(1024, b"\x6b" * 4096)          # acknowledged: only leg B has it
+        assert e.status("m") == "0 8192 mirror 2 dm:la DISK2 7/8 1 DA 1 core"
+        await m.suspend("m")
+        await m.resume("m")                           # the copy to leg A fails: counted in sync
+        await e.wait_sync("m")
+        assert e.status("m") == "0 8192 mirror 2 dm:la DISK2 8/8 1 AA 1 core"
+        assert await md.read(1024, 8) == b"\x6b" * 4096
+        await m.suspend("m")
+        await m.resume("m")
+        await e.wait_sync("m")
+        assert await md.read(1024, 8) == b"\x6b" * 4096
+        assert sector_bytes(B, 1024) == b"\x6b" * 16
+        await m.remove("m")
+        await m.remove("la")
