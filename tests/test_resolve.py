@@ -338,3 +338,35 @@ async def test_a_hung_lookup_times_out(tree, monkeypatch):
     assert out["a.img"].kind == "file"
     assert isinstance(out["hung"], DMError) and out["hung"].errno == errno.ENODEV
     assert len(ticks) >= 3
+
+
+@needs_fuse
+@pytest.mark.timeout(60)
+async def test_fuse_loop_device_over_a_file_is_the_dm_device(mounted):
+    """A loop device whose backing file is one of our files is that dm device (I/O through
+    the loop would come back to this same daemon); one with an offset is refused (EBUSY)."""
+    import shutil
+
+    m, tmp, mnt, img = mounted
+    if os.geteuid() != 0 or not shutil.which("losetup"):
+        pytest.skip("needs root and losetup")
+
+    def sh(*cmd):
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+
+    loops = []
+    try:
+        for extra in ([], ["-o", "4096"]):
+            r = await trio.to_thread.run_sync(sh, "losetup", "--show", "-f", *extra, str(mnt / "base"))
+            if r.returncode:
+                pytest.skip("losetup failed: %s" % r.stderr.strip())
+            loops.append(r.stdout.strip())
+        top = await _load(m, "tl", loops[0], "/")
+        assert m.deps("tl") == [m.find("base")]
+        assert await top.read(0, 1) == img.read_bytes()[4096:4608]
+        with pytest.raises(DMError) as ei:
+            await _load(m, "to", loops[1], "/")
+        assert ei.value.errno == errno.EBUSY
+    finally:
+        for loop in loops:
+            await trio.to_thread.run_sync(sh, "losetup", "-d", loop)
