@@ -693,6 +693,24 @@ async def test_connection_model(served):
         def flush(self):
             assert call(self.c.call, nbd.CMD_FLUSH).error == 0
 
+        @rule(start=block, fill=st.integers(0, 255))
+        def write_while_suspended(self, start, fill):
+            """Held while the device is suspended (no reply), done at resume."""
+            data = bytes([fill]) * 4096
+
+            async def go():
+                await m.suspend("model")
+                cookie = await self.c.request(nbd.CMD_WRITE, start * 4096, 4096, data)
+                with trio.move_on_after(0.02):
+                    early = await self.c.s.receive_some(1 << 16)
+                    raise AssertionError("a reply while suspended: %r" % early)
+                await m.resume("model")
+                r = await self.c.reply()
+                assert (r.cookie, r.error) == (cookie, 0)
+
+            call(go)
+            self.model[start * 4096:(start + 1) * 4096] = data
+
         @rule(blocks=st.lists(block, min_size=2, max_size=12, unique=True), fill=st.integers(0, 255))
         def pipelined(self, blocks, fill):
             """Writes to distinct blocks and reads of others, all sent before any reply."""
