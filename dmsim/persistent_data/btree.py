@@ -34,6 +34,8 @@ INTERNAL_NODE = 1
 LEAF_NODE = 2
 NODE_HEADER_SIZE = 32
 _HEADER = struct.Struct("<IIQIIII")
+_FLAGS = struct.Struct("<I")
+_COUNTS = struct.Struct("<IIII")
 _LITTLE = sys.byteorder == "little"
 
 
@@ -44,42 +46,60 @@ def calc_max_entries(value_size: int, block_size: int = 4096) -> int:
 
 
 class Node:
-    """A decoded btree node: keys in an ``array('Q')``, values packed in one bytearray."""
+    """A decoded btree node over its block's bytes: keys in an ``array('Q')``, values packed in
+    one bytearray, and every change written through to ``raw`` at once.
 
-    __slots__ = ("flags", "max_entries", "value_size", "keys", "values")
+    Writing through after each change leaves the slots past ``nr_entries`` holding what the
+    kernel's memmoves leave there (a removed entry's stale copy, a split's moved half), so the
+    blocks are the kernel's byte for byte, not only in their live entries.
+    """
+
+    __slots__ = ("flags", "max_entries", "value_size", "keys", "values", "raw")
 
     def __init__(self, flags: int, max_entries: int, value_size: int, keys: array | None = None,
-                 values: bytearray | None = None):
+                 values: bytearray | None = None, raw: bytearray | None = None):
         self.flags = flags
         self.max_entries = max_entries
         self.value_size = value_size
         self.keys = keys if keys is not None else array("Q")
         self.values = values if values is not None else bytearray()
+        self.raw = raw
+        if raw is not None:
+            self.sync()
 
     @classmethod
-    def decode(cls, data: bytes | bytearray) -> "Node":
+    def decode(cls, data: bytearray) -> "Node":
         _csum, flags, _blocknr, nr, max_entries, value_size, _pad = _HEADER.unpack_from(data, 0)
         keys = array("Q")
         keys.frombytes(bytes(data[NODE_HEADER_SIZE:NODE_HEADER_SIZE + 8 * nr]))
         if not _LITTLE:
             keys.byteswap()
         vstart = NODE_HEADER_SIZE + 8 * max_entries
-        return cls(flags, max_entries, value_size, keys, bytearray(data[vstart:vstart + value_size * nr]))
+        n = cls(flags, max_entries, value_size, keys, bytearray(data[vstart:vstart + value_size * nr]))
+        n.raw = data
+        return n
 
-    def encode(self, data: bytearray) -> None:
+    def sync(self) -> None:
+        """Write the header and the live entries into ``raw`` (nothing past them)."""
+        data = self.raw
+        if data is None:
+            return
         nr = len(self.keys)
-        _HEADER.pack_into(data, 0, 0, self.flags, 0, nr, self.max_entries, self.value_size, 0)
+        # csum and blocknr are left alone: the validator stamps them when the block is written
+        _FLAGS.pack_into(data, 4, self.flags)
+        _COUNTS.pack_into(data, 16, nr, self.max_entries, self.value_size, 0)
         keys = self.keys
         if not _LITTLE:
             keys = array("Q", keys)
             keys.byteswap()
-        kend = NODE_HEADER_SIZE + 8 * nr
-        data[NODE_HEADER_SIZE:kend] = keys.tobytes()
+        data[NODE_HEADER_SIZE:NODE_HEADER_SIZE + 8 * nr] = keys.tobytes()
         vstart = NODE_HEADER_SIZE + 8 * self.max_entries
-        data[kend:vstart] = bytes(vstart - kend)
-        vend = vstart + len(self.values)
-        data[vstart:vend] = self.values
-        data[vend:] = bytes(len(data) - vend)
+        data[vstart:vstart + len(self.values)] = self.values
+
+    def encode(self, data: bytearray) -> None:
+        if data is not self.raw:
+            self.raw = data
+        self.sync()
 
     def copy(self) -> "Node":
         return Node(self.flags, self.max_entries, self.value_size, array("Q", self.keys), bytearray(self.values))
@@ -102,9 +122,18 @@ class Node:
     def set_value(self, i: int, value: bytes) -> None:
         vs = self.value_size
         self.values[i * vs:(i + 1) * vs] = value
+        if self.raw is not None:
+            at = NODE_HEADER_SIZE + 8 * self.max_entries + i * vs
+            self.raw[at:at + vs] = value
 
     def set_value64(self, i: int, v: int) -> None:
-        self.values[i * 8:i * 8 + 8] = v.to_bytes(8, "little")
+        self.set_value(i, v.to_bytes(8, "little"))
+
+    def set_key(self, i: int, key: int) -> None:
+        self.keys[i] = key
+        if self.raw is not None:
+            at = NODE_HEADER_SIZE + 8 * i
+            self.raw[at:at + 8] = key.to_bytes(8, "little")
 
     def lower_bound(self, key: int) -> int:
         """Index of the last key <= ``key``, -1 if none (the kernel's ``lower_bound``)."""
@@ -114,11 +143,13 @@ class Node:
         self.keys.insert(i, key)
         vs = self.value_size
         self.values[i * vs:i * vs] = value
+        self.sync()
 
     def delete_at(self, i: int) -> None:
         del self.keys[i]
         vs = self.value_size
         del self.values[i * vs:(i + 1) * vs]
+        self.sync()
 
     def take(self, start: int, end: int) -> tuple[array, bytearray]:
         vs = self.value_size
@@ -127,6 +158,7 @@ class Node:
     def set_entries(self, keys: array, values: bytearray) -> None:
         self.keys = keys
         self.values = values
+        self.sync()
 
     def full(self) -> bool:
         return len(self.keys) >= self.max_entries
@@ -180,7 +212,7 @@ class BTreeInfo:
     def empty(self) -> int:
         """``dm_btree_empty``: a new root, an empty leaf; returns its block."""
         blk = self.tm.new_block(BTREE_NODE)
-        blk.view = Node(LEAF_NODE, calc_max_entries(self.value_type.size), self.value_type.size)
+        blk.view = Node(LEAF_NODE, calc_max_entries(self.value_type.size), self.value_type.size, raw=blk.data)
         self.tm.unlock(blk)
         return blk.location
 
@@ -291,7 +323,7 @@ class BTreeInfo:
 
     def _new_node(self, like: Node, keys: array, values: bytearray) -> tuple[int, Node]:
         blk = self.tm.new_block(BTREE_NODE)
-        n = blk.view = Node(like.flags, like.max_entries, like.value_size, keys, values)
+        n = blk.view = Node(like.flags, like.max_entries, like.value_size, keys, values, raw=blk.data)
         self.tm.unlock(blk)
         return blk.location, n
 
@@ -322,7 +354,7 @@ class BTreeInfo:
             if n.is_leaf:
                 break
             if i < 0:
-                n.keys[0] = key
+                n.set_key(0, key)
                 i = 0
             parent, parent_i = n, i
             loc = n.value64(i)
@@ -419,7 +451,7 @@ class BTreeInfo:
         for j, (m, size) in enumerate(zip(nodes, sizes, strict=True)):
             m.set_entries(keys[at:at + size], values[at * vs:(at + size) * vs])
             if j:
-                parent.keys[first + j] = m.keys[0]
+                parent.set_key(first + j, m.keys[0])
             at += size
 
     def insert(self, root: int, keys: Sequence[int], value: bytes) -> tuple[int, bool]:
@@ -517,12 +549,17 @@ class BTreeInfo:
     def _rebalance_children(self, n: Node, vt: ValueType, key: int) -> None:
         """Before descending into the child that holds ``key``, give it more than the minimum."""
         while n.nr_entries == 1 and not n.is_leaf:
-            # a root with a single child takes the child's place
+            # a root with a single child takes the child's place: its bytes copied whole, as
+            # the kernel's memcpy; a shared child's children gain this root as a referrer
             child_b = n.value64(0)
-            child = self._shadow_child(n, 0, vt)
-            child_b = n.value64(0)
+            child_blk = self.tm.peek(child_b, BTREE_NODE)
+            child = node_of(child_blk)
+            assert n.raw is not None
+            n.raw[:] = child_blk.data
             n.flags, n.max_entries, n.value_size = child.flags, child.max_entries, child.value_size
-            n.set_entries(array("Q", child.keys), bytearray(child.values))
+            n.keys, n.values = array("Q", child.keys), bytearray(child.values)
+            if self.tm.ref(child_b) > 1:
+                self._inc_children(n, vt)
             self.tm.dec(child_b)
         if n.is_leaf:
             return
@@ -556,7 +593,7 @@ class BTreeInfo:
             vs = left.value_size
             left.set_entries(keys[:target_left], values[:target_left * vs])
             right.set_entries(keys[target_left:], values[target_left * vs:])
-            parent.keys[li + 1] = right.keys[0]
+            parent.set_key(li + 1, right.keys[0])
 
     def _rebalance3(self, parent: Node, li: int, vt: ValueType) -> None:
         left = self._shadow_child(parent, li, vt)
@@ -576,7 +613,7 @@ class BTreeInfo:
             left.set_entries(keys[:to_left], values[:to_left * vs])
             right.set_entries(keys[to_left:], values[to_left * vs:])
             cb = parent.value64(li + 1)
-            parent.keys[li + 2] = right.keys[0]
+            parent.set_key(li + 2, right.keys[0])
             parent.delete_at(li + 1)
             self.tm.dec(cb)
             self._rebalance2_nodes(parent, li, left, right)
@@ -587,8 +624,8 @@ class BTreeInfo:
         left.set_entries(keys[:target_left], values[:target_left * vs])
         center.set_entries(keys[target_left:c_end], values[target_left * vs:c_end * vs])
         right.set_entries(keys[c_end:], values[c_end * vs:])
-        parent.keys[li + 1] = center.keys[0]
-        parent.keys[li + 2] = right.keys[0]
+        parent.set_key(li + 1, center.keys[0])
+        parent.set_key(li + 2, right.keys[0])
 
     # -- delete -----------------------------------------------------------------------------
 

@@ -10,12 +10,14 @@ superblock is le64 nr_blocks, nr_allocated, bitmap_root, ref_count_root:
 * the **metadata** space map keeps them in one *index* block of up to 255 entries, and counts
   the blocks it is itself made of, in itself.
 
-How counts change in between is ours: they are held in memory (bitmaps loaded on first use)
-and written at commit, each changed bitmap to a freshly allocated block.  The metadata space
-map's commit runs to a fixed point, since writing its bitmaps allocates blocks that change
-its bitmaps.  As in the kernel, a block freed in a transaction is not handed out again before
-the commit (the committed metadata may still point at it), and allocation goes on from where
-the last one stopped, going back to the start when it reaches the end.
+Counts are held in memory (bitmaps decoded on first use) and change in the kernel's order,
+so that the blocks land where the kernel puts them: the first change to a bitmap in a
+transaction moves it to a new block (allocated then, right after the block being counted),
+counts of 3 or more go to the overflow btree at once, the data map's index entries are
+written to its btree at commit (the kernel's index-entry cache order) and the metadata map's
+index block is copied last.  The bitmaps' bytes are written at commit.  A block freed in a
+transaction is not handed out again before the commit (the committed metadata may still point
+at it), and allocation goes on from where the last one stopped, wrapping at the end.
 """
 import errno
 import struct
@@ -71,14 +73,15 @@ def unpack_root(raw: bytes) -> tuple[int, int, int, int]:
 class IndexEntry:
     """One bitmap: its committed location, free count, a hint, and its entries once loaded."""
 
-    __slots__ = ("location", "nr_free", "none_free_before", "entries", "dirty")
+    __slots__ = ("location", "nr_free", "none_free_before", "entries", "dirty", "shadowed")
 
     def __init__(self, location: int, nr_free: int, none_free_before: int):
         self.location = location
         self.nr_free = nr_free
         self.none_free_before = none_free_before
         self.entries: bytearray | None = None
-        self.dirty = False
+        self.dirty = False        # entries changed since the commit: bytes to write
+        self.shadowed = False     # ``location`` was allocated in this transaction
 
     def pack(self) -> bytes:
         return _INDEX_ENTRY.pack(self.location, self.nr_free, self.none_free_before)
@@ -145,28 +148,56 @@ class SpaceMap:
             return
         if count < 0 or count > 0xFFFFFFFF:
             raise MetadataError("reference count %d out of range" % count, errno.EINVAL)
-        self._orig.setdefault(b, old)
         i, bit = divmod(b, ENTRIES_PER_BITMAP)
         ie = self.bitmaps[i]
         entries = self._entries(i)
+        if not ie.shadowed:
+            self._shadow_bitmap(ie)
+        self._orig.setdefault(b, old)
         entries[bit] = min(count, 3)
         ie.dirty = True
         self.changed = True
-        if count >= 3:
-            self._overflow[b] = count
-            self._overflow_dirty.add(b)
-        elif old >= 3:
-            self._overflow.pop(b, None)
-            self._overflow_dirty.add(b)
+        self._ie_saved(i)
         if old == 0:
             self.nr_allocated += 1
+            self._count_allocation(1)
             ie.nr_free -= 1
             if ie.none_free_before == bit:
                 ie.none_free_before = bit + 1
         elif count == 0:
             self.nr_allocated -= 1
+            self._count_allocation(-1)
             ie.nr_free += 1
             ie.none_free_before = min(ie.none_free_before, bit)
+        if count >= 3 or old >= 3:
+            self._nest(1)
+            try:
+                if count >= 3:
+                    self._overflow[b] = count
+                    self.ref_count_root, _ = self.ref_info.insert(self.ref_count_root, [b],
+                                                                  count.to_bytes(4, "little"))
+                else:
+                    self._overflow.pop(b, None)
+                    self.ref_count_root = self.ref_info.remove(self.ref_count_root, [b])
+            finally:
+                self._nest(-1)
+
+    def _nest(self, n: int) -> None:
+        """Enter (1) or leave (-1) work nested inside a count change (the metadata map's recursion)."""
+
+    def _count_allocation(self, n: int) -> None:
+        """``nr_allocated_this_transaction``: the net allocations status counts as used."""
+        self.allocated_this_transaction += n
+
+    def _shadow_bitmap(self, ie: IndexEntry) -> None:
+        """The first change to a bitmap in a transaction moves it to a block of this transaction
+        (``shadow_bitmap``): a new block from the metadata space map, the old one released."""
+        ie.shadowed = True
+        sm = self.tm.sm
+        new = sm.new_block()
+        if ie.location:
+            sm.dec(ie.location)
+        ie.location = new
 
     def inc(self, b: int) -> None:
         self.set_count(b, self.get_count(b) + 1)
@@ -211,66 +242,48 @@ class SpaceMap:
             raise NoSpace(self.no_space_message)
         self.begin = b + 1
         self.set_count(b, 1)
-        self.allocated_this_transaction += 1
         return b
 
     no_space_message = "no free blocks in the space map"
 
     def nr_free(self) -> int:
-        """Free blocks as the kernel reports them: frees count only once committed."""
+        """Free blocks as the kernel reports them (``old nr_blocks - old nr_allocated -
+        allocated this transaction``; the metadata map's own moves are not counted)."""
         return max(self.nr_blocks - self.committed_nr_allocated - self.allocated_this_transaction, 0)
 
     def extend(self, extra: int) -> None:
-        """Grow by ``extra`` blocks (``sm_ll_extend``), new bitmaps written at the next commit."""
+        """Grow by ``extra`` blocks (``sm_ll_extend``): new bitmaps get blocks now."""
         if extra < 0:
             raise MetadataError("space maps cannot shrink", errno.EINVAL)
         new_nr = self.nr_blocks + extra
         want = -(-new_nr // ENTRIES_PER_BITMAP)
         if want > self.max_bitmaps():
             raise MetadataError("space map too large (%d blocks)" % new_nr, errno.EINVAL)
-        while len(self.bitmaps) < want:
-            ie = IndexEntry(0, ENTRIES_PER_BITMAP, 0)
-            ie.entries = bytearray(ENTRIES_PER_BITMAP)
-            ie.dirty = True
-            self.bitmaps.append(ie)
+        self._add_bitmaps(want)
         self.nr_blocks = new_nr
         self.changed = True
-        # the kernel commits the space map after an extend (sm_disk_extend): counts restart
-        self.committed_nr_allocated = self.nr_allocated
-        self.allocated_this_transaction = 0
+
+    def _add_bitmaps(self, want: int) -> None:
+        while len(self.bitmaps) < want:
+            blk = self.tm.new_block(BITMAP)
+            self.tm.unlock(blk)
+            ie = IndexEntry(blk.location, ENTRIES_PER_BITMAP, 0)
+            ie.entries = bytearray(ENTRIES_PER_BITMAP)
+            ie.dirty = ie.shadowed = True
+            self.bitmaps.append(ie)
+            self._ie_saved(len(self.bitmaps) - 1)
+
+    def _ie_saved(self, i: int) -> None:
+        """``save_ie``: index entry ``i`` changed (the metadata map keeps them all in memory)."""
 
     def max_bitmaps(self) -> int:
         return 1 << 40
 
     # -- commit -----------------------------------------------------------------------------
 
-    def _sync_overflow(self) -> bool:
-        """Bring the overflow btree in line with the counts of 3 or more; whether anything changed."""
-        did = False
-        while self._overflow_dirty:
-            todo = sorted(self._overflow_dirty)
-            self._overflow_dirty.clear()
-            for b in todo:
-                c = self._overflow.get(b)
-                if c is not None:
-                    self.ref_count_root, _ = self.ref_info.insert(self.ref_count_root, [b], c.to_bytes(4, "little"))
-                elif self.ref_info.lookup_or_none(self.ref_count_root, [b]) is not None:
-                    self.ref_count_root = self.ref_info.remove(self.ref_count_root, [b])
-            did = True
-        return did
-
-    def _place_bitmap(self, ie: IndexEntry) -> bool:
-        """Give a changed bitmap a block of this transaction; whether a block was allocated."""
-        if ie.location and self.tm.is_shadow(ie.location):
-            return False
-        blk = replace_block(self.tm, ie.location, BITMAP)
-        self.tm.unlock(blk)
-        ie.location = blk.location
-        return True
-
     def _write_bitmap(self, ie: IndexEntry) -> None:
         assert ie.entries is not None
-        blk = self.tm.bm.write_lock(ie.location, BITMAP)
+        blk = self.tm.bm.write_lock_zero(ie.location, BITMAP)
         blk.data[BITMAP_HEADER_SIZE:] = encode_bitmap(ie.entries)
         self.tm.unlock(blk)
         ie.dirty = False
@@ -281,6 +294,8 @@ class SpaceMap:
         self.committed_nr_allocated = self.nr_allocated
         self.allocated_this_transaction = 0
         self.changed = False
+        for ie in self.bitmaps:
+            ie.shadowed = False
 
     def root_bytes(self) -> bytes:
         """The 128-byte root for the superblock (call after :meth:`commit`)."""
@@ -300,8 +315,18 @@ class SpaceMap:
         return out
 
 
+IE_CACHE_SIZE = 64
+
+
+def _ie_slot(index: int) -> int:
+    """The kernel's index-entry cache slot (``dm_hash_block(index, IE_CACHE_MASK)``)."""
+    return ((index & 0xFFFFFFFF) * 4294967291) & 0xFFFFFFFF & (IE_CACHE_SIZE - 1)
+
+
 class DiskSpaceMap(SpaceMap):
-    """The data space map (``dm_sm_disk``): index entries in a btree of bitmap number -> entry."""
+    """The data space map (``dm_sm_disk``): index entries in a btree of bitmap number -> entry,
+    changed ones held in the kernel's 64-slot cache and written back at commit (or when another
+    entry takes their slot)."""
 
     no_space_message = "no free data blocks"
 
@@ -309,6 +334,7 @@ class DiskSpaceMap(SpaceMap):
         super().__init__(tm)
         self.index_info = BTreeInfo(tm, INDEX_ENTRY_TYPE)
         self.index_root = 0
+        self._iec: dict[int, int] = {}       # slot -> bitmap index, entries not yet written back
 
     @classmethod
     def create(cls, tm: TransactionManager, nr_blocks: int = 0) -> "DiskSpaceMap":
@@ -337,18 +363,44 @@ class DiskSpaceMap(SpaceMap):
     def bitmap_root(self) -> int:
         return self.index_root
 
+    def _ie_saved(self, i: int) -> None:
+        slot = _ie_slot(i)
+        held = self._iec.get(slot)
+        if held is not None and held != i:
+            self._writeback(held)
+        self._iec[slot] = i
+
+    def _writeback(self, i: int) -> None:
+        self.index_root, _ = self.index_info.insert(self.index_root, [i], self.bitmaps[i].pack())
+
+    def _commit_index(self) -> None:
+        """``disk_ll_commit``: write the cached index entries back, slot by slot."""
+        for slot in sorted(self._iec):
+            self._writeback(self._iec[slot])
+        self._iec.clear()
+
+    def extend(self, extra: int) -> None:
+        """``sm_disk_extend``: new bitmaps, then the map commits (its index entries written)."""
+        super().extend(extra)
+        self._commit_index()
+        self.committed_nr_allocated = self.nr_allocated
+        self.allocated_this_transaction = 0
+
     def commit(self) -> None:
-        """Write changed bitmaps, their index entries and the overflow tree (``sm_disk_commit``)."""
-        self._sync_overflow()
-        for i, ie in enumerate(self.bitmaps):
+        """``sm_disk_commit``: the index entries to the btree; the changed bitmaps' bytes."""
+        self._commit_index()
+        for ie in self.bitmaps:
             if ie.dirty:
-                self._place_bitmap(ie)
                 self._write_bitmap(ie)
-                self.index_root, _ = self.index_info.insert(self.index_root, [i], ie.pack())
 
 
 class MetadataSpaceMap(SpaceMap):
-    """The metadata space map (``dm_sm_metadata``): one index block, counts itself."""
+    """The metadata space map (``dm_sm_metadata``): one index block, counts itself.
+
+    Changing a count can move a bitmap, which allocates from this same map: such nested
+    changes are applied at once (the kernel queues them until the outer change is done, with
+    the same blocks chosen), and allocations made for its own moves are not counted as this
+    transaction's in :meth:`nr_free`, as the kernel's recursion does not count them."""
 
     no_space_message = "no free metadata blocks"
 
@@ -356,19 +408,70 @@ class MetadataSpaceMap(SpaceMap):
         super().__init__(tm)
         tm.sm = self
         self.index_location = 0
+        self._recursing = 0
 
     def max_bitmaps(self) -> int:
         return MAX_METADATA_BITMAPS
 
+    def _count_allocation(self, n: int) -> None:
+        if not self._recursing:
+            self.allocated_this_transaction += n
+
+    def _shadow_bitmap(self, ie: IndexEntry) -> None:
+        self._recursing += 1
+        try:
+            super()._shadow_bitmap(ie)
+        finally:
+            self._recursing -= 1
+
+    def _nest(self, n: int) -> None:
+        self._recursing += n
+
     @classmethod
     def create(cls, tm: TransactionManager, nr_blocks: int, superblock: int = 0) -> "MetadataSpaceMap":
-        """``dm_sm_metadata_create``: every block free but the superblock."""
+        """``dm_sm_metadata_create``: bootstrap, the kernel's way.  The blocks it is made of are
+        taken in order after the superblock (index block, overflow root, then the bitmaps) and
+        counted once it exists, with the superblock."""
         sm = cls(tm)
-        sm.extend(min(nr_blocks, METADATA_MAX_BLOCKS))
-        sm.inc(superblock)
-        sm.begin = superblock + 1
+        nr_blocks = min(nr_blocks, METADATA_MAX_BLOCKS)
+        sm.nr_blocks = nr_blocks
+        sm._bootstrap = superblock + 1
+        sm.index_location = sm.new_block()
+        idx = tm.bm.write_lock_zero(sm.index_location, INDEX)
+        tm.bm.unlock(idx)
+        tm._shadows.add(sm.index_location)
         sm.ref_count_root = sm.ref_info.empty()
+        want = -(-nr_blocks // ENTRIES_PER_BITMAP)
+        while len(sm.bitmaps) < want:
+            b = sm.new_block()
+            blk = tm.bm.write_lock_zero(b, BITMAP)
+            tm.bm.unlock(blk)
+            ie = IndexEntry(b, ENTRIES_PER_BITMAP, 0)
+            ie.entries = bytearray(ENTRIES_PER_BITMAP)
+            ie.dirty = ie.shadowed = True
+            sm.bitmaps.append(ie)
+        end = sm._bootstrap
+        del sm._bootstrap
+        sm.begin = end
+        for b in range(superblock, end):
+            sm.set_count(b, 1)
+        # the kernel commits the new map (sm_metadata_create): these counts are not this
+        # transaction's allocations
+        sm.committed_nr_allocated = sm.nr_allocated
+        sm.allocated_this_transaction = 0
         return sm
+
+    _bootstrap: int
+
+    def new_block(self) -> int:
+        boot = getattr(self, "_bootstrap", None)
+        if boot is not None:
+            # bootstrap: blocks in order, counted when the map exists (sm_bootstrap_new_block)
+            if boot >= self.nr_blocks:
+                raise NoSpace(self.no_space_message)
+            self._bootstrap = boot + 1
+            return boot
+        return super().new_block()
 
     @classmethod
     def open(cls, tm: TransactionManager, root: bytes) -> "MetadataSpaceMap":
@@ -390,22 +493,38 @@ class MetadataSpaceMap(SpaceMap):
     def bitmap_root(self) -> int:
         return self.index_location
 
+    def extend(self, extra: int) -> None:
+        """``sm_metadata_extend``: the new bitmaps take the first blocks of the new area."""
+        old_len = self.nr_blocks
+        new_nr = old_len + extra
+        want = -(-new_nr // ENTRIES_PER_BITMAP)
+        if want > self.max_bitmaps():
+            raise MetadataError("space map too large (%d blocks)" % new_nr, errno.EINVAL)
+        self.nr_blocks = new_nr
+        first = len(self.bitmaps)
+        b = old_len
+        while len(self.bitmaps) < want:
+            blk = self.tm.bm.write_lock_zero(b, BITMAP)
+            self.tm.bm.unlock(blk)
+            ie = IndexEntry(b, ENTRIES_PER_BITMAP, 0)
+            ie.entries = bytearray(ENTRIES_PER_BITMAP)
+            ie.dirty = ie.shadowed = True
+            self.bitmaps.append(ie)
+            b += 1
+        for ie in self.bitmaps[first:]:
+            self.set_count(ie.location, 1)
+        self.begin = b
+        self.changed = True
+
     def commit(self) -> None:
-        """Write everything the map is made of, to a fixed point: placing a block changes counts."""
+        """``sm_metadata_commit``: the index block copied (if anything changed) and written with
+        every bitmap's entry; the changed bitmaps' bytes."""
         if not self.changed and self.index_location:
             return
-        while True:
-            progress = self._sync_overflow()
-            for ie in self.bitmaps:
-                if ie.dirty and self._place_bitmap(ie):
-                    progress = True
-            if not (self.index_location and self.tm.is_shadow(self.index_location)):
-                blk = replace_block(self.tm, self.index_location, INDEX)
-                self.tm.unlock(blk)
-                self.index_location = blk.location
-                progress = True
-            if not progress and not self._overflow_dirty:
-                break
+        if not (self.index_location and self.tm.is_shadow(self.index_location)):
+            blk = replace_block(self.tm, self.index_location, INDEX)
+            self.tm.unlock(blk)
+            self.index_location = blk.location
         for ie in self.bitmaps:
             if ie.dirty:
                 self._write_bitmap(ie)

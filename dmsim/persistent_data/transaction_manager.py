@@ -49,11 +49,10 @@ class TransactionManager:
         self.sm.dec(orig)
         src = self.bm.read_lock(orig, validator)
         try:
-            blk = self.bm.write_lock_zero(new, validator)
             if src.view is not None:
-                blk.view = src.view.copy()
-            else:
-                blk.data[:] = src.data
+                src.view.encode(src.data)
+            blk = self.bm.write_lock_zero(new, validator)
+            blk.data[:] = src.data  # the whole block, as the kernel's memcpy (its view decodes anew)
         finally:
             self.bm.unlock(src)
         self._shadows.add(new)
