@@ -49,7 +49,8 @@ from dmsim import DMError, parse_table_text, syncthread
 from dmsim.bio import SECTOR_SIZE, Bio
 from dmsim.dirty_log import MIRROR_MAGIC, parse_disk_log
 
-EXAMPLES = 100 * int(os.environ.get("DMSIM_MODEL_EXAMPLES") or "1")
+SOAK = int(os.environ.get("DMSIM_MODEL_EXAMPLES") or "1")
+EXAMPLES = 100 * SOAK
 STEPS = 40
 JOB_VIRTUAL_SECONDS = 600.0      # a job still blocked after this (virtual) time has hung
 JOB_REAL_SECONDS = 60.0          # ... or after this much real time (a busy loop)
@@ -735,7 +736,7 @@ MirrorMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large])
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(600 * SOAK)
 def test_mirror_model():
     start = time.monotonic()
     OPS.clear()
