@@ -68,7 +68,8 @@ from dmsim.kcopyd import (
     pages_for,
 )
 
-EXAMPLES = 60 * int(os.environ.get("DMSIM_MODEL_EXAMPLES") or "1")
+SOAK = int(os.environ.get("DMSIM_MODEL_EXAMPLES") or "1")
+EXAMPLES = 60 * SOAK
 STEPS = 40
 SIZE = 1024                      # sectors per device
 JOB_VIRTUAL_SECONDS = 3600.0     # a call still blocked after this (virtual) time has hung
@@ -765,7 +766,7 @@ KcopydMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large])
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(600 * SOAK)
 def test_kcopyd_model():
     start = time.monotonic()
     OPS.clear()
