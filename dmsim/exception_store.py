@@ -36,7 +36,8 @@ INT_MAX = (1 << 31) - 1
 _HEADER = struct.Struct("<4I")
 _PAIR = struct.Struct("<QQ")
 
-Callback = Callable[[bool], Awaitable[None]]
+#: an exception's completion: told whether it is valid; returns what is left to await, if any
+Callback = Callable[[bool], "Awaitable[None] | None"]
 AddException = Callable[[Sequence[int], Sequence[int]], None]     # (old chunks, new chunks)
 
 
@@ -150,7 +151,9 @@ class TransientStore(ExceptionStore):
 
     async def commit_exceptions(self, old: int, new: int, count: int, valid: bool,
                                 callback: Callback) -> None:
-        await callback(valid)
+        rest = callback(valid)
+        if rest is not None:
+            await rest
 
     async def drop_snapshot(self) -> None:
         pass
@@ -342,32 +345,31 @@ class PersistentStore(ExceptionStore):
             old, new, count = old + k, new + k, count - k
             if not count:
                 self.callbacks.append(callback)
-            await self._maybe_write_area()
-
-    async def _maybe_write_area(self) -> None:
-        """The tail of ``persistent_commit_exception``: write the area when nothing else
-        is pending or it is full, then run the callbacks of what it holds."""
-        full = self.current_committed == self.exceptions_per_area
-        if self.pending_count and not full:
-            return
-        if full:
-            try:
-                await self._chunk_write(self.area_location(self.current_area + 1), bytes(self.chunk_bytes))
-            except DMError:
-                self.valid = 0
-        if self.valid:
-            try:
-                await self.cow.write_preflush_fua(self.area_location(self.current_area) * self.chunk_sectors,
-                                                  bytes(self.area))
-            except DMError:
-                self.valid = 0
-        if full:
-            self.current_committed = 0
-            self.current_area += 1
-            self.area = bytearray(self.chunk_bytes)
-        callbacks, self.callbacks = self.callbacks, []
-        for cb in callbacks:
-            await cb(bool(self.valid))
+            # write the area when nothing else is pending or it is full, then run the
+            # callbacks of everything it holds
+            full = self.current_committed == per_area
+            if self.pending_count and not full:
+                continue
+            if full:
+                try:
+                    await self._chunk_write(self.area_location(self.current_area + 1), bytes(self.chunk_bytes))
+                except DMError:
+                    self.valid = 0
+            if self.valid:
+                try:
+                    await self.cow.write_preflush_fua(self.area_location(self.current_area) * self.chunk_sectors,
+                                                      bytes(self.area))
+                except DMError:
+                    self.valid = 0
+            if full:
+                self.current_committed = 0
+                self.current_area += 1
+                self.area = bytearray(self.chunk_bytes)
+            callbacks, self.callbacks = self.callbacks, []
+            for cb in callbacks:
+                rest = cb(bool(self.valid))
+                if rest is not None:
+                    await rest
 
     async def drop_snapshot(self) -> None:
         self.valid = 0

@@ -32,6 +32,7 @@ import errno
 import functools
 import itertools
 import operator
+from typing import Awaitable
 
 import trio
 
@@ -306,7 +307,8 @@ async def do_origin(key, start: int, end: int, limit: bool) -> None:
         if not waits:
             return
         for pe in waits:
-            await pe.wait()
+            if not pe.finished:
+                await pe.wait()
         if _in_one_chunk(key, start, end):
             return                        # the common retry, without a full pass
 
@@ -464,16 +466,11 @@ class Snapshot(Target):
                 or self.merging or not self.valid or not self.active or sector >= self.table_size)
 
     # -- the exception lifecycle: allocate -> copy -> commit -> complete ----------------------
-    def insert_pending(self, chunk: int) -> _Pending | None:
-        """``__insert_pending_exception``: allocate a COW chunk (None: no space)."""
-        pes = self.insert_pending_run(chunk, 1)
-        return pes[0] if pes else None
-
     def insert_pending_run(self, first: int, count: int) -> list:
-        """Allocate COW chunks for origin chunks ``first .. first+count-1``: one pending
-        exception per run the store hands out (a metadata area splits a run), registered
-        where writers to those chunks find them and wait; fewer chunks than asked when
-        the COW is full."""
+        """``__insert_pending_exception`` for a run: allocate COW chunks for origin
+        chunks ``first .. first+count-1``, one pending exception per run the store hands
+        out (a metadata area splits a run), registered where writers to those chunks
+        find them and wait; fewer chunks than asked when the COW is full."""
         pes = []
         pending = self.pending
         for new, n in self.store.prepare_exceptions(count):
@@ -488,27 +485,18 @@ class Snapshot(Target):
         self.pending_exceptions_count += len(pes)
         return pes
 
-    def _at_once(self) -> bool:
-        """Whether the copy-out pipeline runs without a scheduling point: a COW whose
-        writes are plain calls (:attr:`BlockDevice.io_at_once`) and no origin read to
-        wait for.  Then no other task can run, and nothing can cancel it half done."""
-        return self.cow.io_at_once and not self._tracked and not self._tracked_spans
-
     async def copy_out(self, pes: list) -> None:
         """``start_copy`` for exceptions just allocated, in the caller's task: the origin
         chunks are copied to their COW chunks (runs consecutive on both as one kcopyd
         job; the kernel issues one per chunk, the bytes written are the same), then
-        committed and completed (:meth:`_copies_done`).  Shielded, as other writers of
-        these chunks wait for them, unless it runs at once (:meth:`_at_once`: then the
-        only await that could block, a copy kcopyd can't make inline, is shielded)."""
+        committed and completed (:meth:`_copies_done`).  Each await that can block is
+        shielded (other writers of these chunks wait for them).  The at-once mode: with a
+        COW whose writes are plain calls (:attr:`BlockDevice.io_at_once`) and no origin
+        read to wait for, commit and completion never reach a scheduling point (no other
+        task runs meanwhile, nothing can cancel them half done), the copy neither when
+        kcopyd runs the job inline, and nothing is shielded."""
         self.in_progress += pes[0].count if len(pes) == 1 else _chunks_of(pes)
-        if self.cow.io_at_once and not self._tracked and not self._tracked_spans:    # _at_once
-            await self._copy_out(pes, True)
-        else:
-            with trio.CancelScope(shield=True):
-                await self._copy_out(pes, False)
-
-    async def _copy_out(self, pes: list, at_once: bool) -> None:
+        at_once = self.cow.io_at_once and not self._tracked and not self._tracked_spans    # the at-once mode
         cs = self.store.chunk_sectors
         kc, origin, cow = self.kc, self.origin, self.cow
         origin_sectors = origin.size_sectors
@@ -520,10 +508,14 @@ class Snapshot(Target):
             if at_once and kc.copy_now(origin, src, cow, dst, count):
                 errors.extend([False] * len(run))       # (the job's inline mode)
                 continue
-            with trio.CancelScope(shield=at_once):
+            with trio.CancelScope(shield=True):
                 read_err, write_err = await kc.copy_async(Region(origin, src, count), [Region(cow, dst, count)])
             errors.extend([bool(read_err or write_err)] * len(run))
-        await self._copies_done(pes, errors)
+        if at_once:
+            await self._copies_done(pes, errors)
+        else:
+            with trio.CancelScope(shield=True):
+                await self._copies_done(pes, errors)
 
     @staticmethod
     def _runs(pes: list):
@@ -543,15 +535,9 @@ class Snapshot(Target):
         COW chunks instead of a copy (``items``: (pe, bio) in allocation order; runs of
         consecutive COW chunks are one write), then the same commit and completion as
         :meth:`copy_out`, shielded the same way."""
-        pes = [pe for pe, _ in items]
-        self.in_progress += _chunks_of(pes)
-        if self._at_once():
-            await self._write_out(items, pes)
-        else:
-            with trio.CancelScope(shield=True):
-                await self._write_out(items, pes)
-
-    async def _write_out(self, items: list, pes: list) -> None:
+        pes = [items[0][0]] if len(items) == 1 else [pe for pe, _ in items]
+        self.in_progress += pes[0].count if len(pes) == 1 else _chunks_of(pes)
+        at_once = self.cow.io_at_once and not self._tracked and not self._tracked_spans    # the at-once mode
         cs = self.store.chunk_sectors
         errors = []
         i = 0
@@ -562,17 +548,28 @@ class Snapshot(Target):
                    and items[j][1].sector == items[j - 1][1].end_sector):
                 j += 1
             first = items[i][1]
-            data = first.data if j == i + 1 else b"".join(b.data for _, b in items[i:j])
+            if j == i + 1:
+                data, count = first.data, items[i][0].count
+            else:
+                data = b"".join(b.data for _, b in items[i:j])
+                count = sum(pe.count for pe, _ in items[i:j])
+            bio = Bio(Op.WRITE, items[i][0].new_chunk * cs, count * cs, data, first.fua)
             err = False
             try:
-                await self.cow.submit(Bio(Op.WRITE, items[i][0].new_chunk * cs,
-                                          sum(pe.count for pe, _ in items[i:j]) * cs,
-                                          data, first.fua))
+                if at_once:
+                    await self.cow.submit(bio)
+                else:
+                    with trio.CancelScope(shield=True):
+                        await self.cow.submit(bio)
             except DMError:
                 err = True
             errors.extend([err] * (j - i))
             i = j
-        await self._copies_done(pes, errors)
+        if at_once:
+            await self._copies_done(pes, errors)
+        else:
+            with trio.CancelScope(shield=True):
+                await self._copies_done(pes, errors)
 
     async def _copies_done(self, pes: list, errors: list) -> None:
         """``copy_callback``: commit exceptions strictly in allocation order.  Whichever
@@ -600,28 +597,37 @@ class Snapshot(Target):
             self._in_progress_event.set()
             self._in_progress_event = trio.Event()
 
-    async def _pending_complete(self, pe: _Pending, success: bool) -> None:
+    def _pending_complete(self, pe: _Pending, success: bool) -> Awaitable[None] | None:
         """``pending_complete``: the one end of every exception, copied or not, committed
         or not: into the table (or the snapshot invalidated), out of the pending ones,
-        its waiters woken."""
-        error = False
+        its waiters woken.  The store's callback: it returns what is left to await when
+        it must wait (an invalidation to record, an origin read of the chunk still in
+        flight), None when it is done."""
+        if not success or (self.valid and (self._tracked or self._tracked_spans)):
+            return self._pending_complete_waiting(pe, success)
+        ok = bool(self.valid)
+        if ok:
+            self.complete.insert_run(pe.old_chunk, pe.new_chunk, pe.count)
+        self._pending_release(pe, ok)
+        return None
+
+    async def _pending_complete_waiting(self, pe: _Pending, success: bool) -> None:
         if not success:
             await self.invalidate(errno.EIO)
-            error = True
-        elif not self.valid:
-            error = True
         else:
             self.complete.insert_run(pe.old_chunk, pe.new_chunk, pe.count)
-            if self._tracked or self._tracked_spans:
-                for chunk in range(pe.old_chunk, pe.old_chunk + pe.count):
-                    await self._wait_untracked(chunk)
+            for chunk in range(pe.old_chunk, pe.old_chunk + pe.count):
+                await self._wait_untracked(chunk)
+        self._pending_release(pe, success)
+
+    def _pending_release(self, pe: _Pending, ok: bool) -> None:
         if pe.count == 1:
             self.pending.pop(pe.old_chunk, None)
         else:
             pop = self.pending.pop
             for chunk in range(pe.old_chunk, pe.old_chunk + pe.count):
                 pop(chunk, None)
-        pe.finish(not error)
+        pe.finish(ok)
         _pending_done()
         self.pending_exceptions_count -= 1
         if not self.pending_exceptions_count and self._idle is not None:
@@ -838,7 +844,8 @@ class Snapshot(Target):
         return buf
 
     async def _write_chunks(self, bio: Bio) -> None:
-        await self.wait_for_in_progress()
+        if self.in_progress > COW_THRESHOLD:
+            await self.wait_for_in_progress()
         if not self.valid or self.snapshot_overflowed:
             raise DMError(errno.EIO)
         cs = self.store.chunk_sectors
@@ -908,10 +915,12 @@ class Snapshot(Target):
             await self.write_out(full)
         failed = False
         for pe, _ in full:
-            await pe.wait()
+            if not pe.finished:
+                await pe.wait()
             failed = failed or not pe.ok
         for pe, piece, chunk in partial:
-            await pe.wait()
+            if not pe.finished:
+                await pe.wait()
             if not pe.ok:
                 failed = True
             elif not failed:
@@ -931,7 +940,7 @@ class Snapshot(Target):
         if not self.valid:
             raise DMError(errno.EIO)
         write = bio.op.is_write
-        if write:
+        if write and self.in_progress > COW_THRESHOLD:
             await self.wait_for_in_progress()
         if not self.valid or (self.snapshot_overflowed and write):
             raise DMError(errno.EIO)
@@ -958,18 +967,21 @@ class Snapshot(Target):
             return await self._tracked_io(self.origin, bio, chunk)
         pe = self.pending.get(chunk)
         if pe is None:
-            pe = self.insert_pending(chunk)
+            pes = self.insert_pending_run(chunk, 1)
+            pe = pes[0] if pes else None
             if pe is None:
                 await self._no_space()
                 raise AssertionError("unreachable")     # (_no_space raises)
             if bio.sectors == cs:
                 await self.write_out([(pe, bio)])
-                await pe.wait()           # (finished, unless an earlier commit still runs)
+                if not pe.finished:           # (finished, unless an earlier commit still runs)
+                    await pe.wait()
                 if not pe.ok:
                     raise DMError(errno.EIO)
                 return None
             await self.copy_out([pe])
-        await pe.wait()
+        if not pe.finished:
+            await pe.wait()
         if not pe.ok:
             raise DMError(errno.EIO)
         return await self.cow.submit(self._remap(pe.new_of(chunk), bio))
