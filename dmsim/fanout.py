@@ -42,8 +42,8 @@ from typing import Sequence
 
 import trio
 
-from .bio import Bio, Op, to_bytes
 from . import syncthread
+from .bio import Bio, Op, to_bytes
 from .blockdev import BlockDevice, FileDevice
 from .errors import DMError
 
@@ -87,7 +87,7 @@ class _Job:
 class _Pool:
     """Persistent daemon worker threads, started lazily, exiting when idle or at exit."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._workers = 0
@@ -128,8 +128,7 @@ class _Pool:
                 self._queue.put(None)
 
     def _after_fork(self) -> None:
-        # a forked child has none of the parent's threads
-        self.__init__()
+        _Pool.__init__(self)       # a forked child has none of the parent's threads
 
 
 _pool = _Pool()
@@ -140,9 +139,10 @@ if hasattr(os, "register_at_fork"):
 
 def fans_out(dev: BlockDevice) -> bool:
     """Whether ``dev`` is written by the file fan-out here (else by its own submit)."""
+    if not isinstance(dev, FileDevice):
+        return False
     cls = type(dev)
-    return (isinstance(dev, FileDevice) and cls.submit is FileDevice.submit
-            and cls._write is FileDevice._write and not dev.closed)
+    return cls.submit is FileDevice.submit and cls._write is FileDevice._write and not dev.closed
 
 
 def _pwrite_all(fd: int, data, off: int) -> None:
@@ -183,7 +183,7 @@ def _run_serial(calls: list) -> list[DMError | None]:
 
 def _write_files(fds: list[int], offs: list[int], data) -> list[DMError | None]:
     """Write ``data`` to every file, in parallel when it is worth a hand-off."""
-    calls = [(_pwrite_all, (fd, data, off)) for fd, off in zip(fds, offs)]
+    calls = [(_pwrite_all, (fd, data, off)) for fd, off in zip(fds, offs, strict=True)]
     return (_run_parallel if len(data) >= PARALLEL_MIN_BYTES else _run_serial)(calls)
 
 
@@ -191,7 +191,7 @@ def _sync_files(fds: list[int], errors: list[DMError | None], want: list[bool]) 
     """fdatasync (in parallel) every file that asked for it and whose write succeeded."""
     todo = [k for k, w in enumerate(want) if w and errors[k] is None]
     if todo:
-        for k, err in zip(todo, _run_parallel([(os.fdatasync, (fds[k],)) for k in todo])):
+        for k, err in zip(todo, _run_parallel([(os.fdatasync, (fds[k],)) for k in todo]), strict=True):
             errors[k] = err
     return errors
 
@@ -248,7 +248,7 @@ async def _write_files_of(dests, files: list[int], data, fua: bool, results: lis
         errs = _write_files(fds, offs, data)            # inline: the copies right here
         if fua and any(want_sync):
             errs = await syncthread.run_sync(_sync_files, fds, errs, want_sync)
-    for i, err in zip(files, errs):
+    for i, err in zip(files, errs, strict=True):
         results[i] = err
 
 

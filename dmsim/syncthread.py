@@ -17,6 +17,7 @@ exit, and a forked child starts with none.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -31,7 +32,7 @@ MAX_WORKERS = 8
 
 
 class _Pool:
-    def __init__(self):
+    def __init__(self) -> None:
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
         self.lock = threading.Lock()
         self.workers = 0
@@ -52,13 +53,11 @@ class _Pool:
             result = outcome.capture(fn, *args)
             with self.lock:
                 self.idle += 1
-            try:
+            with contextlib.suppress(trio.RunFinishedError):   # not while the caller waits
                 token.run_sync_soon(trio.lowlevel.reschedule, task, result)
-            except trio.RunFinishedError:     # cannot happen while the caller waits
-                pass
 
     def after_fork(self) -> None:
-        self.__init__()
+        _Pool.__init__(self)       # a forked child has none of the parent's threads
 
 
 _pool = _Pool()
