@@ -35,9 +35,11 @@ wait forever for the hole to be written); legacy page-queue retry keeps FIFO ord
 One copy path, as the kernel's ``dm_kcopyd_copy`` -> ``dispatch_job`` ->
 ``run_pages_job``/``run_io_job`` -> ``complete_io``: every job (``copy``, ``zero``,
 ``copy_async``, ``copy_now``) is a :class:`_Job` built by one constructor, dispatched by
-:meth:`KcopydClient._dispatch`, its sub-jobs claimed by :meth:`_Job.claim`, run by one
-sub-job step and ended by one completion (:meth:`KcopydClient._complete`).  Two things
-about a job decide how it runs, and they are properties of the job, not other code:
+:meth:`KcopydClient._dispatch`, its sub-jobs claimed by :meth:`_Job.claim` in ascending
+order, an in-kernel copy made by one sub-job step (:meth:`KcopydClient._copy_now`), and
+ended by one completion (:meth:`KcopydClient._complete`: the callback queued for the
+worker).  Two things about a job decide how it runs; they are properties of the job,
+not other code:
 
 * ``copy_mode``: how a sub-job moves its data.  Image file to image file with one
   destination is one in-kernel copy (:meth:`FileDevice.copy_to`): as a plain call when
@@ -48,7 +50,8 @@ about a job decide how it runs, and they are properties of the job, not other co
 * ``inline``: a job whose sub-jobs are all plain calls (in-kernel copies as plain
   calls, no throttle limiting, pages free with nobody queued for them, at most 8
   sub-jobs) runs them one after another in the submitter's call, taking and giving
-  back each sub-job's pages, and completes there.  Anything else is *queued*: a task
+  back each sub-job's pages, and completes there (a callback still runs from the
+  worker; ``copy_async`` and ``copy_now`` just return).  Anything else is *queued*: a task
   in the client's nursery with up to 8 slot tasks, each claiming sub-jobs in ascending
   order, waiting for pages in FIFO order; the worker task runs the callbacks.  An
   inline job whose copy fails is queued from that sub-job on (``copy_now``, which can

@@ -808,3 +808,55 @@ async def test_small_file_copy_runs_inline_and_gives_pages_back(tmp_path):
     finally:
         src.close()
         dst.close()
+
+
+@pytest.mark.parametrize("flags", [0, FLAG_IGNORE_ERROR, FLAG_WRITE_SEQ])
+async def test_inline_job_whose_copy_fails_is_queued_from_that_sub_job(tmp_path, monkeypatch, flags):
+    """One path: an inline job whose in-kernel copy fails goes on as a queued job from the
+    failed sub-job (the ones before it are not redone), reading and writing from there
+    on, with exact error bits; its callback still runs once, from the worker."""
+    from dmsim.blockdev import FileDevice
+
+    src_path, dst_path = tmp_path / "s", tmp_path / "d"
+    payload = os.urandom(24 * 512)
+    src_path.write_bytes(payload)
+    dst_path.write_bytes(bytes(len(payload)))
+    src, dst = FileDevice(str(src_path)), FileDevice(str(dst_path))
+    copies = []
+    real = FileDevice.copy_to
+
+    def flaky(self, dev, s, d, n):
+        copies.append(s)
+        if s == 8:
+            raise DMError(errno.EIO, "copy stopped")
+        return real(self, dev, s, d, n)
+    monkeypatch.setattr(FileDevice, "copy_to", flaky)
+    try:
+        async with open_kcopyd_client(sub_job_sectors=8) as kc:
+            queued = []
+            real_queue = kc._queue
+            kc._queue = lambda job: (queued.append(job.progress_sectors), real_queue(job))[1]
+            cb = Recorder()
+            kc.copy(Region(src, 0, 24), [Region(dst, 0, 24)], flags, cb, None)
+            assert copies == [0, 8] and queued == [8]      # the failed sub-job on, queued
+            assert cb.calls == []
+            await trio.testing.wait_all_tasks_blocked()
+            await kc.flush()
+            assert cb.calls == [(0, 0)] and kc.outstanding_jobs == 0
+            assert not kc.copy_now(src, 0, dst, 0, 24)     # fails at 8: refused, nothing left
+            assert kc.outstanding_jobs == 0 and kc.pages.in_use == 0
+        assert cb.calls == [(0, 0)] and len(cb.tasks) == 1
+        assert copies == [0, 8, 0, 8]                    # sub-jobs 8 and 16 were read and written
+        assert dst_path.read_bytes() == payload
+    finally:
+        src.close()
+        dst.close()
+
+
+async def test_copy_now_of_nothing_is_done():
+    """A zero-length copy_now completes at once, whatever the devices (no I/O at all)."""
+    async with open_kcopyd_client() as kc:
+        dev = MemoryDevice(16)
+        assert kc.copy_now(dev, 0, dev, 8, 0)
+        assert not kc.copy_now(dev, 0, dev, 8, 8)        # memory devices: never inline
+        assert kc.outstanding_jobs == 0
