@@ -563,20 +563,54 @@ class PoolMetadata:
         td.changed = True
 
     def remove_range(self, dev_id: int, begin: int, end: int) -> int:
-        """``dm_thin_remove_range``: unmap every mapped block in [begin, end); returns how many."""
+        """``dm_thin_remove_range``: unmap every mapped block in [begin, end); returns how many.
+
+        As ``__remove_range``: the device's tree leaves the top level (a reference kept), runs
+        of mapped blocks are removed leaf by leaf, and the tree goes back in."""
         self._check_io()
         td = self._device(dev_id)
-        todo = []
-        for vb, _block, _time in self.mappings(dev_id, begin):
-            if vb >= end:
+        raw = self.tl_info.lookup(self.root, [dev_id])
+        mapping_root = int.from_bytes(raw, "little")
+        self.tm.inc(mapping_root)
+        self.root = self.tl_info.remove(self.root, [dev_id])
+        total = 0
+        while begin < end:
+            nxt = self.bl_info.lookup_next(mapping_root, begin)
+            if nxt is None:
                 break
-            todo.append(vb)
-        for vb in todo:
-            self.root = self.info.remove(self.root, [dev_id, vb])
-        td.mapped_blocks -= len(todo)
-        if todo:
-            td.changed = True
-        return len(todo)
+            begin = nxt[0]
+            if begin >= end:
+                break
+            mapping_root, count, begin = self.bl_info.remove_leaves(mapping_root, begin, end)
+            total += count
+        td.mapped_blocks -= total
+        td.changed = True
+        self.root, _ = self.tl_info.insert(self.root, [dev_id], mapping_root.to_bytes(8, "little"))
+        return total
+
+    def find_mapped_range(self, dev_id: int, begin: int, end: int) -> tuple[int, int, int, bool] | None:
+        """``dm_thin_find_mapped_range``: the first run in [begin, end) of virtual blocks mapped
+        to consecutive data blocks with one sharing status: (virt begin, virt end, data begin,
+        maybe shared), or None."""
+        self._check_io()
+        if end < begin:
+            return None
+        found = self.find_next_mapped_block(dev_id, begin)
+        if found is None:
+            return None
+        begin, first = found
+        if begin >= end:
+            return None
+        virt_begin, data_begin, shared = begin, first.block, first.shared
+        begin += 1
+        data_end = data_begin + 1
+        while begin != end:
+            r = self.find_block(dev_id, begin)
+            if r is None or r.block != data_end or r.shared != shared:
+                break
+            data_end += 1
+            begin += 1
+        return virt_begin, begin, data_begin, shared
 
     def highest_mapped_block(self, dev_id: int) -> int | None:
         """``dm_thin_get_highest_mapped_block``: None if the device maps nothing."""

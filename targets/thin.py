@@ -73,7 +73,9 @@ class Thin(Target):
             raise TargetError("Unable to activate thin device while pool is suspended")
         pool.refs += 1
         self.pool = pool
-        self.max_io_len = pool.sectors_per_block
+        # the pool's block size is the target's max io length; map() splits (not dm core), so
+        # discards reach the target whole as in 6.1
+        self.max_io_len = 0
 
     async def dtr(self) -> None:
         self.pool.md.close_device(self.dev_id)
@@ -89,16 +91,36 @@ class Thin(Target):
         if op is Op.FLUSH and not bio.sectors:
             await self._commit()
             return None
-        if op is Op.READ:
-            return await self._read(bio)
         if op is Op.DISCARD:
-            await self._discard(bio)
+            await self._discard(bio)   # whole: the kernel does not split a thin's discards
             return None
         if op is Op.WRITE_ZEROES:
             bio = Bio(Op.WRITE, bio.sector, bio.sectors, bytes(to_bytes(bio.sectors)), bio.fua)
-        if pool.pf.mode == PM_READ_ONLY:
+        if op is not Op.READ and pool.pf.mode == PM_READ_ONLY:
             raise DMError(errno.EIO)
-        await self._write(bio)
+        # reads and writes go block by block (dm_set_target_max_io_len(ti, sectors_per_block)),
+        # the pieces one after the other, as the pool's worker takes the split bios in order
+        spb = pool.sectors_per_block
+        first = bio.sector // spb
+        if (bio.end_sector - 1) // spb == first:
+            pieces = [bio]
+        else:
+            if op is Op.READ and bio.data is None:
+                bio = Bio(Op.READ, bio.sector, bio.sectors, bytearray(to_bytes(bio.sectors)))
+            pieces = []
+            done = 0
+            while done < bio.sectors:
+                n = min(bio.sectors - done, spb - (bio.sector + done) % spb)
+                pieces.append(bio.slice(done, n))
+                done += n
+        if op is Op.READ:
+            if len(pieces) == 1:
+                return await self._read(bio)
+            for piece in pieces:
+                settle_read(piece, await self._read(piece))
+            return bio.data
+        for piece in pieces:
+            await self._write(piece)
         if bio.fua:
             await self._commit()
         return None
@@ -189,26 +211,59 @@ class Thin(Target):
                 raise DMError(errno.EIO) from None
 
     async def _discard(self, bio: Bio) -> None:
+        """``process_discard_bio``: the whole blocks the discard covers are unmapped, run by run
+        of consecutive data blocks (``break_up_discard_bio``); with passdown each run's data
+        blocks that nothing else maps are discarded on the data device."""
         pool = self.pool
         if not pool.pf.discard_enabled:
             raise DMError(errno.EOPNOTSUPP)  # ignore_discard: the device takes no discards
         spb = pool.sectors_per_block
-        vblock, offset = divmod(bio.sector, spb)
-        if offset or bio.sectors != spb:
+        begin = -(-bio.sector // spb)
+        end = bio.end_sector // spb
+        if begin >= end:
             return  # less than a block: nothing to unmap
         if pool.pf.mode == PM_READ_ONLY:
             raise DMError(errno.EIO)
+        md = pool.md
         async with pool.lock:
-            r = pool.md.find_block(self.dev_id, vblock)
-            if r is None:
-                return
-            try:
-                pool.md.remove_block(self.dev_id, vblock)
-            except DMError as e:
-                pool.metadata_operation_failed("dm_thin_remove_range", e)
-                raise DMError(errno.EIO) from None
-            if pool.pf.discard_passdown and pool.md.data_sm.get_count(r.block) == 0:
-                await pool.data_dev.discard(r.block * spb, spb)
+            while begin != end:
+                found = md.find_mapped_range(self.dev_id, begin, end)
+                if found is None:
+                    break
+                virt_begin, virt_end, data_begin, maybe_shared = found
+                data_end = data_begin + (virt_end - virt_begin)
+                try:
+                    md.remove_range(self.dev_id, virt_begin, virt_end)
+                    if pool.pf.discard_passdown:
+                        # held while the passdown runs, so the blocks are not reallocated under it
+                        md.inc_data_range(data_begin, data_end)
+                except DMError as e:
+                    pool.metadata_operation_failed("dm_thin_remove_range", e)
+                    raise DMError(errno.EIO) from None
+                if pool.pf.discard_passdown:
+                    await self._passdown(data_begin, data_end, maybe_shared)
+                    try:
+                        md.dec_data_range(data_begin, data_end)
+                    except DMError as e:
+                        pool.metadata_operation_failed("dm_pool_dec_data_range", e)
+                        raise DMError(errno.EIO) from None
+                begin = virt_end
+
+    async def _passdown(self, data_begin: int, data_end: int, maybe_shared: bool) -> None:
+        """Discard data blocks on the data device; runs still shared (count above the one the
+        passdown holds) are left alone (``passdown_double_checking_shared_status``)."""
+        pool = self.pool
+        spb = pool.sectors_per_block
+        b = data_begin
+        while b < data_end:
+            if maybe_shared and pool.md.data_sm.get_count(b) > 1:
+                b += 1
+                continue
+            e = b + 1
+            while e < data_end and not (maybe_shared and pool.md.data_sm.get_count(e) > 1):
+                e += 1
+            await pool.data_dev.discard(b * spb, (e - b) * spb)
+            b = e
 
     # -- status -----------------------------------------------------------------------------
 

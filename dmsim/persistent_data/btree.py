@@ -541,6 +541,63 @@ class BTreeInfo:
             loc = n.value64(i)
             top = False
 
+    def remove_leaves(self, root: int, first_key: int, end_key: int) -> tuple[int, int, int]:
+        """``dm_btree_remove_leaves`` on a one-level tree: remove the keys from ``first_key`` on
+        while they are present and below ``end_key``; (new root, how many, the next key).
+
+        Each removal walks down on its own (``remove_one``), and the last, failing, walk still
+        shadows and rebalances its path, as the kernel's does."""
+        if self.levels != 1:
+            raise ValueError("remove_leaves works on one-level trees")
+        removed = 0
+        vt = self.value_type
+        while True:
+            root, n, index = self._remove_nearest(root, vt, first_key)
+            if n is None:
+                break
+            if index < 0:
+                index = 0
+            if index >= n.nr_entries:
+                break
+            k = n.keys[index]
+            if not first_key <= k < end_key:
+                break
+            if vt.dec is not None:
+                vt.dec(n.value(index))
+            n.delete_at(index)
+            removed += 1
+            first_key = k + 1
+        return root, removed, first_key
+
+    def _remove_nearest(self, root: int, vt: ValueType, key: int) -> tuple[int, Node | None, int]:
+        """``remove_nearest``: shadow and rebalance down to the leaf for ``key``; (new root, the
+        leaf or None if an internal level has nothing at or below ``key``, lower bound in it)."""
+        top = True
+        new_root = root
+        parent: Node | None = None
+        parent_i = -1
+        loc = root
+        while True:
+            b, n = self._shadow(loc, vt)
+            if parent is not None:
+                parent.set_value64(parent_i, b)
+            if top:
+                new_root = b
+            if n.is_leaf:
+                return new_root, n, n.lower_bound(key)
+            try:
+                self._rebalance_children(n, vt, key)
+            except NoData:
+                return new_root, None, -1
+            if n.is_leaf:
+                return new_root, n, n.lower_bound(key)
+            i = n.lower_bound(key)
+            if i < 0:
+                return new_root, None, -1
+            parent, parent_i = n, i
+            loc = n.value64(i)
+            top = False
+
     def _shadow_child(self, parent: Node, i: int, vt: ValueType) -> Node:
         b, n = self._shadow(parent.value64(i), vt)
         parent.set_value64(i, b)
