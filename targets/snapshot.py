@@ -508,8 +508,11 @@ class Snapshot(Target):
             if at_once and kc.copy_now(origin, src, cow, dst, count):
                 errors.extend([False] * len(run))       # (the job's inline mode)
                 continue
-            with trio.CancelScope(shield=True):
-                read_err, write_err = await kc.copy_async(Region(origin, src, count), [Region(cow, dst, count)])
+            try:
+                with trio.CancelScope(shield=True):
+                    read_err, write_err = await kc.copy_async(Region(origin, src, count), [Region(cow, dst, count)])
+            except DMError:         # (a client destroyed under it): the copy failed, nothing hangs
+                read_err, write_err = 1, 0
             errors.extend([bool(read_err or write_err)] * len(run))
         if at_once:
             await self._copies_done(pes, errors)
