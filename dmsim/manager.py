@@ -105,9 +105,12 @@ class Manager:
     async def resolve_names(self, names: Sequence[str], cwd: str) -> dict[str, Resolved | DMError]:
         """Resolve a table's device names in a worker thread (see :mod:`dmsim.resolve`):
         nothing here waits on our own mount or on a slow path from the Trio thread."""
+        from .nbd_client import open_exports  # (NBD URIs: connected before the constructors)
+
         resolved, root_id = await resolve_all(names, cwd, self.mount_dir, in_thread=self.mount_dir is not None)
         if root_id is not None:
             self.mount_root_id = root_id
+        await open_exports(self, resolved)
         return resolved
 
     def get_device(self, name: str, write: bool = True, *, holder: MappedDevice | None = None,
@@ -126,6 +129,12 @@ class Manager:
                 resolved = e
         if isinstance(resolved, DMError):
             raise DMError(resolved.errno, resolved.message)
+        if resolved.kind == "nbd":                 # connected by resolve_names (dmsim.nbd_client)
+            from .nbd_client import get_export, own_export
+            mine = own_export(self, resolved)
+            if mine is None:
+                return get_export(self, resolved)
+            resolved = mine
         if resolved.kind != "file":
             md = self._dm_of(resolved)
             if holder is not None:

@@ -138,6 +138,11 @@ _RECV_BYTES = 64 << 10
 _IOV_MAX = 1024
 _SOCKET_BUFFER_BYTES = 2 << 20
 
+#: the (st_dev, st_ino) of every Unix socket a serve_nbd listens on, and its manager: a
+#: table naming one of its own manager's sockets uses the device in-process
+#: (dmsim.nbd_client.own_export)
+LISTENING_SOCKETS: dict[tuple[int, int], Manager] = {}
+
 _REQUEST = struct.Struct(">IHHQQI")
 _OPTION = struct.Struct(">QII")
 _SIMPLE = struct.Struct(">IIQ")
@@ -644,6 +649,7 @@ async def serve_nbd(manager: Manager, address: str, *, task_status=trio.TASK_STA
             raise DMError(e.errno or errno.EINVAL, "cannot listen on %s: %s" % (address, e.strerror)) from None
         sock.listen(LISTEN_BACKLOG)
         st = os.stat(where)
+        LISTENING_SOCKETS[(st.st_dev, st.st_ino)] = manager
         listeners: list = [trio.SocketListener(sock)]
         bound = "unix:" + where
     else:
@@ -663,6 +669,7 @@ async def serve_nbd(manager: Manager, address: str, *, task_status=trio.TASK_STA
             task_status.started(bound)
     finally:
         if st is not None:
+            LISTENING_SOCKETS.pop((st.st_dev, st.st_ino), None)
             try:   # remove only our own socket file, not one a successor bound meanwhile
                 cur = os.stat(where)
                 if (cur.st_ino, cur.st_dev) == (st.st_ino, st.st_dev):

@@ -11,6 +11,9 @@ give: the daemon hangs.  So a table's device paths are resolved here:
   ``(st_dev, st_ino)``; the component after it names the dm device, and anything below a
   device file is ENODEV (ENOTDIR for the kernel's lookup, which dm reports as ENODEV);
 * a loop device whose backing file is one of our files is that dm device;
+* an NBD URI (``nbd://HOST:PORT/EXPORT``, ``nbd+unix:///EXPORT?socket=PATH``) is
+  recognised lexically (:mod:`dmsim.nbd_client` connects to it); only its socket is
+  ``stat``-ed, for its identity (one of our own listeners is the dm device itself);
 * everything that needs a syscall runs in a worker thread with a timeout
   (:func:`resolve_all`), so an unknown path (a hung NFS mount) cannot stall the daemon.
 
@@ -41,13 +44,19 @@ class Resolved:
     """Where a table's device name leads.
 
     ``kind`` is ``"dm-name"`` (``name``), ``"dm-minor"`` (``minor``), ``"mapper"``
-    (``/dev/mapper/NAME`` with no such node: our device ``name``) or ``"file"`` (``path``,
-    symlink-free, a regular file or a block device)."""
+    (``/dev/mapper/NAME`` with no such node: our device ``name``), ``"file"`` (``path``,
+    symlink-free, a regular file or a block device) or ``"nbd"`` (``path`` the URI as
+    tables print it, ``name`` the export, ``socket_path`` with its ``socket_id`` or
+    ``host`` and ``port``)."""
 
     kind: str
     name: str = ""
     minor: int = -1
     path: str = ""
+    socket_path: str = ""
+    socket_id: tuple[int, int] | None = None
+    host: str = ""
+    port: int = 0
 
 
 @dataclass(frozen=True)
@@ -90,7 +99,12 @@ def resolve(name: str, cwd: str, mount: Mount | None) -> Resolved:
     """Resolve one table device name (blocking: a worker thread, or a lexical answer).
 
     Raises DMError(ENODEV) when it leads nowhere, ENOTBLK for a directory or other
-    non-device, ENXIO for a ``major:minor`` with no such device."""
+    non-device, ENXIO for a ``major:minor`` with no such device, EINVAL for an NBD URI
+    this client cannot use."""
+    from .nbd_client import looks_like_uri
+
+    if looks_like_uri(name):
+        return _nbd(name, cwd, mount)
     if ":" in name and "/" not in name:
         major, _, minor = name.partition(":")
         if not (major.isascii() and major.isdigit() and minor.isascii() and minor.isdigit()):
@@ -177,6 +191,27 @@ def _walk(path: str, mount: Mount | None) -> Resolved:
         if onto is not None:
             return onto
     return Resolved("file", path=prefix)
+
+
+def _nbd(word: str, cwd: str, mount: Mount | None) -> Resolved:
+    """An NBD URI; a socket path is ``stat``-ed (never inside our mount: no socket can
+    be there) so that one of our own listeners can be recognised."""
+    from .nbd_client import parse_uri
+
+    uri = parse_uri(word, cwd)
+    if not uri.socket_path:
+        return Resolved("nbd", name=uri.export, path=str(uri), host=uri.host, port=uri.port)
+    socket_id = None
+    inside = mount is not None and any(uri.socket_path == d or uri.socket_path.startswith(d + "/")
+                                       for d in (mount.dir, mount.real_dir))
+    if not inside:
+        try:
+            st = os.stat(uri.socket_path)
+            socket_id = (st.st_dev, st.st_ino)
+        except OSError:
+            pass                         # connecting fails too: ENODEV then
+    return Resolved("nbd", name=uri.export, path=str(uri), socket_path=uri.socket_path,
+                    socket_id=socket_id)
 
 
 def _dm_node(path: str, more: bool, mount: Mount | None) -> Resolved | None:
