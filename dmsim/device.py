@@ -8,7 +8,7 @@ target-relative sectors.
 from __future__ import annotations
 
 import errno
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import trio
 
@@ -77,6 +77,9 @@ class MappedDevice(BlockDevice):
         self._inflight = 0
         self._drained = trio.Event()
         self._drained.set()
+        #: called with each write-type bio after it completes (or fails), while set: the
+        #: mount's buffer cache invalidates what a write from another path made stale
+        self.write_observer: Callable[[Bio], None] | None = None
 
     @property
     def mm(self) -> str:
@@ -156,6 +159,8 @@ class MappedDevice(BlockDevice):
                 self._inflight -= 1
                 if not self._inflight:
                     self._drained.set()
+                if self.write_observer is not None and bio.op is not Op.READ:
+                    self.write_observer(bio)
 
     async def _map(self, bio: Bio):
         table = self.live

@@ -31,6 +31,24 @@ write.  Every operation runs under one last-resort handler (:func:`_guard_operat
 unexpected exception fails that request with EIO and logs its traceback, and the session
 keeps serving.
 
+Writes reach the device with the ``bi_opf`` flags 6.1's block device gives them (recorded
+on the kernel with flakey's corrupt_bio_flags): an O_DIRECT write is REQ_SYNC|REQ_IDLE,
+plus REQ_FUA and a following empty flush for an O_DSYNC/O_SYNC open (blkdev_fsync via
+generic_write_sync; FUSE sends no fsync for direct_io files, so the daemon adds it);
+buffered data is written back REQ_SYNC when an fsync, a last close or a suspend forces it
+(WB_SYNC_ALL; an O_DSYNC buffered write arrives here as write + fsync), REQ_BACKGROUND past
+the dirty limit; fsync's flush is dm's empty REQ_PREFLUSH.
+
+Writes that reach a device by another path (NBD, the in-process API, a device stacked on
+it, kcopyd) go through ``MappedDevice.submit`` like ours, so a device with buffered opens
+has a ``write_observer``: any write bio but the cache's own writeback drops the clean
+buffers it overlaps (dirty ones are the opener's newer data, written back later, as the
+kernel's dirty pages) and marks the file's inode for the kernel to drop its page cache.
+That invalidation (``pyfuse3.invalidate_inode``) may wait on pages whose reads are waiting
+for this daemon, so a worker thread makes it, coalesced per inode, off the request path
+(:meth:`DeviceFS.invalidator`, run by :meth:`Mount.run`); it trails the write by a thread
+hop.
+
 pyfuse3 3.5 has no fallocate hook, so FALLOC_FL_PUNCH_HOLE (mkfs's discard) gets
 EOPNOTSUPP from the kernel; that is harmless for mkfs.
 """
@@ -50,7 +68,15 @@ import pyfuse3
 import trio
 from pyfuse3 import FUSEError
 
-from .bio import SECTOR_SIZE, to_bytes
+from .bio import (
+    BACKGROUND_WRITEBACK_FLAGS,
+    DIRECT_WRITE_FLAGS,
+    SECTOR_SIZE,
+    SYNC_WRITEBACK_FLAGS,
+    Bio,
+    Op,
+    to_bytes,
+)
 from .device import DM_MAJOR, MappedDevice
 from .errors import DMError
 from .manager import Manager
@@ -160,6 +186,7 @@ class BufferCache:
 
     def __init__(self, md: MappedDevice):
         self.md = md
+        self.writing: Bio | None = None   # the writeback bio in flight (not a foreign write)
         self.opens = 0
         self.block_bytes = buffer_bytes(to_bytes(md.size_sectors), md.logical_block_size)
         self.dirty: dict[int, bytearray] = {}
@@ -200,7 +227,7 @@ class BufferCache:
                 self.dirty[index] = buf
                 pos += n
             if len(self.dirty) * bs > DIRTY_LIMIT_BYTES:
-                await self._writeback()
+                await self._writeback(flags=BACKGROUND_WRITEBACK_FLAGS)
 
     async def read(self, off: int, n: int) -> bytes:
         """Device data with cached buffers laid over it (uncached runs read as one bio)."""
@@ -226,16 +253,34 @@ class BufferCache:
 
     async def writeback(self, first_byte: int = 0, end_byte: int | None = None,
                         drop: bool = False) -> None:
-        """Write back dirty buffers overlapping the range (all by default); ``drop`` also
-        forgets the range's buffers (before an O_DIRECT write, like the kernel's invalidate)."""
+        """Write back dirty buffers overlapping the range (all by default), as a data
+        integrity writeback (REQ_SYNC); ``drop`` also forgets the range's buffers (before
+        an O_DIRECT write, like the kernel's invalidate)."""
         async with self.lock:
             await self._writeback(first_byte, end_byte)
             if drop:
-                bs = self.block_bytes
-                for index in [i for i in self.clean if _overlaps(i, bs, first_byte, end_byte)]:
-                    del self.clean[index]
+                self.forget(first_byte, end_byte)
 
-    async def _writeback(self, first_byte: int = 0, end_byte: int | None = None) -> None:
+    def forget(self, first_byte: int, end_byte: int | None) -> None:
+        """Drop the clean buffers overlapping ``[first_byte, end_byte)``."""
+        bs = self.block_bytes
+        if end_byte is not None and (end_byte - first_byte) // bs < len(self.clean):
+            for index in range(first_byte // bs, -(-end_byte // bs)):
+                self.clean.pop(index, None)
+            return
+        for index in [i for i in self.clean if _overlaps(i, bs, first_byte, end_byte)]:
+            del self.clean[index]
+
+    def device_written(self, bio: Bio) -> bool:
+        """A write reached the device: unless it is our own writeback, forget the clean
+        buffers it overlaps.  True when the write came from elsewhere."""
+        if bio is self.writing or not bio.sectors:
+            return False
+        self.forget(to_bytes(bio.sector), to_bytes(bio.end_sector))
+        return True
+
+    async def _writeback(self, first_byte: int = 0, end_byte: int | None = None,
+                         flags: int = SYNC_WRITEBACK_FLAGS) -> None:
         bs = self.block_bytes
         todo = sorted(i for i in self.dirty if _overlaps(i, bs, first_byte, end_byte))
         if not todo:
@@ -249,10 +294,14 @@ class BufferCache:
             sector, sectors = self._extent(index)
             try:
                 if sectors:
-                    await self.md.write(sector, memoryview(buf)[:to_bytes(sectors)])
+                    bio = self.writing = Bio(Op.WRITE, sector, sectors,
+                                             memoryview(buf)[:to_bytes(sectors)], False, flags)
+                    await self.md.submit(bio)
             except Exception as e:   # end_buffer_async_write: the error goes to errseq
                 failed.append(_fuse_error(e).errno)
                 continue
+            finally:
+                self.writing = None
             self.clean[index] = buf
         if failed:
             self.error = failed[0]
@@ -302,6 +351,13 @@ class DeviceFS(pyfuse3.Operations):
         self._md_of: dict[int, MappedDevice] = {}
         self._next_fh = 1
         self._open: dict[int, MappedDevice] = {}
+        self._dsync_direct: set[int] = set()                 # O_DIRECT fhs with O_DSYNC/O_SYNC
+        self._direct_fhs: set[int] = set()                   # fhs opened O_DIRECT
+        self._page_cached: dict[MappedDevice, int] = {}      # opens using the kernel page cache
+        self._page_cached_fhs: set[int] = set()
+        self._stale: set[int] = set()                        # inodes to invalidate
+        self._stale_event = trio.Event()
+        self.invalidations = 0                               # invalidate_inode calls made
 
     # -- inodes ------------------------------------------------------------------------------
     def _ino(self, md: MappedDevice) -> int:
@@ -427,6 +483,16 @@ class DeviceFS(pyfuse3.Operations):
         self._next_fh += 1
         self._open[fh] = md
         direct = self.direct_io if self.direct_io is not None else bool(flags & os.O_DIRECT)
+        if flags & os.O_DIRECT:
+            self._direct_fhs.add(fh)
+            if flags & os.O_DSYNC:     # O_SYNC includes the O_DSYNC bit
+                self._dsync_direct.add(fh)
+        if not direct:                 # the kernel keeps pages of this file: watch for writes
+            self._page_cached_fhs.add(fh)
+            count = self._page_cached.get(md, 0)
+            self._page_cached[md] = count + 1
+            if not count:
+                md.write_observer = functools.partial(self._device_written, md)
         if self.direct_io is None and not direct:
             cache = self.caches.get(md)
             if cache is None:
@@ -435,9 +501,59 @@ class DeviceFS(pyfuse3.Operations):
             self._buffered[fh] = cache
         return pyfuse3.FileInfo(fh=fh, direct_io=direct, keep_cache=self.keep_cache)
 
+    def _device_written(self, md: MappedDevice, bio: Bio) -> None:
+        """``md.write_observer`` while the kernel may cache its pages (see module doc)."""
+        cache = self.caches.get(md)
+        if cache is not None:
+            if not cache.device_written(bio):
+                return
+        elif not bio.sectors:
+            return
+        ino = self._ino_of.get(md)
+        if ino is not None:
+            self._stale.add(ino)
+            self._stale_event.set()
+
+    def _page_cache_closed(self, md: MappedDevice) -> None:
+        """The last open that may have pages in the kernel's cache went: stop watching."""
+        count = self._page_cached.pop(md, 0) - 1
+        if count > 0:
+            self._page_cached[md] = count
+        else:
+            md.write_observer = None
+
+    async def invalidator(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Ask the kernel to drop the page cache of inodes whose device was written by
+        another path, from a worker thread (the kernel may wait on pages whose reads wait
+        for us), one inode at a time, coalescing marks that come meanwhile."""
+        task_status.started()
+        while True:
+            await self._stale_event.wait()
+            self._stale_event = trio.Event()
+            inodes, self._stale = self._stale, set()
+            for ino in sorted(inodes):
+                try:
+                    await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, False,
+                                                  abandon_on_cancel=True)
+                except OSError as e:   # ENOENT: the kernel holds no such inode (no pages)
+                    if e.errno != errno.ENOENT:
+                        log.warning("invalidating inode %d failed: %s", ino, e)
+                self.invalidations += 1
+
+    async def invalidations_done(self) -> None:
+        """Wait until no invalidation is pending (tests; a write's completion does not
+        wait for it)."""
+        while self._stale or self._stale_event.is_set():
+            await trio.sleep(0.001)
+
     async def release(self, fh):
         md = self._open.pop(fh, None)
+        self._direct_fhs.discard(fh)
+        self._dsync_direct.discard(fh)
         cache = self._buffered.pop(fh, None)
+        if fh in self._page_cached_fhs:
+            self._page_cached_fhs.discard(fh)
+            self._page_cache_closed(md)
         if cache is not None:
             cache.opens -= 1
             if not cache.opens:   # last close: sync_blockdev, then kill_bdev
@@ -568,7 +684,14 @@ class DeviceFS(pyfuse3.Operations):
         if cache is not None:   # O_DIRECT: write back and invalidate the range first
             await cache.writeback(off, off + n, drop=True)
         if not off % SECTOR_SIZE and not n % SECTOR_SIZE:
-            await md.write(off // SECTOR_SIZE, buf)
+            if fh in self._direct_fhs:   # dio_bio_write_op: SYNC|IDLE, FUA for O_DSYNC
+                dsync = fh in self._dsync_direct
+                await md.submit(Bio(Op.WRITE, off // SECTOR_SIZE, n // SECTOR_SIZE, buf,
+                                    dsync, DIRECT_WRITE_FLAGS))
+                if dsync:                # generic_write_sync -> blkdev_fsync's flush
+                    await md.flush()
+            else:
+                await md.write(off // SECTOR_SIZE, buf)
         else:
             await md.pwrite(off, buf)
         return n
@@ -597,8 +720,12 @@ class Mount:
         self.mounted = True
 
     async def run(self) -> None:
-        """Serve requests until unmounted from outside or cancelled."""
-        await pyfuse3.main(min_tasks=4, max_tasks=256)
+        """Serve requests until unmounted from outside or cancelled (with the page cache
+        invalidator beside them)."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.ops.invalidator)
+            await pyfuse3.main(min_tasks=4, max_tasks=256)
+            nursery.cancel_scope.cancel()
 
     def unmount(self) -> None:
         if self.mounted:

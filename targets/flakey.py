@@ -28,35 +28,27 @@ import errno
 
 import trio
 
-from dmsim.bio import Op
+from dmsim.bio import (
+    REQ_FUA,
+    REQ_IDLE,
+    REQ_OP_DISCARD,
+    REQ_OP_READ,
+    REQ_OP_WRITE,
+    REQ_OP_WRITE_ZEROES,
+    REQ_PREFLUSH,
+    REQ_SYNC,
+    Op,
+    bi_opf,
+)
 from dmsim.errors import DMError, TargetError
 
 from .base import STATUSTYPE_TABLE, U32_MAX, Target, passthrough, register, scan_uint
 
 MAX_FEATURE_ARGS = 6          # 6.1 (7 on 6.4, 11 on >= 6.5)
 
-# bi_opf bits as 6.1 defines them (include/linux/blk_types.h), for the corrupt flags mask
-REQ_OP_READ, REQ_OP_WRITE, REQ_OP_DISCARD, REQ_OP_WRITE_ZEROES = 0, 1, 3, 9
-REQ_SYNC = 1 << 11
-REQ_FUA = 1 << 17
-REQ_PREFLUSH = 1 << 18
-
-
-def bi_opf(bio) -> int:
-    """The kernel's ``bi_opf`` of a request, as far as dmsim's Bio can tell it."""
-    if bio.op is Op.READ:
-        opf = REQ_OP_READ
-    elif bio.op is Op.FLUSH:
-        opf = REQ_OP_WRITE | REQ_PREFLUSH | REQ_SYNC
-    elif bio.op is Op.DISCARD:
-        opf = REQ_OP_DISCARD
-    elif bio.op is Op.WRITE_ZEROES:
-        opf = REQ_OP_WRITE_ZEROES
-    else:
-        opf = REQ_OP_WRITE
-    if bio.fua:
-        opf |= REQ_FUA
-    return opf
+# bi_opf bits as 6.1 defines them live in dmsim.bio; re-exported for the flags mask
+__all__ = ["Flakey", "bi_opf", "REQ_OP_READ", "REQ_OP_WRITE", "REQ_OP_DISCARD",
+           "REQ_OP_WRITE_ZEROES", "REQ_SYNC", "REQ_IDLE", "REQ_FUA", "REQ_PREFLUSH"]
 
 
 @register
