@@ -345,13 +345,13 @@ class KcopydMachine(RuleBasedStateMachine):
         self.submitted = 0                      # jobs since this client started
         # the split rule, as the kernel states it (legacy: 128-sector sub-jobs from 128)
         self.capacity = kc.pages.capacity
-        if kind == "legacy":
-            self.sub, self.split_from = 128, 128
-        else:
-            self.sub, self.split_from = (n if kind == "modern" else 1024), None
+        self.legacy = kind == "legacy"
+        self.sub = 128 if self.legacy else n if kind == "modern" else 1024
 
     def chunk_for(self, count: int, copy: bool) -> int:
-        split = count >= self.sub if self.split_from else count > self.sub
+        """The sub-job size of a job: whole unless split (2.6 splits from 128 sectors, modern
+        above the sub-job size), copies' sub-jobs clamped to the pages the client owns."""
+        split = count >= self.sub if self.legacy else count > self.sub
         if not split:
             return count
         return min(self.sub, self.capacity * 8) if copy else self.sub
