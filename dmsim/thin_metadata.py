@@ -481,6 +481,7 @@ class PoolMetadata:
         self._check_io()
         self.commit()
         if self.sb.held_root:
+            # (the 6.1 kernel leaves no trace of the refused copy in the metadata: checked first)
             self.log("Pool metadata snapshot already exists: release this before taking another.")
             raise DMError(errno.EBUSY, "Pool metadata snapshot already exists: release this before taking another.")
         self.metadata_sm.inc(THIN_SUPERBLOCK_LOCATION)
