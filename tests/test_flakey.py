@@ -8,6 +8,7 @@ import trio.testing
 
 import dmsim
 from dmsim import DMError, parse_table_text
+from dmsim.bio import REQ_FUA, REQ_IDLE, REQ_PREFLUSH, REQ_SYNC, Bio, Op
 
 
 @pytest.fixture
@@ -230,3 +231,28 @@ async def test_no_messages(img):
         with pytest.raises(DMError):
             await m.message("f", 0, "hello")
         assert m.read_log() == ["device-mapper: ioctl: Target type does not support messages"]
+
+
+@pytest.mark.parametrize("mask, corrupted", [
+    (0, [True, True, True, True]),
+    (REQ_SYNC, [False, True, True, True]),
+    (REQ_SYNC | REQ_IDLE, [False, False, True, True]),
+    (REQ_FUA, [False, False, False, True]),
+    (REQ_PREFLUSH, [False, False, False, False]),
+    (0xFFFFFFFF, [False, False, False, False]),
+])
+async def test_flags_mask_matches_bi_opf_through_a_stack(img, mask, corrupted):
+    """corrupt_bio_flags is matched against the whole bi_opf, as 6.1's
+    all_corrupt_bio_flags_match does; the flags survive a linear device above."""
+    async with dmsim.open_manager() as m:
+        await make(m, img + " 0 0 1 5 corrupt_bio_byte 1 w 85 %d" % mask)
+        m.create("top")
+        await m.load("top", parse_table_text("0 1024 linear /dev/mapper/f 0"))
+        await m.resume("top")
+        top = m.find("top")
+        kinds = [0, REQ_SYNC, REQ_SYNC | REQ_IDLE, REQ_SYNC | REQ_IDLE | REQ_FUA]
+        for i, flags in enumerate(kinds):
+            bio = Bio(Op.WRITE, i, 1, bytearray(512), bool(flags & REQ_FUA), flags & ~REQ_FUA)
+            await top.submit(bio)
+        assert [sector(img, i)[0] == 85 for i in range(4)] == corrupted
+        await top.flush()                          # an empty PREFLUSH: nothing to corrupt

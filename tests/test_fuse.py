@@ -18,7 +18,8 @@ MiB = 1 << 20
 
 
 @pytest.fixture
-async def mounted(tmp_path):
+async def mounted_fs(tmp_path):
+    """(manager, mount dir, a 4 MiB zero image, the Mount)."""
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     img = tmp_path / "a.img"
@@ -30,10 +31,15 @@ async def mounted(tmp_path):
         try:
             async with trio.open_nursery() as n:
                 n.start_soon(fs.run)
-                yield m, str(mnt), str(img)
+                yield m, str(mnt), str(img), fs
                 n.cancel_scope.cancel()
         finally:
             fs.unmount()
+
+
+@pytest.fixture
+async def mounted(mounted_fs):
+    yield mounted_fs[:3]
 
 
 def run(fn, *args):
@@ -428,3 +434,184 @@ async def test_owner_group_mode_are_configurable(tmp_path):
                 n.cancel_scope.cancel()
         finally:
             fs.unmount()
+
+
+# -- request flags (issue 13 item 5) ---------------------------------------------------------
+REQ_SYNC, REQ_IDLE, REQ_FUA, REQ_BACKGROUND = 0x800, 0x8000, 0x20000, 0x100000
+O_SYNC_ONLY = os.O_SYNC & ~os.O_DSYNC
+
+#: what 6.1 did, recorded on the oracle (flakey down, corrupt_bio_byte 1 w 85 MASK, a
+#: static helper writing 4 KiB): which write methods got their first byte corrupted
+KERNEL_CORRUPTED = {
+    0: {"close", "fsync", "fdatasync", "dsync", "sync", "direct", "direct-dsync",
+        "direct-sync", "direct-fsync"},
+    REQ_SYNC: {"close", "fsync", "fdatasync", "dsync", "sync", "direct", "direct-dsync",
+               "direct-sync", "direct-fsync"},
+    REQ_IDLE: {"direct", "direct-dsync", "direct-sync", "direct-fsync"},
+    REQ_FUA: {"direct-dsync", "direct-sync"},
+    REQ_BACKGROUND: set(),
+}
+METHODS = {   # name: (open flags, call after the write)
+    "close": (0, None), "fsync": (0, os.fsync), "fdatasync": (0, os.fdatasync),
+    "dsync": (os.O_DSYNC, None), "sync": (os.O_SYNC, None),
+    "direct": (os.O_DIRECT, None), "direct-dsync": (os.O_DIRECT | os.O_DSYNC, None),
+    "direct-sync": (os.O_DIRECT | os.O_SYNC, None), "direct-fsync": (os.O_DIRECT, os.fsync),
+}
+
+
+async def test_write_flags_are_the_kernels(mounted):
+    """Each way of writing gives the bio the flags 6.1's block device gives it, so a
+    flakey flags mask corrupts exactly the writes it corrupts on the kernel."""
+    import mmap
+    m, mnt, img = mounted
+    assert O_SYNC_ONLY   # O_SYNC is O_DSYNC plus __O_SYNC on Linux
+    buf = mmap.mmap(-1, 4096)          # page-aligned, for O_DIRECT
+    buf.write(b"\xaa" * 4096)
+    got = {}
+    block = 0
+    for mask in KERNEL_CORRUPTED:
+        m.create("f")
+        await m.load("f", [TableLine(0, 8192, "flakey", "%s 0 0 1 5 corrupt_bio_byte 1 w 85 %d"
+                                     % (img, mask))])
+        await m.resume("f")
+        for name, (flags, after) in METHODS.items():
+            def write(flags=flags, after=after, block=block):
+                fd = os.open(mnt + "/f", os.O_WRONLY | flags)
+                try:
+                    os.pwrite(fd, buf, block * 4096)
+                    if after is not None:
+                        after(fd)
+                finally:
+                    os.close(fd)
+            await run(write)
+            with open(img, "rb") as f:
+                f.seek(block * 4096)
+                first = f.read(1)
+            if first == b"\x55":
+                got.setdefault(mask, set()).add(name)
+            else:
+                assert first == b"\xaa", (mask, name, first)
+            block += 1
+        await wait_closed(m, "f")
+        await m.remove("f")
+    assert {mask: got.get(mask, set()) for mask in KERNEL_CORRUPTED} == KERNEL_CORRUPTED
+
+
+async def wait_closed(m, name):
+    """FUSE release is asynchronous: wait for the opens to go."""
+    with trio.fail_after(10):
+        while m.info(name).open_count:
+            await trio.sleep(0.01)
+
+
+async def test_writeback_past_the_dirty_limit_is_background(mounted, monkeypatch):
+    """balance_dirty_pages' writeback is the flusher's (REQ_BACKGROUND, no REQ_SYNC)."""
+    import dmsim.fuse
+    from dmsim.bio import REQ_BACKGROUND as BACKGROUND
+    from dmsim.bio import REQ_SYNC as SYNC
+    monkeypatch.setattr(dmsim.fuse, "DIRTY_LIMIT_BYTES", 8192)
+    m, mnt, img = mounted
+    await make_linear(m, "lin", img, 2048)
+    seen = []
+    lower = m.find("lin").live.targets[0].dev
+    real_submit = lower.submit
+
+    async def spy(bio):
+        if bio.op.is_write and bio.sectors:
+            seen.append(bio.flags)
+        return await real_submit(bio)
+
+    monkeypatch.setattr(lower, "submit", spy)
+
+    def io():
+        fd = os.open(mnt + "/lin", os.O_WRONLY)
+        try:
+            os.pwrite(fd, b"x" * 4096 * 3, 0)     # over the limit: background writeback
+            os.pwrite(fd, b"y" * 4096, 65536)
+            os.fsync(fd)                           # data integrity writeback
+        finally:
+            os.close(fd)
+
+    await run(io)
+    assert seen == [BACKGROUND] * 3 + [SYNC]
+
+
+# -- cache coherence: writes by other paths -------------------------------------------------
+async def test_foreign_writes_invalidate_a_buffered_open(mounted_fs):
+    """A buffered open must not keep serving old data after a write that reached the
+    device by another path: the in-process API (NBD's path: MappedDevice.submit), a
+    device stacked on it, and an O_DIRECT open of the same file."""
+    m, mnt, img, fs = mounted_fs
+    await make_linear(m, "L", img, 2048)
+    m.create("top")
+    await m.load("top", [TableLine(0, 2048, "linear", "/dev/mapper/L 0")])
+    await m.resume("top")
+    fd = await run(os.open, mnt + "/L", os.O_RDWR)
+    try:
+        await run(os.pwrite, fd, b"A" * 4096, 0)
+        await run(os.fsync, fd)
+        assert await run(os.pread, fd, 4096, 0) == b"A" * 4096      # cached (kernel and ours)
+        before = fs.ops.invalidations
+
+        await m.find("L").write(0, b"B" * 4096)                       # in-process / NBD
+        await fs.ops.invalidations_done()
+        assert await run(os.pread, fd, 4096, 0) == b"B" * 4096
+        assert fs.ops.invalidations > before
+
+        await m.find("top").write(0, b"C" * 4096)                     # stacked device
+        await fs.ops.invalidations_done()
+        assert await run(os.pread, fd, 4096, 0) == b"C" * 4096
+
+        def direct_write():
+            import mmap
+            buf = mmap.mmap(-1, 4096)
+            buf.write(b"D" * 4096)
+            dfd = os.open(mnt + "/L", os.O_WRONLY | os.O_DIRECT)
+            try:
+                os.pwrite(dfd, buf, 0)
+            finally:
+                os.close(dfd)
+        await run(direct_write)
+        await fs.ops.invalidations_done()
+        assert await run(os.pread, fd, 4096, 0) == b"D" * 4096
+
+        # our own buffered writes and their writeback invalidate nothing
+        count = fs.ops.invalidations
+        await run(os.pwrite, fd, b"E" * 4096, 8192)
+        await run(os.fsync, fd)
+        await fs.ops.invalidations_done()
+        assert fs.ops.invalidations == count
+        assert await run(os.pread, fd, 4096, 8192) == b"E" * 4096
+    finally:
+        await run(os.close, fd)
+    with trio.fail_after(10):                                          # unwatched at last close
+        while m.find("L").write_observer is not None:
+            await trio.sleep(0.01)
+
+
+async def test_qemu_io_over_nbd_invalidates_a_buffered_open(mounted_fs, tmp_path):
+    """The NBD engineer's reproducer: a buffered open, a write through qemu-io over NBD,
+    then a read through the open fd sees the new data."""
+    import shutil
+    import subprocess
+    if shutil.which("qemu-io") is None:
+        pytest.skip("no qemu-io")
+    from dmsim import nbd
+    m, mnt, img, fs = mounted_fs
+    await make_linear(m, "L", img, 2048)
+    sock = str(tmp_path / "nbd.sock")
+    async with trio.open_nursery() as n:
+        await n.start(nbd.serve_nbd, m, "unix:" + sock)
+        fd = await run(os.open, mnt + "/L", os.O_RDWR)
+        try:
+            await run(os.pwrite, fd, b"\x11" * 4096, 0)
+            await run(os.fsync, fd)
+            assert await run(os.pread, fd, 4096, 0) == b"\x11" * 4096
+            with trio.fail_after(30):
+                await trio.run_process(["qemu-io", "-f", "raw", "nbd+unix:///L?socket=%s" % sock,
+                                        "-c", "write -P 0xff 0 4k"], stdout=subprocess.DEVNULL)
+            await fs.ops.invalidations_done()
+            assert await run(os.pread, fd, 4096, 0) == b"\xff" * 4096
+        finally:
+            await run(os.close, fd)
+        n.cancel_scope.cancel()
