@@ -194,8 +194,8 @@ class _Connection:
         """Until the connection ends: every reply to its request (a reply to no request,
         or a structured one we never asked for, ends the connection)."""
         why = "closed"
-        with self.reader_scope:
-            try:
+        try:
+            with self.reader_scope:
                 while True:
                     magic, err, cookie = _SIMPLE.unpack(await self.recv_exact(_SIMPLE.size))
                     if magic != nbd.SIMPLE_REPLY_MAGIC:
@@ -207,19 +207,20 @@ class _Connection:
                         req.data = await self.recv_exact(req.length_bytes)
                     req.error = err
                     req.done.set()
-            except _Lost as e:
-                why = str(e)
-            except Exception as e:    # a bug here ends this connection, never the daemon
-                log.exception("NBD client reader failed")
-                why = repr(e)
-        self.fail(why)
+        except _Lost as e:
+            why = str(e)
+        except Exception as e:    # a bug here ends this connection, never the daemon
+            log.exception("NBD client reader failed")
+            why = repr(e)
+        finally:                  # (also when the manager's nursery is cancelled)
+            self.fail(why)
 
     def fail(self, why: str) -> None:
         """The connection is over: requests under way fail (EIO), the socket closes."""
         if self.dead:
             return
         self.dead = True
-        log.info("NBD connection ended: %s", why)
+        (log.info if why in ("closed", "disconnected") else log.warning)("NBD connection ended: %s", why)
         self.reader_scope.cancel()
         for req in self.pending.values():
             req.error = -1
@@ -233,7 +234,7 @@ class _Connection:
         """NBD_CMD_DISC, then close (best effort: the server may be gone)."""
         if self.dead:
             return
-        with trio.move_on_after(1), trio.CancelScope(shield=True):
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + 1):
             async with self.send_lock:
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     await self.stream.send_all(_REQUEST.pack(nbd.REQUEST_MAGIC, 0, nbd.CMD_DISC, 0, 0, 0))

@@ -325,3 +325,165 @@ async def test_qemu_nbd_round_trip(tmp_path, images):
             f.seek(3 * 512)
             assert f.read(512) == marker
         await dm.remove("q")
+
+
+# -- model ------------------------------------------------------------------------------------------
+MODEL_BLOCKS = 16
+
+
+async def test_connection_state_model(tmp_path, images, monkeypatch):
+    """The device's connection states (connected, lost, reconnecting; no backoff here, the
+    backoff has its own test) against a plain reference: while the server is up every
+    request works (reconnecting when it must), while it is down every one fails with EIO,
+    a write in flight when the server goes fails with EIO and leaves either the old or the
+    new data, and what reads back is always what the reference allows."""
+    from hypothesis import HealthCheck, settings
+    from hypothesis import strategies as st
+    from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
+
+    monkeypatch.setattr(nbd_client, "BACKOFF_MIN_SECONDS", 0.0)
+    monkeypatch.setattr(nbd_client, "BACKOFF_MAX_SECONDS", 0.0)
+    img = images.zero(mib=1, name="model.img")
+    sock = str(tmp_path / "model.sock")
+    token = trio.lowlevel.current_trio_token()
+
+    def call(fn, *args):
+        return trio.from_thread.run(fn, *args, trio_token=token)
+
+    async with open_dm() as server, open_dm() as dm, trio.open_nursery() as nursery:
+        await server.create("back", "0 %d linear %s 0" % (MODEL_BLOCKS * 8, img))
+        served: list[trio.CancelScope] = []
+
+        async def serving(task_status=trio.TASK_STATUS_IGNORED):
+            await nbd.serve_nbd(server.manager, "unix:" + sock, task_status=task_status)
+
+        async def up():
+            served.append(await nursery.start(_cancellable, serving))
+
+        async def down():
+            served.pop().cancel()
+            await gone()
+
+        async def gone():
+            """The server's connection and its socket file are gone (a new server may bind)."""
+            with trio.fail_after(10):
+                while server.info("back").open_count or os.path.exists(sock):
+                    await trio.sleep(0.005)
+
+        await up()
+        await dm.create("front", "0 %d linear %s 0" % (MODEL_BLOCKS * 8, uri(sock, "back")))
+        front = dm.manager.find("front")
+        block = st.integers(0, MODEL_BLOCKS - 1)
+
+        class Machine(RuleBasedStateMachine):
+            def __init__(self):
+                super().__init__()
+                if not served:
+                    call(up)
+                call(server.manager.find("back").write, 0, bytes(MODEL_BLOCKS * 4096))
+                # every value each block may hold: one, or two after a write cut off
+                self.ref: list[set[bytes]] = [{bytes(4096)} for _ in range(MODEL_BLOCKS)]
+
+            @property
+            def up(self) -> bool:
+                return bool(served)
+
+            def expect(self, fn, *args):
+                """``fn`` works while the server is up and fails with EIO while it is down."""
+                try:
+                    out = call(fn, *args)
+                except DMError as e:
+                    assert not self.up and e.errno == errno.EIO, e
+                    return None
+                assert self.up
+                return out
+
+            @rule(k=block, n=st.integers(1, 4), fill=st.integers(0, 255), fua=st.booleans())
+            def write(self, k, n, fill, fua):
+                n = min(n, MODEL_BLOCKS - k)
+                data = bytes([fill]) * 4096
+                if self.expect(front.submit, Bio.write(k * 8, data * n, fua)) is None and not self.up:
+                    return
+                for i in range(k, k + n):
+                    self.ref[i] = {data}
+
+            @rule(k=block, n=st.integers(1, 4))
+            def read(self, k, n):
+                n = min(n, MODEL_BLOCKS - k)
+                got = self.expect(front.submit, Bio.read(k * 8, n * 8))
+                if got is None:
+                    return
+                for i in range(n):
+                    piece = bytes(got[i * 4096:(i + 1) * 4096])
+                    assert piece in self.ref[k + i], (k + i, piece[:1])
+                    self.ref[k + i] = {piece}
+
+            @rule(k=block, n=st.integers(1, 4), trim=st.booleans())
+            def zero(self, k, n, trim):
+                n = min(n, MODEL_BLOCKS - k)
+                op = Op.DISCARD if trim else Op.WRITE_ZEROES
+                if self.expect(front.submit, Bio(op, k * 8, n * 8)) is None and not self.up:
+                    return
+                for i in range(k, k + n):
+                    self.ref[i] = {bytes(4096)}
+
+            @rule()
+            def flush(self):
+                self.expect(front.submit, Bio.flush())
+
+            @rule()
+            def server_down(self):
+                if self.up:
+                    call(down)
+
+            @rule()
+            def server_up(self):
+                if not self.up:
+                    call(up)
+
+            @rule(k=block, fill=st.integers(0, 255))
+            def write_cut_off(self, k, fill):
+                """A write held by a suspended server device when the server goes: EIO to
+                us; the server finishes it at resume, so the block holds either value."""
+                if not self.up:
+                    return
+                data = bytes([fill]) * 4096
+
+                async def go():
+                    await server.suspend("back")
+                    failed = []
+
+                    async def write():
+                        try:
+                            await front.submit(Bio.write(k * 8, data))
+                        except DMError as e:
+                            failed.append(e.errno)
+
+                    async with trio.open_nursery() as n:
+                        n.start_soon(write)
+                        await trio.sleep(0.01)
+                        served.pop().cancel()
+                        with trio.fail_after(10):
+                            while not failed:
+                                await trio.sleep(0.005)
+                    await server.resume("back")
+                    await gone()
+                    return failed
+
+                assert call(go) == [errno.EIO]
+                self.ref[k] = self.ref[k] | {data}
+
+            @invariant()
+            def shared_one_device(self):
+                assert [type(e[0]) for e in dm.manager._files.values()] == [NbdDevice]
+
+        def run():
+            run_state_machine_as_test(Machine, settings=settings(
+                max_examples=int(25 * float(os.environ.get("DMSIM_MODEL_EXAMPLES", "1"))),
+                stateful_step_count=25, deadline=None,
+                suppress_health_check=list(HealthCheck)))
+
+        with trio.fail_after(600):
+            await trio.to_thread.run_sync(run)
+        await dm.remove("front")
+        nursery.cancel_scope.cancel()
