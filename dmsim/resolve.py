@@ -194,22 +194,29 @@ def _walk(path: str, mount: Mount | None) -> Resolved:
 
 
 def _nbd(word: str, cwd: str, mount: Mount | None) -> Resolved:
-    """An NBD URI; a socket path is ``stat``-ed (never inside our mount: no socket can
-    be there) so that one of our own listeners can be recognised."""
+    """An NBD URI.  A socket path is ``stat``-ed here, off the Trio thread, so that one
+    of our own listeners can be recognised, and so that a path into our mount (which
+    holds no sockets; a ``connect`` there would wait on the Trio thread) or to anything
+    but a socket is ENODEV before anyone connects.  A missing socket is left to the
+    connection attempt (a table already holding that export loads without one)."""
     from .nbd_client import parse_uri
 
     uri = parse_uri(word, cwd)
     if not uri.socket_path:
         return Resolved("nbd", name=uri.export, path=str(uri), host=uri.host, port=uri.port)
+    if mount is not None and any(uri.socket_path == d or uri.socket_path.startswith(d + "/")
+                                 for d in (mount.dir, mount.real_dir)):
+        raise DMError(errno.ENODEV)
     socket_id = None
-    inside = mount is not None and any(uri.socket_path == d or uri.socket_path.startswith(d + "/")
-                                       for d in (mount.dir, mount.real_dir))
-    if not inside:
-        try:
-            st = os.stat(uri.socket_path)
-            socket_id = (st.st_dev, st.st_ino)
-        except OSError:
-            pass                         # connecting fails too: ENODEV then
+    try:
+        st = os.stat(uri.socket_path)
+    except OSError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode) or (mount is not None and mount.root_id is not None
+                                             and st.st_dev == mount.root_id[0]):
+            raise DMError(errno.ENODEV)
+        socket_id = (st.st_dev, st.st_ino)
     return Resolved("nbd", name=uri.export, path=str(uri), socket_path=uri.socket_path,
                     socket_id=socket_id)
 

@@ -113,6 +113,44 @@ async def test_round_trip_flush_trim_zeroes(tmp_path, images):
                 await trio.sleep(0.01)
 
 
+async def test_tcp_uri_large_requests_in_pieces_and_read_into(tmp_path, images, monkeypatch):
+    """``nbd://HOST:PORT/EXPORT``: requests larger than the payload limit go in pieces,
+    a read with a buffer of its own fills it in place."""
+    img = images.random(mib=2, seed=4, name="tcp.img")
+    with open(img, "rb") as f:
+        want = f.read()
+    async with open_dm() as server, open_dm() as dm, trio.open_nursery() as n:
+        await server.create("t", "0 4096 linear %s 0" % img)
+        bound = await n.start(nbd.serve_nbd, server.manager, "tcp:127.0.0.1:0")
+        port = int(bound.rpartition(":")[2])
+        await dm.create("c", "0 4096 linear nbd://127.0.0.1:%d/t 0" % port)
+        assert (await dm.dmsetup("table", "c")).split()[3] == "nbd://127.0.0.1:%d/t" % port
+        dev = next(iter(dm.manager._files.values()))[0]
+        dev.max_payload_bytes = 8 * KiB
+        buf = bytearray(1 * MiB)
+        got = await dev.submit(Bio.read_into(0, buf))
+        assert got is buf and buf == want[:MiB]
+        data = os.urandom(100 * KiB)
+        await dev.submit(Bio.write(16, data, fua=True))
+        assert await dev.submit(Bio.read(16, len(data) // 512)) == data
+        await dm.remove("c")
+        n.cancel_scope.cancel()
+
+
+async def test_manager_closes_with_an_export_in_use(tmp_path, images):
+    """A manager that ends with tables on an export still loaded hangs up cleanly (the
+    server sees its client go) and raises nothing."""
+    async with exporting(tmp_path) as (server, sock):
+        await server.create("back", "0 2048 linear %s 0" % images.zero(mib=1, name="c.img"))
+        with trio.fail_after(20):
+            async with open_dm() as dm:
+                await dm.create("f", "0 2048 linear %s 0" % uri(sock, "back"))
+                await dm.write("f", 0, b"q" * 4096)
+                assert server.info("back").open_count == 1
+            while server.info("back").open_count:
+                await trio.sleep(0.01)
+
+
 async def test_own_socket_is_the_dm_device_in_process(tmp_path, images):
     """A URI naming one of this manager's own listeners is its dm device, used in-process
     (the export's open count does not change: no NBD connection)."""
@@ -487,3 +525,20 @@ async def test_connection_state_model(tmp_path, images, monkeypatch):
             await trio.to_thread.run_sync(run)
         await dm.remove("front")
         nursery.cancel_scope.cancel()
+
+
+def test_socket_paths_that_are_no_sockets(tmp_path):
+    """A socket= path into the mount, or to a file, is ENODEV at resolution (never a
+    connect that could wait on our own mount); a missing one is left to the connect."""
+    from dmsim.resolve import Mount, resolve
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    (tmp_path / "file").write_bytes(b"")
+    mount = Mount.of(str(mnt))
+    for path in (str(mnt / "x"), str(tmp_path / "file")):
+        with pytest.raises(DMError) as e:
+            resolve(uri(path, "e"), "/", mount)
+        assert e.value.errno == errno.ENODEV
+    r = resolve(uri(str(tmp_path / "none"), "e"), "/", mount)
+    assert (r.kind, r.name, r.socket_id) == ("nbd", "e", None)
