@@ -332,19 +332,22 @@ class NbdDevice(BlockDevice):
         """One attempt; '' on success, else why it failed."""
         stream = None
         why = "timed out"
-        with trio.move_on_after(timeout):
-            try:
-                stream = await _open_stream(self.uri)
-                conn = _Connection(stream, ExportInfo(0, 0))
-                conn.info = await handshake(conn, self.uri.export)
-            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, _Lost, struct.error) as e:
-                why = str(e) or type(e).__name__
-            else:
-                why = self._adopt(conn)
-                if not why:
-                    return ""
-        if stream is not None:
-            stream.socket.close()
+        try:
+            with trio.move_on_after(timeout):
+                try:
+                    stream = await _open_stream(self.uri)
+                    conn = _Connection(stream, ExportInfo(0, 0))
+                    conn.info = await handshake(conn, self.uri.export)
+                except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, _Lost, struct.error) as e:
+                    why = str(e) or type(e).__name__
+                else:
+                    why = self._adopt(conn)
+                    if not why:
+                        stream = None            # the connection owns it now
+                        return ""
+        finally:                                 # (cancelled too: no socket left open)
+            if stream is not None:
+                stream.socket.close()
         return why
 
     def _adopt(self, conn: _Connection) -> str:
