@@ -161,7 +161,8 @@ class Pool:
 
     @property
     def name(self) -> str:
-        return self.pool_md.name
+        """``dm_device_name(pool->pool_md)``: the pool device's major:minor, as log lines show it."""
+        return self.pool_md.mm
 
     def log(self, message: str) -> None:
         self.ctx.log("thin: " + message)
