@@ -138,10 +138,11 @@ class _Connection:
     """A socket in transmission: callers send under a lock, one reader task matches
     replies to requests by cookie."""
 
-    def __init__(self, stream: trio.abc.Stream, info: ExportInfo):
+    def __init__(self, stream: trio.SocketStream, info: ExportInfo):
         self.stream = stream
         self.info = info
         self.buf = bytearray()
+        self._chunk = bytearray(_RECV_BYTES)
         self.pending: dict[int, _Request] = {}
         self.send_lock = trio.Lock()
         self.cookie = 0
@@ -149,14 +150,17 @@ class _Connection:
         self.reader_scope = trio.CancelScope()
 
     async def recv_exact(self, n: int) -> bytes:
+        """``n`` bytes; received into one reused buffer (``receive_some`` would allocate
+        its whole maximum for every call: measured, a third of a 4 KiB request's cost)."""
+        sock = self.stream.socket
         while len(self.buf) < n:
             try:
-                got = await self.stream.receive_some(max(_RECV_BYTES, n - len(self.buf)))
+                got = await sock.recv_into(self._chunk)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
                 raise _Lost(str(e) or type(e).__name__) from None
             if not got:
                 raise _Lost("the server closed the connection")
-            self.buf += got
+            self.buf += memoryview(self._chunk)[:got]
         out = bytes(self.buf[:n])
         del self.buf[:n]
         return out
@@ -226,9 +230,7 @@ class _Connection:
             req.error = -1
             req.done.set()
         self.pending.clear()
-        sock = getattr(self.stream, "socket", None)
-        if sock is not None:
-            sock.close()
+        self.stream.socket.close()
 
     async def disconnect(self) -> None:
         """NBD_CMD_DISC, then close (best effort: the server may be gone)."""
