@@ -251,15 +251,11 @@ class BufferCache:
             pos += take
         return bytes(out)
 
-    async def writeback(self, first_byte: int = 0, end_byte: int | None = None,
-                        drop: bool = False) -> None:
+    async def writeback(self, first_byte: int = 0, end_byte: int | None = None) -> None:
         """Write back dirty buffers overlapping the range (all by default), as a data
-        integrity writeback (REQ_SYNC); ``drop`` also forgets the range's buffers (before
-        an O_DIRECT write, like the kernel's invalidate)."""
+        integrity writeback (REQ_SYNC)."""
         async with self.lock:
             await self._writeback(first_byte, end_byte)
-            if drop:
-                self.forget(first_byte, end_byte)
 
     def forget(self, first_byte: int, end_byte: int | None) -> None:
         """Drop the clean buffers overlapping ``[first_byte, end_byte)``."""
@@ -681,8 +677,9 @@ class DeviceFS(pyfuse3.Operations):
             await cache.write(off, buf)
             return n
         cache = self.caches.get(md)
-        if cache is not None:   # O_DIRECT: write back and invalidate the range first
-            await cache.writeback(off, off + n, drop=True)
+        if cache is not None and cache.dirty:   # O_DIRECT: write the range back first
+            await cache.writeback(off, off + n)
+        # (the clean buffers it overlaps go when it completes: md.write_observer)
         if not off % SECTOR_SIZE and not n % SECTOR_SIZE:
             if fh in self._direct_fhs:   # dio_bio_write_op: SYNC|IDLE, FUA for O_DSYNC
                 dsync = fh in self._dsync_direct
