@@ -175,19 +175,19 @@ class _Connection:
         self.pending[cookie] = req
         header = _REQUEST.pack(nbd.REQUEST_MAGIC, flags, cmd, cookie, offset_bytes, length_bytes)
         # a request cut off half-sent would garble every later one: sends are shielded,
-        # bounded by their own timeout instead
-        with trio.CancelScope(shield=True):
+        # bounded by their own deadline instead (one scope for both: each costs ~10% of
+        # a 4 KiB request)
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + SEND_TIMEOUT_SECONDS) as scope:
             async with self.send_lock:
                 if self.dead:
                     self.pending.pop(cookie, None)
                     raise DMError(errno.EIO, "NBD connection lost")
-                with trio.move_on_after(SEND_TIMEOUT_SECONDS) as timer:
-                    try:
-                        await self.stream.send_all(header if data is None else header + bytes(data))
-                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                        self.fail("send failed")
-                if timer.cancelled_caught:
-                    self.fail("send timed out")
+                try:
+                    await self.stream.send_all(header if data is None else header + bytes(data))
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    self.fail("send failed")
+        if scope.cancelled_caught:
+            self.fail("send timed out")
         await req.done.wait()
         if req.error:
             raise DMError(errno.EIO, "NBD connection lost" if req.error < 0 else
