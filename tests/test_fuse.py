@@ -615,3 +615,30 @@ async def test_qemu_io_over_nbd_invalidates_a_buffered_open(mounted_fs, tmp_path
         finally:
             await run(os.close, fd)
         n.cancel_scope.cancel()
+
+
+async def test_snapshot_merge_into_a_device_with_a_buffered_open(mounted_fs, tmp_path):
+    """kcopyd's merge writes into the origin's device L: a buffered open of L then reads
+    the merged data, not what it had cached."""
+    from dmsim.snapshots import merge_snapshot
+    m, mnt, img, fs = mounted_fs
+    await make_linear(m, "L", img, 2048)
+    cow = tmp_path / "cow.img"
+    with open(cow, "wb") as f:
+        f.truncate(MiB)
+    for name, kind, params in [("snap", "snapshot", "/dev/mapper/L %s P 8" % cow),
+                               ("snap-origin", "snapshot-origin", "/dev/mapper/L")]:
+        m.create(name)
+        await m.load(name, [TableLine(0, 2048, kind, params)])
+        await m.resume(name)
+    fd = await run(os.open, mnt + "/L", os.O_RDWR)
+    try:
+        await run(os.pwrite, fd, b"A" * 4096, 0)       # through L itself: under the origin
+        await run(os.fsync, fd)
+        assert await run(os.pread, fd, 4096, 0) == b"A" * 4096
+        await m.find("snap").write(0, b"S" * 4096)       # the snapshot's own view
+        await merge_snapshot(m, "snap")
+        await fs.ops.invalidations_done()
+        assert await run(os.pread, fd, 4096, 0) == b"S" * 4096
+    finally:
+        await run(os.close, fd)
