@@ -61,6 +61,7 @@ class SuperblockValidator(Validator):
     """``sb_validator``: block number, then the magic, then the checksum."""
 
     name = "superblock"
+    prefix = "thin metadata"
     csum_xor = THIN_SUPERBLOCK_CSUM_XOR
     what = "sb_check"
     sep = ":"
@@ -179,7 +180,7 @@ class PoolMetadata:
         self._log = log or (lambda line: None)
         self.fail_io = False
         self._open_counts: dict[int, int] = {}
-        self.bm = BlockManager(path, read_only=read_only, durable=durable)
+        self.bm = BlockManager(path, read_only=read_only, durable=durable, log=self._log)
         try:
             self._create_objects(format_device)
         except BaseException:
@@ -248,9 +249,8 @@ class PoolMetadata:
     def _read_superblock(self) -> Superblock:
         try:
             blk = self.bm.read_lock(THIN_SUPERBLOCK_LOCATION, SB_VALIDATOR)
-        except MetadataError as e:
-            self.log(e.message)
-            self.log("couldn't read superblock")
+        except MetadataError:
+            self.log("couldn't read superblock")  # after the validator's and the block manager's lines
             raise
         try:
             return Superblock.unpack(blk.data)

@@ -105,6 +105,7 @@ async def test_corrupt_metadata_refused_with_the_kernels_lines(imgs):
             await mk(m, "pool", pool_line(meta, data))
         log = m.read_log()
         assert any("thin metadata: sb_check failed: blocknr" in line for line in log)
+        assert any("block manager: superblock validator check failed for block 0" in line for line in log)
         assert any("thin metadata: couldn't read superblock" in line for line in log)
         assert any("Error creating metadata object" in line for line in log)
     with open(meta, "rb") as f:

@@ -14,6 +14,7 @@ when the block is written, so hot structures are not re-parsed on every access.
 import errno
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from dmsim.errors import DMError
@@ -60,8 +61,10 @@ class BlockManager:
     """
 
     def __init__(self, path: str, *, block_size: int = METADATA_BLOCK_SIZE, read_only: bool = False,
-                 durable: bool = True, cache_blocks: int = 4096):
+                 durable: bool = True, cache_blocks: int = 4096, log: Callable[[str], None] | None = None):
         self.path = path
+        #: receives the kernel's log lines (without ``device-mapper: ``) for blocks that fail a check
+        self.log = log or (lambda line: None)
         self.block_size = block_size
         self.read_only = read_only
         self.durable = durable
@@ -111,7 +114,7 @@ class BlockManager:
                 blk.checked = True
             elif blk.validator is not validator:
                 if blk.validator is NO_VALIDATOR and not blk.checked:
-                    validator.check(blk.data, location)
+                    self._check(validator, blk.data, location)
                     blk.validator = validator
                     blk.checked = True
                 elif validator is not NO_VALIDATOR:
@@ -126,13 +129,22 @@ class BlockManager:
             self.reads += 1
             if len(data) != self.block_size:
                 raise DMError(errno.EIO, "short read of metadata block %d" % location)
-            validator.check(data, location)
+            self._check(validator, data, location)
             blk = Block(location, bytearray(data), validator)
             blk.checked = validator is not NO_VALIDATOR
         self._evict()
         self._cache[location] = blk
         self._lru[location] = blk
         return blk
+
+    def _check(self, validator: Validator, data: bytes | bytearray, location: int) -> None:
+        """The validator's check, logged as the kernel logs a failure (its line, then ours)."""
+        try:
+            validator.check(data, location)
+        except MetadataError as e:
+            self.log("%s: %s" % (validator.prefix, e.message))
+            self.log("block manager: %s validator check failed for block %d" % (validator.name, location))
+            raise
 
     def _evict(self) -> None:
         """Drop the least recently used clean blocks over the limit (dirty ones stay until flushed)."""

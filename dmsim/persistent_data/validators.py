@@ -19,6 +19,8 @@ class Validator:
     """A block type with its header layout: csum (le32) at 0, blocknr (le64) at ``blocknr_offset``."""
 
     name = "none"
+    #: DM_MSG_PREFIX of the kernel file whose check logs the failure
+    prefix = "persistent data"
     csum_xor = 0
     blocknr_offset = 8
     #: prefix of the kernel's DMERR lines for this type ("node_check failed")
@@ -63,6 +65,7 @@ class BTreeNodeValidator(Validator):
     """``btree_node_validator`` (dm-btree-spine.c): plus the header's bounds."""
 
     name = "btree_node"
+    prefix = "btree spine"
     csum_xor = BTREE_CSUM_XOR
     what = "node_check"
 
@@ -81,6 +84,7 @@ class BitmapValidator(Validator):
     """``dm_sm_bitmap_validator`` (dm-space-map-common.c)."""
 
     name = "sm_bitmap"
+    prefix = "space map common"
     csum_xor = BITMAP_CSUM_XOR
     what = "bitmap check"
 
@@ -89,6 +93,7 @@ class IndexValidator(Validator):
     """``index_validator``: the metadata space map's single index block."""
 
     name = "index"
+    prefix = "space map metadata"
     csum_xor = INDEX_CSUM_XOR
     what = "index_check"
 
@@ -97,6 +102,7 @@ class ArrayBlockValidator(Validator):
     """``array_validator`` (dm-array.c): csum, max_entries, nr_entries, value_size, blocknr."""
 
     name = "array"
+    prefix = "array"
     csum_xor = ARRAY_CSUM_XOR
     blocknr_offset = 16
     what = "array_block_check"
