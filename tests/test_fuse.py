@@ -4,14 +4,19 @@ import os
 
 import pytest
 import trio
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 import dmsim
+from dmsim.bio import BACKGROUND_WRITEBACK_FLAGS, SYNC_WRITEBACK_FLAGS, Bio, Op
 from dmsim.table import TableLine
 
 pyfuse3 = pytest.importorskip("pyfuse3", reason="pyfuse3 is an optional dependency (dmsim[fuse])")
 if not os.path.exists("/dev/fuse"):
     pytest.skip("no /dev/fuse on this machine", allow_module_level=True)
 
+import dmsim.fuse as dmfuse  # noqa: E402
 from dmsim.fuse import Mount  # noqa: E402
 
 MiB = 1 << 20
@@ -642,3 +647,130 @@ async def test_snapshot_merge_into_a_device_with_a_buffered_open(mounted_fs, tmp
         assert await run(os.pread, fd, 4096, 0) == b"S" * 4096
     finally:
         await run(os.close, fd)
+
+
+# -- model: the buffer cache against a plain reference ------------------------------------------
+
+
+class FakeDevice:
+    """A device in memory that calls its write observer after each write, as
+    MappedDevice.submit does; it records the writes (sector, sectors, flags)."""
+
+    logical_block_size = 512
+
+    def __init__(self, size_bytes: int):
+        self.buf = bytearray(size_bytes)
+        self.size_sectors = size_bytes // 512
+        self.write_observer = None
+        self.writes: list[tuple[int, int, int]] = []
+
+    async def submit(self, bio):
+        lo, hi = bio.sector * 512, bio.end_sector * 512
+        if bio.op is Op.READ:
+            return bytes(self.buf[lo:hi])
+        self.buf[lo:hi] = bio.data
+        self.writes.append((bio.sector, bio.sectors, bio.flags))
+        if self.write_observer is not None:
+            self.write_observer(bio)
+
+    async def read(self, sector, sectors):
+        return bytes(self.buf[sector * 512:(sector + sectors) * 512])
+
+    async def pread(self, off, n):
+        return bytes(self.buf[off:off + n])
+
+
+class BufferCacheMachine(RuleBasedStateMachine):
+    """BufferCache (with its write observer hooked up) against a reference: the disk's
+    bytes plus the dirty buffers laid over them.  Invariant: every clean buffer is what
+    the disk holds (a foreign write never leaves one stale), every dirty one is the
+    reference's; writeback sends one bio per dirty buffer in order, with its flags."""
+
+    @initialize(size_sectors=st.sampled_from([128, 130, 129]), limit_buffers=st.sampled_from([3, 1000]))
+    def setup(self, size_sectors, limit_buffers):
+        self.dev = FakeDevice(size_sectors * 512)
+        self.cache = dmfuse.BufferCache(self.dev)
+        self.dev.write_observer = self.cache.device_written
+        self.bs = self.cache.block_bytes
+        assert self.bs == {128: 4096, 130: 1024, 129: 512}[size_sectors]
+        self.size = size_sectors * 512
+        self.limit = limit_buffers * self.bs
+        self.disk = bytearray(self.size)
+        self.dirty: dict[int, bytearray] = {}
+
+    def _run(self, fn, *args):
+        saved = dmfuse.DIRTY_LIMIT_BYTES
+        dmfuse.DIRTY_LIMIT_BYTES = self.limit
+        try:
+            return trio.run(fn, *args)
+        finally:
+            dmfuse.DIRTY_LIMIT_BYTES = saved
+
+    def _write_back(self, first, end, flags):
+        todo = sorted(i for i in self.dirty if (i + 1) * self.bs > first and (end is None or i * self.bs < end))
+        for i in todo:
+            self.disk[i * self.bs:(i + 1) * self.bs] = self.dirty.pop(i)
+        return [(i * self.bs // 512, self.bs // 512, flags) for i in todo]
+
+    @rule(data=st.data(), byte=st.integers(0, 255))
+    def buffered_write(self, data, byte):
+        off = data.draw(st.integers(0, self.size - 1))
+        n = data.draw(st.integers(1, min(3 * self.bs, self.size - off)))
+        self.dev.writes.clear()
+        self._run(self.cache.write, off, bytes([byte]) * n)
+        for pos in range(off, off + n):
+            i = pos // self.bs
+            if i not in self.dirty:
+                self.dirty[i] = bytearray(self.disk[i * self.bs:(i + 1) * self.bs])
+            self.dirty[i][pos % self.bs] = byte
+        want = []
+        if len(self.dirty) * self.bs > self.limit:
+            want = self._write_back(0, None, BACKGROUND_WRITEBACK_FLAGS)
+        assert self.dev.writes == want
+
+    @rule(data=st.data())
+    def buffered_read(self, data):
+        off = data.draw(st.integers(0, self.size - 1))
+        n = data.draw(st.integers(1, self.size - off))
+        view = bytearray(self.disk)
+        for i, b in self.dirty.items():
+            view[i * self.bs:(i + 1) * self.bs] = b
+        assert self._run(self.cache.read, off, n) == bytes(view[off:off + n])
+
+    @rule(data=st.data(), byte=st.integers(0, 255))
+    def foreign_write(self, data, byte):
+        """NBD, the API, a stacked device, kcopyd: a write bio straight to the device."""
+        sector = data.draw(st.integers(0, self.size // 512 - 1))
+        sectors = data.draw(st.integers(1, min(24, self.size // 512 - sector)))
+        payload = bytes([byte]) * (sectors * 512)
+        self._run(self.dev.submit, Bio(Op.WRITE, sector, sectors, payload))
+        self.disk[sector * 512:(sector + sectors) * 512] = payload
+
+    @rule(data=st.data())
+    def writeback(self, data):
+        """fsync / last close / suspend (all of it) or before an O_DIRECT request (a range)."""
+        if data.draw(st.booleans()):
+            first, end = 0, None
+        else:
+            first = data.draw(st.integers(0, self.size - 1))
+            end = data.draw(st.integers(first + 1, self.size))
+        self.dev.writes.clear()
+        self._run(self.cache.writeback, first, end)
+        assert self.dev.writes == self._write_back(first, end, SYNC_WRITEBACK_FLAGS)
+
+    @invariant()
+    def buffers_match_the_reference(self):
+        if not hasattr(self, "cache"):
+            return
+        assert set(self.cache.dirty) == set(self.dirty)
+        for i, b in self.cache.dirty.items():
+            assert b == self.dirty[i], i
+        for i, b in self.cache.clean.items():
+            assert i not in self.cache.dirty
+            assert b == self.disk[i * self.bs:(i + 1) * self.bs], "stale clean buffer %d" % i
+
+
+BufferCacheMachine.TestCase.settings = settings(
+    max_examples=60 * int(os.environ.get("DMSIM_MODEL_EXAMPLES", "1")), stateful_step_count=30,
+    deadline=None, suppress_health_check=[HealthCheck.too_slow])
+test_buffer_cache_model = BufferCacheMachine.TestCase
