@@ -351,6 +351,7 @@ class DeviceFS(pyfuse3.Operations):
         self._direct_fhs: set[int] = set()                   # fhs opened O_DIRECT
         self._page_cached: dict[MappedDevice, int] = {}      # opens using the kernel page cache
         self._page_cached_fhs: set[int] = set()
+        self._own_writes: set[int] = set()                   # ids of --page-cache write bios
         self._stale: set[int] = set()                        # inodes to invalidate
         self._stale_event = trio.Event()
         self.invalidations = 0                               # invalidate_inode calls made
@@ -499,6 +500,8 @@ class DeviceFS(pyfuse3.Operations):
 
     def _device_written(self, md: MappedDevice, bio: Bio) -> None:
         """``md.write_observer`` while the kernel may cache its pages (see module doc)."""
+        if id(bio) in self._own_writes:
+            return
         cache = self.caches.get(md)
         if cache is not None:
             if not cache.device_written(bio):
@@ -676,6 +679,9 @@ class DeviceFS(pyfuse3.Operations):
         if cache is not None:
             await cache.write(off, buf)
             return n
+        if fh in self._page_cached_fhs:   # --page-cache: the kernel's pages hold it already
+            await self._write_through(md, off, buf)
+            return n
         cache = self.caches.get(md)
         if cache is not None and cache.dirty:   # O_DIRECT: write the range back first
             await cache.writeback(off, off + n)
@@ -692,6 +698,22 @@ class DeviceFS(pyfuse3.Operations):
         else:
             await md.pwrite(off, buf)
         return n
+
+    async def _write_through(self, md: MappedDevice, off: int, buf) -> None:
+        """A write from the kernel's page cache (``--page-cache``): like ``md.pwrite``, but
+        the write observer knows the bio as ours and leaves the pages alone."""
+        first, end = off // SECTOR_SIZE, -(-(off + len(buf)) // SECTOR_SIZE)
+        skip = off - to_bytes(first)
+        if skip or len(buf) != to_bytes(end - first):
+            data = bytearray(await md.read(first, end - first))
+            data[skip:skip + len(buf)] = buf
+            buf = data
+        bio = Bio(Op.WRITE, first, end - first, buf)
+        self._own_writes.add(id(bio))
+        try:
+            await md.submit(bio)
+        finally:
+            self._own_writes.discard(id(bio))
 
 
 class Mount:

@@ -774,3 +774,36 @@ BufferCacheMachine.TestCase.settings = settings(
     max_examples=60 * int(os.environ.get("DMSIM_MODEL_EXAMPLES", "1")), stateful_step_count=30,
     deadline=None, suppress_health_check=[HealthCheck.too_slow])
 test_buffer_cache_model = BufferCacheMachine.TestCase
+
+
+async def test_page_cache_mode_invalidates_only_for_foreign_writes(tmp_path):
+    """--page-cache (every open through the kernel's page cache, written through): the
+    file's own writes keep the pages, a write by another path drops them."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    img = tmp_path / "a.img"
+    with open(img, "wb") as f:
+        f.truncate(MiB)
+    async with dmsim.open_manager(mount_dir=str(mnt)) as m:
+        fs = Mount(m, str(mnt), direct_io=False)
+        fs.mount()
+        try:
+            async with trio.open_nursery() as n:
+                n.start_soon(fs.run)
+                await make_linear(m, "L", str(img), 2048)
+                fd = await run(os.open, str(mnt / "L"), os.O_RDWR)
+                try:
+                    await run(os.pwrite, fd, b"A" * 4096, 0)
+                    await run(os.pwrite, fd, b"xyz", 5000)      # unaligned
+                    await fs.ops.invalidations_done()
+                    assert fs.ops.invalidations == 0
+                    assert await run(os.pread, fd, 4096, 4096) == bytes(904) + b"xyz" + bytes(3189)
+                    await m.find("L").write(0, b"B" * 4096)
+                    await fs.ops.invalidations_done()
+                    assert fs.ops.invalidations == 1
+                    assert await run(os.pread, fd, 4096, 0) == b"B" * 4096
+                finally:
+                    await run(os.close, fd)
+                n.cancel_scope.cancel()
+        finally:
+            fs.unmount()
