@@ -355,6 +355,8 @@ class DeviceFS(pyfuse3.Operations):
         self._stale: set[int] = set()                        # inodes to invalidate
         self._stale_event = trio.Event()
         self.invalidations = 0                               # invalidate_inode calls made
+        self._invalidating = False
+        self.in_thread = 0                                   # invalidate_inode calls under way
 
     # -- inodes ------------------------------------------------------------------------------
     def _ino(self, md: MappedDevice) -> int:
@@ -530,19 +532,32 @@ class DeviceFS(pyfuse3.Operations):
             await self._stale_event.wait()
             self._stale_event = trio.Event()
             inodes, self._stale = self._stale, set()
-            for ino in sorted(inodes):
-                try:
-                    await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, False,
-                                                  abandon_on_cancel=True)
-                except OSError as e:   # ENOENT: the kernel holds no such inode (no pages)
-                    if e.errno != errno.ENOENT:
-                        log.warning("invalidating inode %d failed: %s", ino, e)
-                self.invalidations += 1
+            self._invalidating = True
+            try:
+                for ino in sorted(inodes):
+                    try:
+                        await trio.to_thread.run_sync(self._invalidate_inode, ino,
+                                                      abandon_on_cancel=True)
+                    except OSError as e:   # ENOENT: the kernel holds no such inode (no pages)
+                        if e.errno != errno.ENOENT:
+                            log.warning("invalidating inode %d failed: %s", ino, e)
+                    self.invalidations += 1
+            finally:
+                self._invalidating = False
+
+    def _invalidate_inode(self, ino: int) -> None:
+        """(worker thread) ``in_thread`` lets :meth:`Mount.unmount` wait for the call to
+        leave libfuse before the session goes."""
+        self.in_thread += 1
+        try:
+            pyfuse3.invalidate_inode(ino, False)
+        finally:
+            self.in_thread -= 1
 
     async def invalidations_done(self) -> None:
         """Wait until no invalidation is pending (tests; a write's completion does not
         wait for it)."""
-        while self._stale or self._stale_event.is_set():
+        while self._stale or self._stale_event.is_set() or self._invalidating:
             await trio.sleep(0.001)
 
     async def release(self, fh):
@@ -749,4 +764,9 @@ class Mount:
     def unmount(self) -> None:
         if self.mounted:
             self.mounted = False
+            # an abandoned invalidation may still be in libfuse: give it a moment (it
+            # returns once the kernel has the notification, or fails when the fd closes)
+            deadline = time.monotonic() + 1.0
+            while self.ops.in_thread and time.monotonic() < deadline:
+                time.sleep(0.01)
             pyfuse3.close(unmount=True)
