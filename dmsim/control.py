@@ -13,6 +13,7 @@ import errno
 import os
 from dataclasses import dataclass
 
+from .blockdev import FileDevice
 from .errors import DMError
 from .manager import DRIVER_VERSION, DeviceInfo, Manager
 from .table import TableLine
@@ -20,18 +21,19 @@ from .table import TableLine
 #: the methods a control offers; the socket server dispatches exactly these
 METHODS = ("version", "create", "load", "suspend", "resume", "clear", "remove", "remove_all",
            "rename", "message", "info", "names", "table_lines", "deps", "wait", "versions",
-           "read_log", "mount_dir")
+           "read_log", "mount_dir", "set_geometry")
 
 
 @dataclass
 class Dep:
     """One underlying device as ``deps`` reports it."""
 
-    major: int | None     # None for an image file (it has no device number)
+    major: int | None     # None for a device with no number (an image has one: IMAGE_MAJOR)
     minor: int | None
     name: str             # dm name, or the kernel-style name of a block device / image
     kname: str            # dm-N, loop0, ... (blkdevname)
     ref: str              # how tables print it: major:minor or a path
+    path: str | None = None   # the file an image's number stands for (None: a device)
 
 
 class LocalControl:
@@ -73,6 +75,10 @@ class LocalControl:
     async def rename(self, name: str, new_name: str | None = None, new_uuid: str | None = None) -> None:
         self.m.rename(name, new_name, new_uuid)
 
+    async def set_geometry(self, name: str, geometry: str) -> None:
+        """``DM_DEV_SET_GEO``: ``geometry`` is dmsetup's ``"cyl heads sectors start"``."""
+        self.m.set_geometry(name, geometry)
+
     async def message(self, name: str, sector: int, message: str) -> str:
         return await self.m.message(name, sector, message)
 
@@ -90,7 +96,8 @@ class LocalControl:
         out = []
         for dev in self.m.deps(name, inactive):
             major, minor = dev.devno if dev.devno else (None, None)
-            out.append(Dep(major, minor, getattr(dev, "name", None) or dev.kname, dev.kname, dev.ref))
+            path = dev.path if isinstance(dev, FileDevice) and not dev.is_blockdev and dev.devno else None
+            out.append(Dep(major, minor, getattr(dev, "name", None) or dev.kname, dev.kname, dev.ref, path))
         return out
 
     async def wait(self, name: str, event_nr: int = 0) -> DeviceInfo:

@@ -11,6 +11,8 @@ import contextlib
 import errno
 import logging
 import os
+import re
+import weakref
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -19,7 +21,7 @@ import trio
 from .blockdev import BlockDevice, FileDevice
 from .device import MappedDevice
 from .errors import DMError, collapse_groups
-from .resolve import Mount, Resolved, resolve, resolve_all
+from .resolve import IMAGE_MAJOR, Mount, Resolved, resolve, resolve_all
 from .table import TableLine, build_table, check_limits, split_args
 
 DRIVER_VERSION = (4, 47, 0)
@@ -49,6 +51,8 @@ class DeviceInfo:
     inactive_table: bool
     deferred_remove: bool
     target_count: int
+    #: the gendisk exists (a first table was loaded); dmsetup reads read-ahead from its node
+    has_disk: bool = True
 
 
 class Manager:
@@ -59,13 +63,22 @@ class Manager:
     """
 
     def __init__(self, nursery: trio.Nursery, mount_dir: str | None = None, io_mode: str = "inline",
-                 durability: str = "fsync"):
+                 durability: str = "fsync", image_numbers: bool | None = None):
         self.nursery = nursery
         self.mount_dir = os.path.abspath(mount_dir) if mount_dir else None
         self.io_mode = io_mode
         self.durability = durability       # of image files: see dmsim.blockdev
         self.devices: dict[str, MappedDevice] = {}
         self._files: dict[tuple[str, bool], list] = {}   # (realpath, write) -> [dev, refs]
+        #: each device's CHS geometry from DM_DEV_SET_GEO (cylinders, heads, sectors, start)
+        self.geometries: weakref.WeakKeyDictionary[MappedDevice, tuple[int, int, int, int]] = \
+            weakref.WeakKeyDictionary()
+        #: image files get device numbers (:meth:`image_devno`), printed where the kernel
+        #: prints major:minor; off: their paths.  Default: ``DMSIM_IMAGE_NUMBERS=1``
+        self.image_numbers = os.environ.get("DMSIM_IMAGE_NUMBERS") == "1" if image_numbers is None \
+            else image_numbers
+        self._image_minors: dict[str, int] = {}          # image file -> its IMAGE_MAJOR minor
+        self._image_paths: dict[int, str] = {}
         self._log: list[str] = []
         self.log_listeners: list = []
         # async fn(md) run by a flushing suspend after presuspend (dm's lock_fs: a FUSE
@@ -107,7 +120,8 @@ class Manager:
         nothing here waits on our own mount or on a slow path from the Trio thread."""
         from .nbd_client import open_exports  # (NBD URIs: connected before the constructors)
 
-        resolved, root_id = await resolve_all(names, cwd, self.mount_dir, in_thread=self.mount_dir is not None)
+        resolved, root_id = await resolve_all(names, cwd, self.mount_dir, in_thread=self.mount_dir is not None,
+                                              images=dict(self._image_paths))
         if root_id is not None:
             self.mount_root_id = root_id
         await open_exports(self, resolved)
@@ -124,7 +138,8 @@ class Manager:
         (EINVAL: a cycle would recurse for ever)."""
         if resolved is None:
             try:
-                resolved = resolve(name, cwd or _getcwd(), Mount.of(self.mount_dir, self.mount_root_id))
+                resolved = resolve(name, cwd or _getcwd(), Mount.of(self.mount_dir, self.mount_root_id),
+                                   self._image_paths)
             except DMError as e:
                 resolved = e
         if isinstance(resolved, DMError):
@@ -146,9 +161,26 @@ class Manager:
         if entry is None:
             dev = FileDevice(resolved.path, read_only=not write, io_mode=self.io_mode,
                              durability=self.durability)
+            if self.image_numbers and not dev.is_blockdev:
+                dev.devno = self.image_devno(resolved.path)
             entry = self._files[key] = [dev, 0]
         entry[1] += 1
         return entry[0]
+
+    def image_devno(self, path: str) -> tuple[int, int]:
+        """The device number of an image file (``path`` symlink-free): one minor of
+        :data:`IMAGE_MAJOR` per file, given at its first open and kept while this manager
+        lives, so that tables and status print numbers as the kernel does (lvm2's parsers
+        need them) and take them back."""
+        minor = self._image_minors.get(path)
+        if minor is None:
+            minor = self._image_minors[path] = len(self._image_minors)
+            self._image_paths[minor] = path
+        return IMAGE_MAJOR, minor
+
+    def image_files(self) -> dict[tuple[int, int], str]:
+        """Every image number given so far and its file."""
+        return {(IMAGE_MAJOR, minor): path for minor, path in self._image_paths.items()}
 
     def _dm_of(self, r: Resolved) -> MappedDevice:
         """The dm device a resolution names; one that never had a table has no disk yet
@@ -447,31 +479,59 @@ class Manager:
 
     # -- DM_DEV_RENAME --------------------------------------------------------------------------
     def rename(self, name: str, new_name: str | None = None, new_uuid: str | None = None) -> None:
-        md = self.find(name)
+        """``DM_DEV_RENAME``: the checks in ``dm_hash_rename``'s order (a taken new name or
+        uuid, then a missing device, then a uuid already set), each with its log line."""
         new = new_uuid if new_uuid is not None else new_name
         if not new or _bad_bytes(new) or len(new.encode()) > (MAX_UUID if new_uuid is not None else MAX_NAME):
             self.log("ioctl: Invalid new mapped device name or uuid string supplied.")
             raise DMError(errno.EINVAL)
         if new_uuid is not None:
             self._check_uuid(new_uuid)
+        else:
+            assert new_name is not None
+            self._check_name(new_name)
+        what = "uuid" if new_uuid is not None else "name"
+        taken = any(o.uuid == new_uuid for o in self.devices.values()) if new_uuid is not None \
+            else new in self.devices
+        if taken:
+            self.log("ioctl: Unable to change %s on mapped device %s to one that already exists: %s"
+                     % (what, name, new))
+            raise DMError(errno.EBUSY)
+        md = self.devices.get(name)
+        if md is None:
+            self.log("ioctl: Unable to rename non-existent device, %s to %s%s"
+                     % (name, "uuid " if new_uuid is not None else "", new))
+            raise DMError(errno.ENXIO)
+        if new_uuid is not None:
             if md.uuid:
                 self.log("ioctl: Unable to change uuid of mapped device %s to %s because uuid is already set to %s"
                          % (md.name, new_uuid, md.uuid))
                 raise DMError(errno.EINVAL)
-            if any(o.uuid == new_uuid for o in self.devices.values()):
-                raise DMError(errno.EBUSY)
             md.uuid = new_uuid
         else:
             assert new_name is not None
-            self._check_name(new_name)
-            if new_name in self.devices:
-                self.log("ioctl: Unable to change name on mapped device %s to one that already exists: %s"
-                         % (md.name, new_name))
-                raise DMError(errno.EBUSY)
             del self.devices[md.name]
             md.name = new_name
             self.devices[new_name] = md
         md.raise_event()
+
+    # -- DM_DEV_SET_GEO -------------------------------------------------------------------------
+    def set_geometry(self, name: str, geometry: str) -> None:
+        """``DM_DEV_SET_GEO`` with dmsetup's string ``"cyl heads sectors start"``: parsed
+        as the kernel's ``sscanf("%lu %lu %lu %lu%c")``, then its range checks."""
+        md = self.find(name)
+        values = _parse_geometry(geometry)
+        if values is None:
+            self.log("ioctl: Unable to interpret geometry settings.")
+            raise DMError(errno.EINVAL)
+        cylinders, heads, sectors, start_sector = values
+        if cylinders > 65535 or heads > 255 or sectors > 255:
+            self.log("ioctl: Geometry exceeds range limits.")
+            raise DMError(errno.EINVAL)
+        if start_sector > cylinders * heads * sectors:
+            self.log("core: Start sector is beyond the geometry limits.")
+            raise DMError(errno.EINVAL)
+        self.geometries[md] = values
 
     # -- DM_TARGET_MSG ------------------------------------------------------------------------
     async def message(self, name: str, sector: int, message: str) -> str:
@@ -490,7 +550,8 @@ class Manager:
             raise DMError(errno.EINVAL)
         table = md.live
         if table is None:
-            return ""
+            self.log("ioctl: The device has no table.")
+            raise DMError(errno.EINVAL)
         if sector < 0 or sector >= table.size_sectors:
             self.log("ioctl: Target message sector outside device.")
             raise DMError(errno.EINVAL)
@@ -515,6 +576,7 @@ class Manager:
             live_table=md.live is not None, inactive_table=md.inactive is not None,
             deferred_remove=md.deferred_remove,
             target_count=len(table.targets) if table else 0,
+            has_disk=md.has_disk,
         )
 
     def names(self) -> list[str]:
@@ -574,6 +636,25 @@ class Manager:
                 await self._destroy(md)
 
 
+_GEOMETRY = re.compile(r"\s*([+-]?\d+)\s*([+-]?\d+)\s*([+-]?\d+)\s*([+-]?\d+)")
+ULONG_MAX = (1 << 64) - 1
+
+
+def _parse_geometry(text: str) -> tuple[int, int, int, int] | None:
+    """Four ``%lu`` (a sign allowed, a negative value wraps, an overflow saturates at
+    ULONG_MAX) and nothing after them, as ``sscanf(..., "%lu %lu %lu %lu%c") == 4``."""
+    m = _GEOMETRY.fullmatch(text)
+    if m is None:
+        return None
+    out = []
+    for word in m.groups():
+        value = int(word)
+        if abs(value) > ULONG_MAX:
+            value = ULONG_MAX
+        out.append(value % (1 << 64))
+    return out[0], out[1], out[2], out[3]
+
+
 def _bad_bytes(text: str) -> bool:
     """A NUL (C strings end there) or a lone surrogate (no UTF-8 form) in ``text``."""
     if "\0" in text:
@@ -626,11 +707,11 @@ def _getcwd() -> str:
 
 @contextlib.asynccontextmanager
 async def open_manager(mount_dir: str | None = None, io_mode: str = "inline",
-                       durability: str = "fsync"):
+                       durability: str = "fsync", image_numbers: bool | None = None):
     """``async with open_manager() as m:`` -- a manager and the nursery it owns."""
     with collapse_groups():
         async with trio.open_nursery() as nursery:
-            m = Manager(nursery, mount_dir, io_mode, durability)
+            m = Manager(nursery, mount_dir, io_mode, durability, image_numbers)
             try:
                 yield m
             finally:

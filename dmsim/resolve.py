@@ -27,7 +27,7 @@ import os
 import stat
 import threading
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import trio
 
@@ -35,6 +35,9 @@ from .device import DM_MAJOR
 from .errors import DMError
 
 LOOP_MAJOR = 7
+#: the major of image files' device numbers (Linux's local/experimental range 240-254):
+#: a manager gives each image file it opens one minor, kept for as long as it runs
+IMAGE_MAJOR = 240
 MAX_SYMLINKS = 40               # the kernel's MAXSYMLINKS
 RESOLVE_TIMEOUT_SECONDS = 10.0
 
@@ -95,11 +98,12 @@ def mount_root_id(mount_dir: str) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def resolve(name: str, cwd: str, mount: Mount | None) -> Resolved:
+def resolve(name: str, cwd: str, mount: Mount | None, images: Mapping[int, str] | None = None) -> Resolved:
     """Resolve one table device name (blocking: a worker thread, or a lexical answer).
 
-    Raises DMError(ENODEV) when it leads nowhere, ENOTBLK for a directory or other
-    non-device, ENXIO for a ``major:minor`` with no such device, EINVAL for an NBD URI
+    ``images`` maps the minors of :data:`IMAGE_MAJOR` to their files (the number printed
+    for an image comes back in a table).  Raises DMError(ENODEV) when it leads nowhere,
+    ENOTBLK for a directory or other non-device, ENXIO for a ``major:minor`` with no such device, EINVAL for an NBD URI
     this client cannot use."""
     from .nbd_client import looks_like_uri
 
@@ -111,6 +115,11 @@ def resolve(name: str, cwd: str, mount: Mount | None) -> Resolved:
             raise DMError(errno.ENODEV)
         if int(major) == DM_MAJOR:
             return Resolved("dm-minor", minor=int(minor))
+        if int(major) == IMAGE_MAJOR:
+            path = (images or {}).get(int(minor))
+            if path is None:
+                raise DMError(errno.ENODEV)
+            return _walk(path, mount)
         link = "/sys/dev/block/%d:%d" % (int(major), int(minor))
         try:
             target = os.readlink(link)
@@ -260,7 +269,8 @@ def _loop_onto_mount(rdev: int, mount: Mount) -> Resolved | None:
 
 
 async def resolve_all(names: Iterable[str], cwd: str, mount_dir: str | None,
-                      root_id: tuple[int, int] | None = None, in_thread: bool = True
+                      root_id: tuple[int, int] | None = None, in_thread: bool = True,
+                      images: Mapping[int, str] | None = None
                       ) -> tuple[dict[str, Resolved | DMError], tuple[int, int] | None]:
     """Resolve every name, each to a :class:`Resolved` or the DMError it gives, and
     return the mount root's identity too (looked up when ``root_id`` is not known).
@@ -279,7 +289,7 @@ async def resolve_all(names: Iterable[str], cwd: str, mount_dir: str | None,
         mount = Mount.of(mount_dir, ids[0])
         for name in pending:
             try:
-                out[name] = resolve(name, cwd, mount)
+                out[name] = resolve(name, cwd, mount, images) if images else resolve(name, cwd, mount)
             except DMError as e:
                 out[name] = e
 

@@ -2,9 +2,10 @@
 
 Each test drives :func:`dmsim.dmsetup.run` over a :class:`LocalControl`.  A 16 MiB image
 file named ``vda`` stands in for ``/dev/vda``: where the kernel prints ``254:0`` dmsim
-prints the image's path, and its log lines name the file's basename, ``vda``.
+prints the image's number (``240:N``), and its log lines name the file's basename, ``vda``.
 """
 import errno
+import os
 
 import pytest
 import trio
@@ -45,6 +46,10 @@ class Env:
     def klog(self):
         return self.m.read_log()
 
+    def num(self, path) -> str:
+        """How tables print an image file: its device number (issue 13, item 7)."""
+        return "%d:%d" % self.m.image_devno(os.path.realpath(path))
+
 
 @pytest.fixture
 async def env(tmp_path):
@@ -55,7 +60,7 @@ async def env(tmp_path):
     vdb = tmp_path / "vdb"
     with open(vdb, "wb") as f:
         f.truncate(16384 * 512)
-    async with dmsim.open_manager() as m:
+    async with dmsim.open_manager(image_numbers=True) as m:
         yield Env(m, str(vda), str(vdb))
 
 
@@ -75,7 +80,7 @@ async def test_24_no_devices(env, argv):
 
 async def test_25_26_table_status_size(env):
     await make_lz(env)
-    v = env.vda
+    v = env.num(env.vda)
     assert await env.ok("table", "lz") == \
         "0 8192 linear %s 0\n8192 4096 zero \n12288 8192 linear %s 16384\n" % (v, v)
     assert await env.ok("status", "lz") == "0 8192 linear \n8192 4096 zero \n12288 8192 linear \n"
@@ -110,13 +115,15 @@ async def test_29_noheadings_ls_deps(env):
     await make_lz(env)
     assert await env.ok("info", "-c", "--noheadings", "lz") == "lz:253:0:L--w:0:3:0:\n"
     assert await env.ok("ls") == "lz\t(253:0)\n"
-    assert await env.ok("deps", "lz") == "1 dependencies\t: (%s)\n" % env.vda
+    assert await env.ok("deps", "lz") == "1 dependencies\t: (%s)\n" % env.num(env.vda).replace(":", ", ")
+    assert await env.ok("deps", "-o", "devname", "lz") == "1 dependencies\t: (%s)\n" % os.path.realpath(env.vda)
+    assert await env.ok("deps", "-o", "blkdevname", "lz") == "1 dependencies\t: (vda)\n"
 
 
 async def test_30_all_devices_prefixed_and_sorted(env):
     await make_lz(env)
     await env.ok("create", "e1", "--table", "0 100 error")
-    v = env.vda
+    v = env.num(env.vda)
     assert await env.ok("table") == (
         "e1: 0 100 error \n"
         "lz: 0 8192 linear %s 0\n"
@@ -492,7 +499,7 @@ async def test_52_failed_limits_at_resume(env):
         "device-mapper: table: 253:0: vda too small for target: start=0, len=40000, dev_size=32768"]
     info = await env.ok("info", "x")
     assert "State:             SUSPENDED\n" in info and "Tables present:    LIVE\n" in info
-    assert await env.ok("table", "x") == "0 8 linear %s 0\n" % env.vda
+    assert await env.ok("table", "x") == "0 8 linear %s 0\n" % env.num(env.vda)
     await env.ok("resume", "x")
     assert "State:             ACTIVE\n" in await env.ok("info", "x")
     assert env.m.find("x").size_sectors == 8
@@ -504,7 +511,11 @@ async def test_53_notable_suspend_resume_message(env):
     assert await env.sh("resume", "nt") == \
         ("", "device-mapper: resume ioctl on nt  failed: Invalid argument\nCommand failed.\n", 1)
     assert await env.ok("info", "-c", "--noheadings", "-o", "attr", "nt") == "--sw\n"
-    assert await env.sh("message", "nt", "0", "hello") == ("", "", 0)
+    env.klog()
+    # 6.1 (conformance 31-notable): a device with no live table refuses messages
+    assert await env.sh("message", "nt", "0", "hello") == \
+        ("", "device-mapper: message ioctl on nt  failed: Invalid argument\nCommand failed.\n", 1)
+    assert env.klog() == ["device-mapper: ioctl: The device has no table."]
 
 
 async def test_54_empty_table(env):
@@ -513,7 +524,9 @@ async def test_54_empty_table(env):
         ("", "device-mapper: reload ioctl on lz  failed: Invalid argument\nCommand failed.\n", 1)
     assert env.klog() == ["device-mapper: ioctl: populate_table: no targets specified"]
     await env.ok("create", "emp", "--table", "")
-    assert "Tables present:    None\n" in await env.ok("info", "emp")
+    out, err, rc = await env.sh("info", "emp")      # no table loaded: no disk, as --notable
+    assert "Tables present:    None\n" in out and "Read Ahead" not in out and rc == 0
+    assert err == "/dev/mapper/emp: open failed: No such file or directory\n"
     await env.ok("create", "emp2", "--table", "# only a comment\n\n")
     assert await env.ok("info", "-c", "--noheadings", "-o", "attr", "emp2") == "---w\n"
 
@@ -826,3 +839,129 @@ async def test_names_given_as_paths(env):
         assert (await env.ok("info", path)).startswith("Name:              u1\n")
     for path in ("nosuch/x", "/nosuch/x", "/dev/mapper/nosuch"):
         assert await env.sh("info", path) == ("", "Device %s not found\nCommand failed.\n" % path, 1)
+
+
+# -- issue 13: dmsetup's own texts, table-less devices, verbs and options ----------------------
+async def test_usage_help_unknown_and_argument_counts(env):
+    """dmsetup's usage goes to stderr: alone for no command (exit 1) and for ``help`` (exit 0),
+    after ``Unknown command.`` or ``Incorrect number of arguments.`` (conformance 30)."""
+    assert await env.sh() == ("", dmsetup.USAGE, 1)
+    assert await env.sh("help") == ("", dmsetup.USAGE, 0)
+    assert await env.sh("--help") == ("", dmsetup.USAGE, 0)
+    assert await env.sh("help", "-c") == ("", dmsetup.USAGE + dmsetup.field_help(), 0)
+    assert await env.sh("nosuch") == ("", "Unknown command.\n" + dmsetup.USAGE, 1)
+    for argv in (["rename"], ["message", "a"], ["setgeometry", "a", "1", "2", "3"], ["version", "x"],
+                 ["create", "a", "b", "c"], ["rename", "a", "--setuuid", "u", "b"]):
+        assert await env.sh(*argv) == ("", "Incorrect number of arguments.\n" + dmsetup.USAGE, 1), argv
+    assert "\tsetgeometry <device> <cyl> <head> <sect> <start>\n" in dmsetup.USAGE
+
+
+async def test_missing_arguments_messages(env):
+    """Each verb's own message for a missing device, with ``Command failed.``."""
+    failed = "\nCommand failed.\n"
+    assert await env.sh("create") == ("", "Please provide a name for the new device." + failed, 1)
+    assert await env.sh("load") == ("", "Please specify device." + failed, 1)
+    for verb in ("suspend", "resume", "clear", "remove", "wait"):
+        assert await env.sh(verb) == ("", "No device specified." + failed, 1), verb
+    assert await env.sh("rename", "a") == ("", "No device specified." + failed, 1)
+    assert await env.sh("message", "a", "x", "hi") == ("", "Invalid sector." + failed, 1)
+    assert await env.sh("message", "a", "0") == \
+        ("", "No message supplied.\ndevice-mapper: message ioctl on a  failed: No such device or address"
+             + failed, 1)
+    assert await env.sh("create", "n", "--notable", "--table", "0 8 zero") == \
+        ("", "--table and --notable are incompatible.\nCouldn't process command line.\n", 1)
+
+
+async def test_rename_of_missing_device_logs(env):
+    assert (await env.sh("rename", "nosuch", "other"))[2] == 1
+    assert (await env.sh("rename", "nosuch", "--setuuid", "u1"))[2] == 1
+    assert env.klog() == ["device-mapper: ioctl: Unable to rename non-existent device, nosuch to other",
+                          "device-mapper: ioctl: Unable to rename non-existent device, nosuch to uuid u1"]
+
+
+async def test_stdout_after_errors_when_not_a_terminal(env):
+    """A file or pipe gets dmsetup's stdout at exit, after the errors (stdio buffering)."""
+    await env.ok("create", "t", "--table", "0 8 zero")
+    chunks, rc = await dmsetup.run_chunks(env.ctl, ["status", "t", "nosuch"], stdout_tty=False)
+    assert rc == 1
+    assert "".join(t for _, t in chunks) == "Device does not exist.\nCommand failed.\nt: 0 8 zero \n"
+    chunks, _ = await dmsetup.run_chunks(env.ctl, ["status", "t", "nosuch"], stdout_tty=True)
+    assert "".join(t for _, t in chunks) == "t: 0 8 zero \nDevice does not exist.\nCommand failed.\n"
+
+
+async def test_notable_info(env):
+    """No disk before the first load: no ``Read Ahead:``, and dmsetup's failed open."""
+    await env.ok("create", "n", "--notable")
+    out, err, rc = await env.sh("info", "n")
+    assert rc == 0 and "Read Ahead" not in out and "Tables present:    None\n" in out
+    assert err == "/dev/mapper/n: open failed: No such file or directory\n"
+    await env.ok("load", "n", "--table", "0 8 zero")
+    assert "Read Ahead:        256\n" in await env.ok("info", "n")
+
+
+async def test_setgeometry_ranges(env):
+    """DM_DEV_SET_GEO: the kernel's three refusals and their log lines (conformance 32)."""
+    await env.ok("create", "g", "--table", "0 8192 linear %s 0" % env.vda)
+    await env.ok("setgeometry", "g", "65535", "255", "63", "8191")
+    err = "device-mapper: setgeometry ioctl on g  failed: Invalid argument\nCommand failed.\n"
+    for geo in (["65536", "1", "1", "0"], ["1", "256", "1", "0"], ["1", "1", "1", "2"],
+                ["1", "1", "1", "18446744073709551616"], ["x", "1", "1", "0"], ["1", "1", "1", "4x"]):
+        assert await env.sh("setgeometry", "g", *geo) == ("", err, 1), geo
+    assert env.klog() == ["device-mapper: ioctl: Geometry exceeds range limits."] * 2 + \
+        ["device-mapper: core: Start sector is beyond the geometry limits."] * 2 + \
+        ["device-mapper: ioctl: Unable to interpret geometry settings."] * 2
+    assert env.m.geometries[env.m.find("g")] == (65535, 255, 63, 8191)
+
+
+async def test_selection_by_uuid_and_number(env):
+    await env.ok("create", "a", "--table", "0 8 zero")
+    await env.ok("create", "b", "-u", "b-uuid", "--table", "0 8 error")
+    assert await env.ok("info", "-c", "-o", "name", "--noheadings", "-u", "b-uuid") == "b\n"
+    assert await env.ok("info", "-c", "-o", "name", "--noheadings", "-j", "253", "-m", "0") == "a\n"
+    assert await env.ok("table", "-u", "b-uuid") == "0 8 error \n"
+    assert await env.sh("info", "-u", "nosuch") == ("", "Device does not exist.\nCommand failed.\n", 1)
+    assert await env.sh("suspend", "-j", "253", "-m", "7") == \
+        ("", "device-mapper: suspend ioctl on  (253:7) failed: No such device or address\nCommand failed.\n", 1)
+    assert await env.sh("info", "-m", "0") == \
+        ("", "Please specify both major number and minor number.\nCouldn't process command line.\n", 1)
+    await env.ok("rename", "-u", "b-uuid", "c")
+    assert await env.ok("ls") == "a\t(253:0)\nc\t(253:1)\n"
+
+
+async def test_info_columns_fields_sort_and_help(env):
+    await env.ok("create", "g", "--table", "0 8 linear %s 0" % env.vda)
+    await env.ok("create", "s", "--table", "0 8 linear /dev/mapper/g 0")
+    out = await env.ok("info", "-c", "-o", "name,devs_used,names_using_dev,read_ahead,device_count", "s", "g")
+    assert out == ("Name             DevNamesUsed     RefNames RAhead #Devs\n"
+                   "s                g                            256     1\n"
+                   "g                vda              s           256     1\n")
+    assert await env.ok("info", "-c", "--noheadings", "-o", "name,minor", "-O", "-minor") == "s:1\ng:0\n"
+    assert await env.ok("info", "-c", "--separator", ",", "-o", "name,readahead", "g") == "Name,RAhead\ng,256\n"
+    assert await env.sh("info", "-c", "-o", "live_table", "g") == \
+        ("", dmsetup.field_help() + "Unrecognised field: live_table\n", 1)
+    assert await env.sh("info", "-c", "-o", "help", "g") == ("", dmsetup.field_help(), 0)
+
+
+async def test_ls_tree_options(env):
+    """dm_tree as libdm links it, drawn as dmsetup draws it (ASCII: the C locale)."""
+    await env.ok("create", "g", "--table", "0 8 linear %s 0" % env.vda)
+    await env.ok("create", "h", "--table", "0 8 linear %s 0" % env.vdb)
+    await env.ok("create", "s", "--table", "0 8 linear /dev/mapper/g 0\n8 8 linear /dev/mapper/h 0")
+    a, b = env.num(env.vda), env.num(env.vdb)
+    tree = dmsetup.DepTree()
+    assert tree.num_children(tree.root, False) == 0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LC_ALL", "C")
+        assert await env.ok("ls", "--tree") == \
+            "s (253:2)\n |-h (253:1)\n |  `- (%s)\n `-g (253:0)\n    `- (%s)\n" % (b, a)
+        assert await env.ok("ls", "--tree", "-o", "inverted,blkdevname,nodevice") == \
+            " <vda>\n `-g <dm-0>\n    `-s <dm-2>\n <vdb>\n `-h <dm-1>\n    `-s <dm-2>\n"
+        assert await env.ok("ls", "--tree", "-o", "compact") == \
+            "s (253:2)-+-h (253:1)--- (%s)\n          `-g (253:0)--- (%s)\n" % (b, a)
+        assert await env.ok("ls", "--tree", "-o", "active,open,rw,uuid") == \
+            ("s (253:2) [ACTIVE, RW, 0, ]\n |-h (253:1) [ACTIVE, RW, 1, ]\n |  `- (%s)\n"
+             " `-g (253:0) [ACTIVE, RW, 1, ]\n    `- (%s)\n" % (b, a))
+        assert await env.sh("ls", "--tree", "-o", "devname") == \
+            ("", "Tree options not recognised: devname.\nCouldn't process command line.\n", 1)
+        mp.setenv("LC_ALL", "C.UTF-8")
+        assert (await env.ok("ls", "--tree")).startswith("s (253:2)\n \u251c\u2500h")

@@ -529,3 +529,73 @@ async def test_remove_waits_for_a_resume_under_way(m, img, test_targets, autojum
         await trio.sleep(1)
         await m.remove("top")
     assert "top" not in m.devices and m.info("b").open_count == 0
+
+
+# -- issue 13: DM_DEV_SET_GEO, rename's checks in the kernel's order, image numbers -------------
+async def test_set_geometry_parses_like_sscanf_and_checks_ranges(m, img):
+    md = await mk(m, "g", "0 8 linear %s 0" % img)
+    m.set_geometry("g", "  1 2 3 6")
+    assert m.geometries[md] == (1, 2, 3, 6)
+    m.read_log()
+    cases = [("1 2 3", "ioctl: Unable to interpret geometry settings."),
+             ("1 2 3 4 5", "ioctl: Unable to interpret geometry settings."),
+             ("65536 0 0 0", "ioctl: Geometry exceeds range limits."),
+             ("0 0 256 0", "ioctl: Geometry exceeds range limits."),
+             ("-1 1 1 0", "ioctl: Geometry exceeds range limits."),          # %lu wraps
+             ("0 0 0 1", "core: Start sector is beyond the geometry limits.")]
+    for text, line in cases:
+        with pytest.raises(DMError) as e:
+            m.set_geometry("g", text)
+        assert errno_of(e) == errno.EINVAL
+        assert m.read_log() == ["device-mapper: " + line], text
+    assert m.geometries[md] == (1, 2, 3, 6)
+    with pytest.raises(DMError) as e:
+        m.set_geometry("nosuch", "0 0 0 0")
+    assert errno_of(e) == errno.ENXIO
+
+
+async def test_rename_checks_in_kernel_order(m):
+    """dm_hash_rename: a taken new name (EBUSY) before a missing device (ENXIO), that
+    before a uuid already set (EINVAL); each logs."""
+    m.create("a", "ua")
+    m.create("b")
+    m.read_log()
+    for args, err, line in [
+            (("nosuch", "a"), errno.EBUSY, "Unable to change name on mapped device nosuch to one that "
+                                           "already exists: a"),
+            (("nosuch", "c"), errno.ENXIO, "Unable to rename non-existent device, nosuch to c"),
+            (("nosuch", None, "ua"), errno.EBUSY, "Unable to change uuid on mapped device nosuch to one "
+                                                  "that already exists: ua"),
+            (("a", None, "u2"), errno.EINVAL, "Unable to change uuid of mapped device a to u2 because uuid "
+                                              "is already set to ua")]:
+        with pytest.raises(DMError) as e:
+            m.rename(*args)
+        assert errno_of(e) == err
+        assert m.read_log() == ["device-mapper: ioctl: " + line]
+    m.rename("b", None, "ub")
+    assert m.info("b").uuid == "ub"
+
+
+async def test_image_numbers(tmp_path):
+    """One minor of IMAGE_MAJOR per image file, first opened first, kept after the file is
+    closed; a table names the image by it; off by default (paths)."""
+    from dmsim.resolve import IMAGE_MAJOR
+    paths = []
+    for name in ("a", "b"):
+        p = tmp_path / name
+        p.write_bytes(bytes(1 << 20))
+        paths.append(str(p))
+    async with dmsim.open_manager(image_numbers=True) as m:
+        await mk(m, "x", "0 8 linear %s 0\n8 8 linear %s 0" % (paths[1], paths[0]))
+        assert [t.params for t in m.table_lines("x")] == ["%d:0 0" % IMAGE_MAJOR, "%d:1 0" % IMAGE_MAJOR]
+        await m.remove("x")
+        assert m.image_files() == {(IMAGE_MAJOR, 0): paths[1], (IMAGE_MAJOR, 1): paths[0]}
+        await mk(m, "y", "0 8 linear %d:1 0" % IMAGE_MAJOR)
+        assert m.table_lines("y")[0].params == "%d:1 0" % IMAGE_MAJOR
+        assert m.deps("y")[0].path == paths[0]
+        with pytest.raises(DMError) as e:
+            await mk(m, "z", "0 8 linear %d:7 0" % IMAGE_MAJOR)
+        assert errno_of(e) == errno.ENODEV
+    async with dmsim.open_manager() as m:
+        await mk(m, "x", "0 8 linear %s 0" % paths[0])
+        assert m.table_lines("x")[0].params == "%s 0" % paths[0]
