@@ -1385,9 +1385,21 @@ class Dmsetup:
             self.o.err.write(field_help())
 
     async def mangle(self, args):
+        """dmsetup's ``mangle`` (auto mode): names and uuids dmsim keeps are always in the
+        mangled form, so each device is reported as already correct."""
         names, _ = await self._devices(args)
         if not names:
             self.o.print("No devices found")
+        for name in names:
+            sel = await self._select(name)
+            try:
+                if sel.kname is None:
+                    raise DMError(errno.ENXIO)
+                info = await self.ctl.info(sel.kname)
+            except DMError:
+                raise CommandFailed() from None
+            self.o.print("%s: %s: name %salready in correct form"
+                         % (info.name, info.uuid or "[no UUID]", "and UUID " if info.uuid else ""))
 
     async def mknodes(self, args):
         pass

@@ -965,3 +965,12 @@ async def test_ls_tree_options(env):
             ("", "Tree options not recognised: devname.\nCouldn't process command line.\n", 1)
         mp.setenv("LC_ALL", "C.UTF-8")
         assert (await env.ok("ls", "--tree")).startswith("s (253:2)\n \u251c\u2500h")
+
+
+async def test_mangle_reports_correct_forms(env):
+    assert await env.ok("mangle") == "No devices found\n"
+    await env.ok("create", "a", "--table", "0 8 zero")
+    await env.ok("create", "b", "-u", "ub", "--table", "0 8 zero")
+    assert await env.ok("mangle") == ("a: [no UUID]: name already in correct form\n"
+                                      "b: ub: name and UUID already in correct form\n")
+    assert await env.sh("mangle", "nosuch") == ("", "Command failed.\n", 1)
