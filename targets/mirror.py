@@ -454,10 +454,13 @@ class Mirror(Target):
         reg = self.regions[region]
         reg.pending -= 1
         if reg.pending == 0:
-            if self.flush_failure:
-                reg.state = NOSYNC
-            elif reg.state == RECOVERING:
+            if reg.state == RECOVERING:
+                # before the flush-failure rule (the kernel checks that first and leaves
+                # the region NOSYNC, its recovery slot never given back: the next suspend
+                # waits forever); the copy that follows resyncs the region anyway
                 self._list_move(reg, self.quiesced)
+            elif self.flush_failure:
+                reg.state = NOSYNC
             elif reg.state == DIRTY:
                 reg.state = CLEAN
                 self._list_move(reg, self.clean_regions)

@@ -536,3 +536,28 @@ async def test_interrupted_noflush_suspend_releases_requeued_write(autojump_cloc
                 while not results:
                     await trio.sleep(0.1)
         assert results == ["ok"] and sector_bytes(A, 0) == b"\x3c" * 16
+
+
+async def test_recovering_region_quiesces_after_a_flush_failure(autojump_clock, legs):
+    """After a failed flush (every region going idle is left out of sync), a region whose
+    resync waits for its writes must still be copied when they end: left NOSYNC instead,
+    its recovery slot was never given back and the next suspend waited forever (found by
+    the model test; here the state is set up directly)."""
+    A, B, _, _ = legs
+    async with dmsim.open_manager(durability="process") as m:
+        e = Env(m, legs)
+        await e.create("m", "0 8192 mirror core 2 1024 nosync 2 %s 0 %s 0" % (A, B))
+        t = m.find("m").live.targets[0]
+        t.flush_failure = True
+        t.log.set_region_sync(3, False)
+        reg = t._rh_find(3)
+        reg.pending = 1                         # a write in flight when its resync starts
+        t._wake()
+        while t._rh_state(3) != mirror_mod.RECOVERING:
+            await trio.sleep(0)
+        t._rh_dec(3)                            # the write ends
+        with trio.fail_after(10):
+            await e.wait_sync("m")
+            await m.suspend("m")
+            await m.resume("m")
+        assert e.status("m") == "0 8192 mirror 2 DISK1 DISK2 8/8 1 AA 1 core"
