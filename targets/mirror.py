@@ -22,6 +22,19 @@ parameter, percent of time; 100 = unlimited).
 Status (info): ``<#legs> <leg>... <in_sync>/<regions> 1 <health> <log status>`` with one
 health character per leg (A alive, F flush, D write, S sync, R read error, U unknown).
 Kernel: drivers/md/dm-raid1.c, dm-region-hash.c, dm-log.c (6.1).
+
+Deliberate differences from the kernel, each where it loses data or hangs (found by
+tests/test_mirror_model.py; tables, status and messages are unchanged):
+
+* without handle_errors, a region is never copied from a leg that failed or lost
+  writes (the kernel copies from the default leg whatever happened to it: kcopyd then
+  writes a failed read's zero-filled pages, or stale data, over the good legs);
+* a leg that lost writes stays "stale" for reads and resync after the in-sync reset of
+  its error flags, until a resync reached it without a failure;
+* a suspend interrupted by the caller gives back the recovery slot it took and lets the
+  resync go on (``presuspend_undo``; the kernel's mirror has none);
+* a recovering region whose writes end after a flush failure is still copied (the
+  kernel leaves it out of sync with its recovery slot taken, and the next suspend hangs).
 """
 from __future__ import annotations
 
