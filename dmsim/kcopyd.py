@@ -583,8 +583,12 @@ class KcopydClient:
             if ((throttle is None or throttle.percent >= 100) and count <= SPLIT_COUNT * chunk
                     and not pool._waiters and -(-chunk // PAGE_SECTORS) <= pool.capacity - pool.in_use):
                 job.inline = True
-                if self._run_inline(job):
-                    return True
+                try:
+                    if self._run_inline(job):
+                        return True
+                except BaseException:   # a bug: it fails this call, the client goes on
+                    self._outstanding -= 1
+                    raise
                 job.inline = False      # a copy failed: the rest of the job is queued
         if may_queue:
             self._queue(job)
@@ -610,8 +614,10 @@ class KcopydClient:
             pool.in_use += pages                    # PagePool.try_take, known to succeed
             if pool.in_use > pool.peak_in_use:
                 pool.peak_in_use = pool.in_use
-            done = self._copy_now(job, offset, sectors)
-            pool.in_use -= pages                    # PagePool.give, with no waiters
+            try:
+                done = self._copy_now(job, offset, sectors)
+            finally:
+                pool.in_use -= pages                # PagePool.give, with no waiters
             if not done:
                 job.progress_sectors = job.issue_offset = job.write_offset = offset
                 return False

@@ -860,3 +860,34 @@ async def test_copy_now_of_nothing_is_done():
         assert kc.copy_now(dev, 0, dev, 8, 0)
         assert not kc.copy_now(dev, 0, dev, 8, 8)        # memory devices: never inline
         assert kc.outstanding_jobs == 0
+
+
+async def test_bug_in_an_inline_copy_fails_that_call_only(tmp_path, monkeypatch):
+    """An unexpected exception inside an inline job's copy reaches the submitter and
+    leaves nothing behind: no pages held, no job outstanding, the client still copies
+    and destroy returns."""
+    from dmsim.blockdev import FileDevice
+
+    src_path, dst_path = tmp_path / "s", tmp_path / "d"
+    payload = os.urandom(16 * 512)
+    src_path.write_bytes(payload)
+    dst_path.write_bytes(bytes(len(payload)))
+    src, dst = FileDevice(str(src_path)), FileDevice(str(dst_path))
+    real = FileDevice.copy_to
+
+    def buggy(self, *a):
+        raise RuntimeError("bug")
+    try:
+        async with open_kcopyd_client() as kc:
+            monkeypatch.setattr(FileDevice, "copy_to", buggy)
+            with pytest.raises(RuntimeError):
+                await kc.copy_async(Region(src, 0, 16), [Region(dst, 0, 16)])
+            with pytest.raises(RuntimeError):
+                kc.copy_now(src, 0, dst, 0, 16)
+            assert kc.outstanding_jobs == 0 and kc.pages.in_use == 0
+            monkeypatch.setattr(FileDevice, "copy_to", real)
+            assert await kc.copy_async(Region(src, 0, 16), [Region(dst, 0, 16)]) == (0, 0)
+        assert dst_path.read_bytes() == payload
+    finally:
+        src.close()
+        dst.close()
