@@ -559,12 +559,23 @@ class FieldHelp(Exception):
         self.unknown = unknown
 
 
+#: ``<type>_all``: the fields of that report type (the tree-based relationship fields,
+#: listed in the same help section, are another type: deps_all leaves them out)
+_ALL_FIELDS = {
+    "nameall": ["name", "mangled_name", "unmangled_name", "uuid", "mangled_uuid", "unmangled_uuid",
+                "read_ahead"],
+    "infoall": ["blkdevname", "attr", "tables_loaded", "suspended", "readonly", "devno", "major", "minor",
+                "open", "segments", "events"],
+    "depsall": ["device_count", "devnos_used", "blkdevs_used"],
+    "splitnameall": ["subsystem", "vg_name", "lv_name", "lv_layer"],
+}
+
+
 def _find_field(word: str) -> list[str]:
     """A field id as libdm matches it: case and ``_`` ignored; ``<section>_all``."""
     key = word.replace("_", "").lower()
-    for _, prefix, names in FIELD_HELP_SECTIONS:
-        if key == prefix + "all" and names:
-            return list(names)
+    if key in _ALL_FIELDS:
+        return list(_ALL_FIELDS[key])
     for name in FIELDS:
         if name.replace("_", "") == key:
             return [name]
@@ -1384,6 +1395,22 @@ class Dmsetup:
         if self.a.columns:
             self.o.err.write(field_help())
 
+    async def target_version(self, args):
+        versions = dict(await self.ctl.versions())
+        for name in args:
+            if name not in versions:
+                self.o.error(ioctl_error("target-version", name, DMError(errno.EINVAL)))
+                raise CommandFailed()
+            self.o.print("%-16s v%d.%d.%d" % ((name,) + tuple(versions[name])))
+
+    async def splitname(self, args):
+        """A report of the name's LVM parts (``-c`` implied; default fields VG, LV, layer)."""
+        subsystem = args[1] if len(args) > 1 else "LVM"
+        info = SplitNameInfo(args[0], subsystem + "-" if subsystem else "")
+        options = self.a.options or "vg_name,lv_name,lv_layer"
+        self.o.out.write(format_columns([Row(info)], options, self.a.noheadings, self.a.separator,
+                                        self.a.sort))
+
     async def mangle(self, args):
         """dmsetup's ``mangle`` (auto mode): names and uuids dmsim keeps are always in the
         mangled form, so each device is reported as already correct."""
@@ -1406,6 +1433,14 @@ class Dmsetup:
 
     async def udevcomplete_all(self, args):
         pass
+
+
+@dataclass
+class SplitNameInfo:
+    """What ``splitname`` reports on: a name and a uuid prefix, no device."""
+
+    name: str
+    uuid: str
 
 
 @dataclass
@@ -1485,11 +1520,11 @@ COMMAND_TABLE: list[tuple[str, str, int, int, str | None]] = [
     ("udevcomplete", "<cookie>", 1, 1, None),
     ("udevcomplete_all", "[<age_in_minutes>]", 0, 1, "udevcomplete_all"),
     ("udevcookies", "", 0, 0, None),
-    ("target-version", "[<target>...]", 1, -1, None),
+    ("target-version", "[<target>...]", 1, -1, "target_version"),
     ("targets", "", 0, 0, "targets"),
     ("version", "", 0, 0, "version"),
     ("setgeometry", "<device> <cyl> <head> <sect> <start>", 5, 5, "setgeometry"),
-    ("splitname", "<device> [<subsystem>]", 1, 2, None),
+    ("splitname", "<device> [<subsystem>]", 1, 2, "splitname"),
 ]
 COMMANDS = {name: method for name, _, _, _, method in COMMAND_TABLE if method}
 

@@ -974,3 +974,12 @@ async def test_mangle_reports_correct_forms(env):
     assert await env.ok("mangle") == ("a: [no UUID]: name already in correct form\n"
                                       "b: ub: name and UUID already in correct form\n")
     assert await env.sh("mangle", "nosuch") == ("", "Command failed.\n", 1)
+
+
+async def test_target_version_and_splitname(env):
+    """Recorded in conformance 34-dmsetup-more."""
+    assert await env.ok("target-version", "linear", "zero") == "linear           v1.4.0\nzero             v1.1.0\n"
+    assert await env.sh("target-version", "nosuch") == \
+        ("", "device-mapper: target-version ioctl on nosuch  failed: Invalid argument\nCommand failed.\n", 1)
+    assert await env.ok("splitname", "vg-lv--x-layer") == "VG   LV   LVLayer\nvg   lv-x layer  \n"
+    assert await env.ok("splitname", "vg-lv", "LVM") == "VG   LV   LVLayer\nvg   lv          \n"
