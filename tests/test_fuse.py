@@ -447,6 +447,7 @@ O_SYNC_ONLY = os.O_SYNC & ~os.O_DSYNC
 
 #: what 6.1 did, recorded on the oracle (flakey down, corrupt_bio_byte 1 w 85 MASK, a
 #: static helper writing 4 KiB): which write methods got their first byte corrupted
+#: (tests/fixtures/oracle-write-flags has the helper, the scenario and its output)
 KERNEL_CORRUPTED = {
     0: {"close", "fsync", "fdatasync", "dsync", "sync", "direct", "direct-dsync",
         "direct-sync", "direct-fsync"},
