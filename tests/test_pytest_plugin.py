@@ -64,4 +64,5 @@ def test_random_image_matches_conformance_generator(tmp_path):
     path = ImageFactory(tmp_path).random(mib=1.5, seed=3)
     gen = random.Random(3)
     expected = gen.randbytes(1 << 20) + gen.randbytes(1 << 20)[: 1 << 19]
-    assert open(path, "rb").read() == expected
+    with open(path, "rb") as f:
+        assert f.read() == expected
