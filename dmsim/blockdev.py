@@ -27,11 +27,12 @@ import fcntl
 import os
 import stat
 import threading
+from typing import Awaitable
 
 import trio
 
 from . import syncthread
-from .bio import SECTOR_SIZE, Bio, Op, to_bytes, to_sectors
+from .bio import SECTOR_SHIFT, SECTOR_SIZE, Bio, Op, to_bytes, to_sectors
 from .errors import DMError
 
 #: copy_to uses copy_file_range only where the destination is aligned to the copy's
@@ -101,6 +102,17 @@ class BlockDevice:
         """A ``REQ_PREFLUSH | REQ_FUA`` write (a snapshot's exception area): what was
         written before is durable before this write is, and this one is on return.
         dm core turns the preflush into an empty flush ahead of the write, as here."""
+        rest = self.preflush_fua_write(sector, data)
+        if rest is not None:
+            await rest
+
+    def preflush_fua_write(self, sector: int, data) -> Awaitable[None] | None:
+        """:meth:`write_preflush_fua` as a plain call: done on return (None) where the
+        device's I/O is at once, else what is left to await.  ``data`` is not copied
+        before the write ends: the caller keeps it unchanged until then."""
+        return self._flush_then_fua_write(sector, data)
+
+    async def _flush_then_fua_write(self, sector: int, data) -> None:
         await self.flush()
         await self.write(sector, data, fua=True)
 
@@ -314,20 +326,26 @@ class FileDevice(BlockDevice):
         self._write(off, data)
         os.fdatasync(self.fd)
 
-    async def write_preflush_fua(self, sector: int, data) -> None:
+    def preflush_fua_write(self, sector: int, data) -> Awaitable[None] | None:
         """Flush, write, sync in one thread hand-off when syncing (a hand-off costs
-        150-450 us here, the syncs themselves 0.2-2 ms), inline when not."""
-        if sector < 0 or sector + to_sectors(len(data)) > self.size_sectors:
+        150-450 us here, the syncs themselves 0.2-2 ms); a plain write, done on return,
+        when the I/O is at once (no sync, inline)."""
+        if sector < 0 or sector + (len(data) >> SECTOR_SHIFT) > self.size_sectors:
             raise DMError(errno.EIO, "access beyond end of device")
         if self.read_only:
             raise DMError(errno.EPERM, "write to read-only device")
+        if self.io_at_once:
+            try:
+                self._write(sector << SECTOR_SHIFT, data)
+            except OSError as e:
+                raise DMError(e.errno or errno.EIO) from None
+            return None
+        return self._preflush_fua_in_thread(sector, data)
+
+    async def _preflush_fua_in_thread(self, sector: int, data) -> None:
         try:
-            if self.sync:
-                await syncthread.run_sync(self._sync_write_sync, to_bytes(sector), data)
-            elif self.io_mode == "thread":
-                await syncthread.run_sync(self._write, to_bytes(sector), data)
-            else:
-                self._write(to_bytes(sector), data)         # (io_at_once: a plain call)
+            await syncthread.run_sync(self._sync_write_sync if self.sync else self._write,
+                                      to_bytes(sector), data)
         except OSError as e:
             raise DMError(e.errno or errno.EIO) from None
 

@@ -23,7 +23,7 @@ import errno
 import struct
 import sys
 from array import array
-from typing import Awaitable, Callable, Sequence
+from typing import Awaitable, Callable, Generator, Sequence
 
 from .bio import SECTOR_SHIFT, to_bytes
 from .errors import DMError
@@ -39,6 +39,34 @@ _PAIR = struct.Struct("<QQ")
 #: an exception's completion: told whether it is valid; returns what is left to await, if any
 Callback = Callable[[bool], "Awaitable[None] | None"]
 AddException = Callable[[Sequence[int], Sequence[int]], None]     # (old chunks, new chunks)
+#: a step-by-step operation: a generator yielding what it must await (see :func:`run_steps`)
+Steps = Generator[Awaitable[None], None, None]
+
+
+def run_steps(steps: Steps) -> Awaitable[None] | None:
+    """Run ``steps`` as a plain call up to the first thing it must await: None when it
+    finished without one (nothing yielded: the at-once mode), else the coroutine that
+    awaits it and runs the rest.  Exceptions of an awaited step are thrown back into
+    ``steps`` where it yielded, as an ``await`` there would raise them."""
+    for awaitable in steps:
+        return _run_steps_rest(steps, awaitable)
+    return None
+
+
+async def _run_steps_rest(steps: Steps, awaitable: Awaitable[None]) -> None:
+    while True:
+        try:
+            await awaitable
+        except BaseException as e:      # (Cancelled too: the step sees it and cleans up)
+            try:
+                awaitable = steps.throw(e)
+            except StopIteration:
+                return
+            continue
+        try:
+            awaitable = next(steps)
+        except StopIteration:
+            return
 
 
 class StoreError(Exception):
@@ -89,14 +117,15 @@ class ExceptionStore:
     def __init__(self, cow, origin, chunk_sectors: int, log: Callable[[str], None]):
         self.cow = cow
         self.origin = origin
-        self.chunk_sectors = chunk_sectors
+        self.set_chunk_sectors(chunk_sectors)
         self.log = log
         self.userspace_supports_overflow = False
         self.valid = 1              # 0 once the snapshot is invalid (the header says so)
 
-    @property
-    def chunk_shift(self) -> int:
-        return self.chunk_sectors.bit_length() - 1
+    def set_chunk_sectors(self, chunk_sectors: int) -> None:
+        """The chunk size and its shift (a plain attribute: the hot paths read it)."""
+        self.chunk_sectors = chunk_sectors
+        self.chunk_shift = chunk_sectors.bit_length() - 1
 
     async def read_metadata(self, add: AddException) -> int:
         """Load the exceptions on the COW through ``add``: 0, or 1 for an invalid one."""
@@ -106,9 +135,11 @@ class ExceptionStore:
         """Allocate up to ``count`` COW chunks: ``[(first new chunk, n)]`` runs."""
         raise NotImplementedError
 
-    async def commit_exceptions(self, old: int, new: int, count: int, valid: bool,
-                                callback: Callback) -> None:
-        """Commit a run of exceptions; ``callback(valid)`` once it is durable."""
+    def commit_exceptions(self, old: int, new: int, count: int, valid: bool,
+                          callback: Callback) -> Awaitable[None] | None:
+        """Commit a run of exceptions; ``callback(valid)`` once it is durable.  A plain
+        call: None when the commit (callback included) is done on return, else what is
+        left of it to await."""
         raise NotImplementedError
 
     async def drop_snapshot(self) -> None:
@@ -149,11 +180,9 @@ class TransientStore(ExceptionStore):
         self.next_free_sectors += n * self.chunk_sectors
         return [(first, n)]
 
-    async def commit_exceptions(self, old: int, new: int, count: int, valid: bool,
-                                callback: Callback) -> None:
-        rest = callback(valid)
-        if rest is not None:
-            await rest
+    def commit_exceptions(self, old: int, new: int, count: int, valid: bool,
+                          callback: Callback) -> Awaitable[None] | None:
+        return callback(valid)
 
     async def drop_snapshot(self) -> None:
         pass
@@ -215,7 +244,7 @@ class PersistentStore(ExceptionStore):
         """Read chunk 0; returns True for a new (all-zero magic) COW."""
         supplied = True
         if not self.chunk_sectors:
-            self.chunk_sectors = max(DM_CHUNK_SIZE_DEFAULT_SECTORS, self.cow.logical_block_size >> SECTOR_SHIFT)
+            self.set_chunk_sectors(max(DM_CHUNK_SIZE_DEFAULT_SECTORS, self.cow.logical_block_size >> SECTOR_SHIFT))
             supplied = False
         data = await self._chunk_read(0)
         magic, valid, version, chunk_sectors = _HEADER.unpack_from(data)
@@ -234,7 +263,7 @@ class PersistentStore(ExceptionStore):
         if err:
             self.log("persistent snapshot: invalid on-disk chunk size %d: %s." % (chunk_sectors, err))
             raise DMError(errno.EINVAL, err)
-        self.chunk_sectors = chunk_sectors
+        self.set_chunk_sectors(chunk_sectors)
         return False
 
     async def write_header(self) -> None:
@@ -318,15 +347,20 @@ class PersistentStore(ExceptionStore):
             self._skip_metadata()
         return runs
 
-    async def commit_exceptions(self, old: int, new: int, count: int, valid: bool,
-                                callback: Callback) -> None:
+    def commit_exceptions(self, old: int, new: int, count: int, valid: bool,
+                          callback: Callback) -> Awaitable[None] | None:
         """``persistent_commit_exception`` for ``count`` consecutive exceptions ``old+i ->
         new+i``, as ``count`` calls of it would be (same area writes at the same points:
         when no exception is pending any more, or the area is full), the entries packed
         in bulk.  Callers commit in allocation order; ``callback`` runs, with the others
-        of its area write, once all ``count`` are durable."""
+        of its area write, once all ``count`` are durable.  A plain call up to the first
+        write or callback that must be awaited (:func:`run_steps`): with a COW whose I/O
+        is at once and callbacks that finish, the whole commit."""
         if not valid:
             self.valid = 0
+        return run_steps(self._commit_steps(old, new, count, callback))
+
+    def _commit_steps(self, old: int, new: int, count: int, callback: Callback) -> Steps:
         per_area = self.exceptions_per_area
         while count:
             k = min(count, per_area - self.current_committed)
@@ -352,13 +386,17 @@ class PersistentStore(ExceptionStore):
                 continue
             if full:
                 try:
-                    await self._chunk_write(self.area_location(self.current_area + 1), bytes(self.chunk_bytes))
+                    yield self._chunk_write(self.area_location(self.current_area + 1), bytes(self.chunk_bytes))
                 except DMError:
                     self.valid = 0
             if self.valid:
+                cow = self.cow
                 try:
-                    await self.cow.write_preflush_fua(self.area_location(self.current_area) * self.chunk_sectors,
-                                                      bytes(self.area))
+                    # (at once the write is over on return: the area itself, no copy)
+                    rest = cow.preflush_fua_write(self.area_location(self.current_area) * self.chunk_sectors,
+                                                  self.area if cow.io_at_once else bytes(self.area))
+                    if rest is not None:
+                        yield rest
                 except DMError:
                     self.valid = 0
             if full:
@@ -369,7 +407,7 @@ class PersistentStore(ExceptionStore):
             for cb in callbacks:
                 rest = cb(bool(self.valid))
                 if rest is not None:
-                    await rest
+                    yield rest
 
     async def drop_snapshot(self) -> None:
         self.valid = 0

@@ -274,7 +274,9 @@ async def _origin_write(snapshots, start: int, end: int) -> list:
                 no_space = True
                 break
         if mine:
-            await snap.copy_out(mine)
+            rest = snap.copy_out(mine)
+            if rest is not None:
+                await rest
             if len(mine) == 1:
                 if not mine[0].finished:
                     waits.append(mine[0])
@@ -375,7 +377,7 @@ class Snapshot(Target):
         try:
             handover = self._register()
             if handover:
-                self.store.chunk_sectors = 0
+                self.store.set_chunk_sectors(0)
                 return
             try:
                 r = await self.store.read_metadata(self.complete.load)
@@ -485,40 +487,63 @@ class Snapshot(Target):
         self.pending_exceptions_count += len(pes)
         return pes
 
-    async def copy_out(self, pes: list) -> None:
+    def copy_out(self, pes: list) -> Awaitable[None] | None:
         """``start_copy`` for exceptions just allocated, in the caller's task: the origin
         chunks are copied to their COW chunks (runs consecutive on both as one kcopyd
         job; the kernel issues one per chunk, the bytes written are the same), then
-        committed and completed (:meth:`_copies_done`).  Each await that can block is
-        shielded (other writers of these chunks wait for them).  The at-once mode: with a
-        COW whose writes are plain calls (:attr:`BlockDevice.io_at_once`) and no origin
-        read to wait for, commit and completion never reach a scheduling point (no other
-        task runs meanwhile, nothing can cancel them half done), the copy neither when
-        kcopyd runs the job inline, and nothing is shielded."""
+        committed and completed (:meth:`_copies_done`).  A plain call: None when they
+        are complete on return, else what is left to await.  Each await that can block
+        is shielded (other writers of these chunks wait for them).  The at-once mode:
+        with a COW whose writes are plain calls (:attr:`BlockDevice.io_at_once`) and no
+        origin read to wait for, commit and completion never reach a scheduling point
+        (no other task runs meanwhile, nothing can cancel them half done), the copy
+        neither when kcopyd runs the job inline, and nothing is shielded."""
         self.in_progress += pes[0].count if len(pes) == 1 else _chunks_of(pes)
         at_once = self.cow.io_at_once and not self._tracked and not self._tracked_spans    # the at-once mode
+        runs = (pes,) if len(pes) == 1 else list(self._runs(pes))
+        i = self._copy_inline(runs, 0) if at_once else 0
+        if i < len(runs):
+            return self._copy_out_jobs(pes, runs, i, at_once)
+        return self._copies_done(pes, [False] * len(pes))
+
+    def _run_sectors(self, run: list) -> tuple[int, int, int]:
+        """(origin sector, COW sector, sectors) of a run of exceptions to copy."""
         cs = self.store.chunk_sectors
-        kc, origin, cow = self.kc, self.origin, self.cow
-        origin_sectors = origin.size_sectors
-        errors = []
-        for run in (pes,) if len(pes) == 1 else self._runs(pes):
-            src = run[0].old_chunk * cs
-            dst = run[0].new_chunk * cs
-            count = min((run[0].count if len(run) == 1 else _chunks_of(run)) * cs, origin_sectors - src)
-            if at_once and kc.copy_now(origin, src, cow, dst, count):
-                errors.extend([False] * len(run))       # (the job's inline mode)
-                continue
+        src = run[0].old_chunk * cs
+        count = (run[0].count if len(run) == 1 else _chunks_of(run)) * cs
+        return src, run[0].new_chunk * cs, min(count, self.origin.size_sectors - src)
+
+    def _copy_inline(self, runs, i: int) -> int:
+        """Copy ``runs`` from ``i`` on as kcopyd jobs in their inline mode, up to one that
+        can't run inline: its index (``len(runs)``: all copied)."""
+        copy_now, origin, cow = self.kc.copy_now, self.origin, self.cow
+        while i < len(runs):
+            src, dst, count = self._run_sectors(runs[i])
+            if not copy_now(origin, src, cow, dst, count):
+                break
+            i += 1
+        return i
+
+    async def _copy_out_jobs(self, pes: list, runs, i: int, at_once: bool) -> None:
+        """:meth:`copy_out` from run ``i`` on, which must be awaited as a kcopyd job
+        (later ones still go inline where they can), then the commit, shielded."""
+        failed = [False] * len(runs)
+        while i < len(runs):
+            src, dst, count = self._run_sectors(runs[i])
             try:
                 with trio.CancelScope(shield=True):
-                    read_err, write_err = await kc.copy_async(Region(origin, src, count), [Region(cow, dst, count)])
+                    read_err, write_err = await self.kc.copy_async(Region(self.origin, src, count),
+                                                                   [Region(self.cow, dst, count)])
             except DMError:         # (a client destroyed under it): the copy failed, nothing hangs
                 read_err, write_err = 1, 0
-            errors.extend([bool(read_err or write_err)] * len(run))
-        if at_once:
-            await self._copies_done(pes, errors)
-        else:
-            with trio.CancelScope(shield=True):
-                await self._copies_done(pes, errors)
+            failed[i] = bool(read_err or write_err)
+            i = self._copy_inline(runs, i + 1) if at_once else i + 1
+        errors = failed[:1] * len(pes) if len(runs) == 1 else [
+            err for run, err in zip(runs, failed, strict=True) for _ in run]
+        with trio.CancelScope(shield=not at_once):
+            rest = self._copies_done(pes, errors)
+            if rest is not None:
+                await rest
 
     @staticmethod
     def _runs(pes: list):
@@ -568,33 +593,67 @@ class Snapshot(Target):
                 err = True
             errors.extend([err] * (j - i))
             i = j
-        if at_once:
-            await self._copies_done(pes, errors)
-        else:
-            with trio.CancelScope(shield=True):
-                await self._copies_done(pes, errors)
+        rest = self._copies_done(pes, errors)
+        if rest is not None:
+            with trio.CancelScope(shield=not at_once):
+                await rest
 
-    async def _copies_done(self, pes: list, errors: list) -> None:
+    def _copies_done(self, pes: list, errors: list) -> Awaitable[None] | None:
         """``copy_callback``: commit exceptions strictly in allocation order.  Whichever
         task finds the next one in line commits it and every later one that is ready;
         a task finding a commit under way leaves its exceptions to that task (the
         store writes its area once no exception is pending, so exceptions copied
-        while an area write runs share the next one)."""
+        while an area write runs share the next one).  A plain call: None when done on
+        return, else what is left to await (a commit that waits)."""
         copied = self._copied
-        for pe, err in zip(pes, errors, strict=True):
-            pe.copy_error = err
+        if len(pes) == 1:
+            pe = pes[0]
+            pe.copy_error = errors[0]
             copied[pe.seq] = pe
+        else:
+            for pe, err in zip(pes, errors, strict=True):
+                pe.copy_error = err
+                copied[pe.seq] = pe
         if not self._committing:
             self._committing = True
             try:
-                while self._complete_seq in copied:
-                    nxt = copied.pop(self._complete_seq)
-                    self._complete_seq += 1
-                    await self.store.commit_exceptions(
-                        nxt.old_chunk, nxt.new_chunk, nxt.count, not nxt.copy_error,
-                        functools.partial(self._pending_complete, nxt))
-            finally:
+                rest = self._commit_ready()
+            except BaseException:
                 self._committing = False
+                raise
+            if rest is not None:
+                return self._commit_waiting(rest, pes)
+            self._committing = False
+        self._copies_released(pes)
+        return None
+
+    def _commit_ready(self) -> Awaitable[None] | None:
+        """Commit the copied exceptions next in line, up to one whose commit must be
+        awaited (returned; call again after it)."""
+        copied = self._copied
+        commit = self.store.commit_exceptions
+        while self._complete_seq in copied:
+            nxt = copied.pop(self._complete_seq)
+            self._complete_seq += 1
+            rest = commit(nxt.old_chunk, nxt.new_chunk, nxt.count, not nxt.copy_error,
+                          functools.partial(self._pending_complete, nxt))
+            if rest is not None:
+                return rest
+        return None
+
+    async def _commit_waiting(self, rest: Awaitable[None], pes: list) -> None:
+        try:
+            while True:
+                await rest
+                more = self._commit_ready()
+                if more is None:
+                    break
+                rest = more
+        finally:
+            self._committing = False
+        self._copies_released(pes)
+
+    def _copies_released(self, pes: list) -> None:
         self.in_progress -= pes[0].count if len(pes) == 1 else _chunks_of(pes)
         if self._in_progress_waiters:
             self._in_progress_event.set()
@@ -913,7 +972,9 @@ class Snapshot(Target):
                 break
             i = j
         if copies:
-            await self.copy_out(copies)
+            rest = self.copy_out(copies)
+            if rest is not None:
+                await rest
         if full:
             await self.write_out(full)
         failed = False
@@ -982,7 +1043,9 @@ class Snapshot(Target):
                 if not pe.ok:
                     raise DMError(errno.EIO)
                 return None
-            await self.copy_out([pe])
+            rest = self.copy_out([pe])
+            if rest is not None:
+                await rest
         if not pe.finished:
             await pe.wait()
         if not pe.ok:

@@ -332,9 +332,9 @@ async def test_origin_copy_out_failures(small, monkeypatch, fail, durability):
         await o.write(0, fill(1, 8))
         assert st(m, "s") == "0 16384 snapshot 24/32768 16"
         if fail == "area":
-            async def broken(self, sector, data):
+            def broken(self, sector, data):
                 raise DMError(errno.EIO)
-            monkeypatch.setattr(FileDevice, "write_preflush_fua", broken)
+            monkeypatch.setattr(FileDevice, "preflush_fua_write", broken)
         elif fail == "read":
             break_copies_and_reads(monkeypatch)
         else:
