@@ -43,7 +43,8 @@ Writes that reach a device by another path (NBD, the in-process API, a device st
 it, kcopyd) go through ``MappedDevice.submit`` like ours, so a device with buffered opens
 has a ``write_observer``: any write bio but the cache's own writeback drops the clean
 buffers it overlaps (dirty ones are the opener's newer data, written back later, as the
-kernel's dirty pages) and marks the file's inode for the kernel to drop its page cache.
+kernel's dirty pages) and, with ``invalidate_kernel_cache`` (off by default: see
+:meth:`DeviceFS.invalidator` for why), marks the file's inode for the kernel to drop its page cache.
 That invalidation (``pyfuse3.invalidate_inode``) may wait on pages whose reads are waiting
 for this daemon, so a worker thread makes it, coalesced per inode, off the request path
 (:meth:`DeviceFS.invalidator`, run by :meth:`Mount.run`); it trails the write by a thread
@@ -324,12 +325,16 @@ class DeviceFS(pyfuse3.Operations):
     supports_dot_lookup = True
 
     def __init__(self, manager: Manager, direct_io: bool | None = None, keep_cache: bool = False,
-                 uid: int | None = None, gid: int | None = None, mode: int = DEFAULT_MODE):
+                 uid: int | None = None, gid: int | None = None, mode: int = DEFAULT_MODE,
+                 invalidate_kernel_cache: bool = False):
         """``direct_io``: None (default) chooses per open like a block device (O_DIRECT or
         buffered, see the module docstring); True makes every open direct; False sends
         every open through the kernel's FUSE page cache, written through (``--page-cache``).
         ``uid``/``gid``/``mode``: the device files' owner, group and permission bits (by
-        default the daemon's uid, and group ``disk`` for root, as ``/dev/dm-N``)."""
+        default the daemon's uid, and group ``disk`` for root, as ``/dev/dm-N``).
+        ``invalidate_kernel_cache``: also drop the kernel's page cache of a file whose device
+        another path wrote (off by default: see :meth:`invalidator`)."""
+        self.invalidate_kernel_cache = invalidate_kernel_cache
         super().__init__()
         self.m = manager
         self.direct_io = direct_io
@@ -510,7 +515,7 @@ class DeviceFS(pyfuse3.Operations):
                 return
         elif not bio.sectors:
             return
-        ino = self._ino_of.get(md)
+        ino = self._ino_of.get(md) if self.invalidate_kernel_cache else None
         if ino is not None:
             self._stale.add(ino)
             self._stale_event.set()
@@ -526,7 +531,17 @@ class DeviceFS(pyfuse3.Operations):
     async def invalidator(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Ask the kernel to drop the page cache of inodes whose device was written by
         another path, from a worker thread (the kernel may wait on pages whose reads wait
-        for us), one inode at a time, coalescing marks that come meanwhile."""
+        for us), one inode at a time, coalescing marks that come meanwhile.
+
+        Only with ``invalidate_kernel_cache``: the kernel does this invalidation in the
+        calling thread, waiting in D state on pages that buffered reads and writes hold
+        locked while their requests wait for us (also requests still queued in /dev/fuse,
+        which no count of ours sees).  Were the daemon SIGKILLed then, that thread keeps
+        /dev/fuse open, so the connection is never aborted, the requests never answered,
+        and the process never goes (scripts/soak-crash: 2 of 16 SIGKILL trials with
+        O_DIRECT and buffered writers on one file).  Off, the daemon's own buffer cache is
+        still kept coherent; the kernel's page cache of a buffered open can show data older
+        than another path's write until that file is opened again."""
         task_status.started()
         while True:
             await self._stale_event.wait()
@@ -736,8 +751,9 @@ class Mount:
 
     def __init__(self, manager: Manager, mount_dir: str, direct_io: bool | None = None,
                  keep_cache: bool = False, debug: bool = False, uid: int | None = None,
-                 gid: int | None = None, mode: int = DEFAULT_MODE):
-        self.ops = DeviceFS(manager, direct_io=direct_io, keep_cache=keep_cache, uid=uid, gid=gid, mode=mode)
+                 gid: int | None = None, mode: int = DEFAULT_MODE, invalidate_kernel_cache: bool = False):
+        self.ops = DeviceFS(manager, direct_io=direct_io, keep_cache=keep_cache, uid=uid, gid=gid, mode=mode,
+                            invalidate_kernel_cache=invalidate_kernel_cache)
         self.mount_dir = mount_dir
         opts = set(pyfuse3.default_options)
         # default_permissions: the kernel checks mode and owner (others are refused)

@@ -23,15 +23,18 @@ MiB = 1 << 20
 
 
 @pytest.fixture
-async def mounted_fs(tmp_path):
-    """(manager, mount dir, a 4 MiB zero image, the Mount)."""
+async def mounted_fs(tmp_path, request):
+    """(manager, mount dir, a 4 MiB zero image, the Mount); a test marked
+    ``invalidate_kernel_cache`` gets a mount that drops the kernel's page cache on
+    foreign writes (the opt-in of dmsim.fuse.DeviceFS)."""
+    invalidate = request.node.get_closest_marker("invalidate_kernel_cache") is not None
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     img = tmp_path / "a.img"
     with open(img, "wb") as f:
         f.truncate(4 * MiB)
     async with dmsim.open_manager(mount_dir=str(mnt)) as m:
-        fs = Mount(m, str(mnt))
+        fs = Mount(m, str(mnt), invalidate_kernel_cache=invalidate)
         fs.mount()
         try:
             async with trio.open_nursery() as n:
@@ -542,6 +545,7 @@ async def test_writeback_past_the_dirty_limit_is_background(mounted, monkeypatch
     assert seen == [BACKGROUND] * 3 + [SYNC]
 
 
+@pytest.mark.invalidate_kernel_cache
 # -- cache coherence: writes by other paths -------------------------------------------------
 async def test_foreign_writes_invalidate_a_buffered_open(mounted_fs):
     """A buffered open must not keep serving old data after a write that reached the
@@ -595,6 +599,7 @@ async def test_foreign_writes_invalidate_a_buffered_open(mounted_fs):
             await trio.sleep(0.01)
 
 
+@pytest.mark.invalidate_kernel_cache
 async def test_qemu_io_over_nbd_invalidates_a_buffered_open(mounted_fs, tmp_path):
     """The NBD engineer's reproducer: a buffered open, a write through qemu-io over NBD,
     then a read through the open fd sees the new data."""
@@ -623,6 +628,7 @@ async def test_qemu_io_over_nbd_invalidates_a_buffered_open(mounted_fs, tmp_path
         n.cancel_scope.cancel()
 
 
+@pytest.mark.invalidate_kernel_cache
 async def test_snapshot_merge_into_a_device_with_a_buffered_open(mounted_fs, tmp_path):
     """kcopyd's merge writes into the origin's device L: a buffered open of L then reads
     the merged data, not what it had cached."""
@@ -786,7 +792,7 @@ async def test_page_cache_mode_invalidates_only_for_foreign_writes(tmp_path):
     with open(img, "wb") as f:
         f.truncate(MiB)
     async with dmsim.open_manager(mount_dir=str(mnt)) as m:
-        fs = Mount(m, str(mnt), direct_io=False)
+        fs = Mount(m, str(mnt), direct_io=False, invalidate_kernel_cache=True)
         fs.mount()
         try:
             async with trio.open_nursery() as n:
