@@ -122,7 +122,10 @@ class MappedDevice(BlockDevice):
     def unblock_io(self) -> None:
         self.suspended = False
         self._resumed.set()
-        self._blocked = trio.Event()
+        blocked, self._blocked = self._blocked, trio.Event()
+        # a request requeued by a noflush presuspend waits on the old event: a suspend
+        # undone before it blocked I/O must send it round again, not leave it waiting
+        blocked.set()
 
     def kill_io(self) -> None:
         """The device is going away: fail the requests a suspend holds and every new one

@@ -493,9 +493,6 @@ async def test_leg_that_lost_writes_is_not_read_after_resync(legs):
         await m.remove("la")
 
 
-@pytest.mark.xfail(reason="dm core: a bio requeued by presuspend of a noflush suspend that is then "
-                          "interrupted waits on an event unblock_io replaced (dmsim/device.py submit), "
-                          "and stays in flight: no later suspend drains", strict=False)
 @pytest.mark.parametrize("checkpoints", range(4))
 async def test_interrupted_noflush_suspend_releases_requeued_write(autojump_clock, legs, checkpoints):
     """A held write requeued by a noflush suspend that is cancelled at once must go back to
