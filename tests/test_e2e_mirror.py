@@ -11,7 +11,7 @@ import os
 import threading
 import time
 
-from e2e_support import MiB, TIMEOUT_SECONDS, require_root_and_fuse, sh, world  # noqa: F401
+from e2e_support import TIMEOUT_SECONDS, MiB, require_root_and_fuse, sh, world  # noqa: F401
 
 require_root_and_fuse()
 
@@ -19,7 +19,7 @@ SIZE_MIB = 64
 SECTORS = SIZE_MIB * 2048
 
 
-def test_lose_a_leg_keep_working_repair(world):
+def test_lose_a_leg_keep_working_repair(world):  # noqa: F811
     w = world
     dmsim = w.dmsim
     img = {n: os.path.join(w["dir"], n + ".img") for n in ("a", "b", "c")}
