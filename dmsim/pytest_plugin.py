@@ -16,6 +16,10 @@ Fixtures:
     persistent COW), with ``merge()``; ``origin_first=True`` creates the origin device
     before the snapshot, which is then suspended and resumed around the snapshot's
     creation (the kernel's rule: see ``dmsim.snapshots.take_snapshot``).
+``thin_pool``
+    an async factory of thin pools over two fresh image files (``dmsim.thin.create_pool``):
+    ``pool = await thin_pool(data_mib=64)``; its thin devices and the pool are removed at the
+    end, the test passing or not.
 """
 from __future__ import annotations
 
@@ -121,3 +125,31 @@ async def snapshot_stack(dm, images):
                                snapshot_name=name, origin_path=origin, cow_path=cow, merge=merge)
 
     yield make
+
+
+@pytest.fixture
+async def thin_pool(dm, images):
+    """Factory of thin pools over image files (``dmsim.thin.create_pool``)::
+
+        pool = await thin_pool(data_mib=64)
+        vol = await pool.create_thin("vol", size_sectors=8192)
+        snap = await pool.snapshot(vol, "snap")
+    """
+    from .thin import create_pool
+
+    pools = []
+
+    async def make(name: str = "pool", data_mib: float = 64, metadata_mib: float = 4,
+                   block_sectors: int = 128, features: tuple[str, ...] = ()):
+        meta = images.zero(mib=metadata_mib, name=name + "-meta.img")
+        data = images.zero(mib=data_mib, name=name + "-data.img")
+        pool = await create_pool(dm.manager, meta, data, name=name, block_sectors=block_sectors,
+                                 features=features)
+        pools.append(pool)
+        return pool
+
+    try:
+        yield make
+    finally:
+        for pool in reversed(pools):       # thins first, then their pool; dm removes the rest
+            await pool.close()

@@ -84,6 +84,7 @@ class Pool:
         self.data_path = data_path
         self.block_sectors = block_sectors
         self.thins: dict[str, int] = {}
+        self.origins: dict[str, str | None] = {}   # external origin of each
 
     @property
     def device(self):
@@ -110,25 +111,36 @@ class Pool:
     async def message(self, text: str) -> str:
         return await self.manager.message(self.name, 0, text)
 
-    async def activate(self, name: str, dev_id: int, size_sectors: int):
-        """Show thin device ``dev_id`` (already in the metadata) as device ``name``."""
+    async def activate(self, name: str, dev_id: int, size_sectors: int, origin_path: str | None = None):
+        """Show thin device ``dev_id`` (already in the metadata) as device ``name``, reading
+        its unmapped blocks from ``origin_path`` (an external read-only origin) if given."""
         self.manager.create(name)
         try:
-            params = "/dev/mapper/%s %d" % (self.name, dev_id)
+            params = "/dev/mapper/%s %d" % (self.name, dev_id) + (" " + origin_path if origin_path else "")
             await self.manager.load(name, [TableLine(0, size_sectors, "thin", params)])
             await self.manager.resume(name)
         except BaseException:
             await self.manager.remove(name)
             raise
         self.thins[name] = dev_id
+        self.origins[name] = origin_path
         return self.manager.find(name)
 
-    async def create_thin(self, name: str, size_sectors: int, dev_id: int | None = None):
-        """A new, fully unprovisioned thin device (``create_thin`` message, then its table)."""
+    async def create_thin(self, name: str, size_sectors: int | None = None, dev_id: int | None = None,
+                          origin_path: str | None = None):
+        """A new, fully unprovisioned thin device (``create_thin`` message, then its table).
+
+        With ``origin_path`` it is a snapshot of that image file (the kernel's external
+        origin: reads of unwritten blocks come from the file, which is never written), as
+        long as the file unless ``size_sectors`` says otherwise."""
+        if size_sectors is None:
+            if origin_path is None:
+                raise DMError(errno.EINVAL, "a thin device needs size_sectors or origin_path")
+            size_sectors = os.path.getsize(origin_path) // 512
         dev_id = self._next_id() if dev_id is None else dev_id
         await self.message("create_thin %d" % dev_id)
         try:
-            return await self.activate(name, dev_id, size_sectors)
+            return await self.activate(name, dev_id, size_sectors, origin_path)
         except BaseException:
             await self.message("delete %d" % dev_id)
             raise
@@ -156,7 +168,7 @@ class Pool:
             if held:
                 await self.manager.resume(origin)
         try:
-            return await self.activate(name, dev_id, md.size_sectors)
+            return await self.activate(name, dev_id, md.size_sectors, self.origins[origin])
         except BaseException:
             await self.message("delete %d" % dev_id)
             raise
@@ -164,7 +176,10 @@ class Pool:
     async def delete(self, vol) -> None:
         """Remove thin device ``vol`` and free its blocks (``delete`` message)."""
         name = self._name(vol)
+        if name not in self.thins:
+            raise DMError(errno.ENODEV, "%s is not a thin device of pool %s" % (name, self.name))
         dev_id = self.thins.pop(name)
+        self.origins.pop(name, None)
         if name in self.manager.devices:
             await self.manager.remove(name)
         await self.message("delete %d" % dev_id)
@@ -175,6 +190,7 @@ class Pool:
             if name in self.manager.devices:
                 await self.manager.remove(name)
         self.thins.clear()
+        self.origins.clear()
         if self.name in self.manager.devices:
             await self.manager.remove(self.name)
 
