@@ -56,14 +56,18 @@ class PoolStatus:
 
 @dataclass(frozen=True)
 class ThinStatus:
-    """A thin device's info status: mapped sectors and the highest mapped sector (or None)."""
+    """A thin device's info status: mapped sectors and the highest mapped sector (or None);
+    ``failed`` when its pool failed (the kernel then prints only ``Fail``)."""
 
     mapped_sectors: int
     highest_mapped_sector: int | None
+    failed: bool = False
 
     @classmethod
     def parse(cls, text: str) -> "ThinStatus":
         w = text.split()
+        if w == ["Fail"]:
+            return cls(0, None, True)
         if len(w) != 2:
             raise ValueError("not a thin status: %r" % text)
         return cls(int(w[0]), None if w[1] == "-" else int(w[1]))

@@ -163,6 +163,7 @@ def test_status_parse():
         (3, 7, "out_of_data_space", True, 1022)
     assert PoolStatus.parse("Fail").mode == "Fail"
     assert ThinStatus.parse("0 -") == ThinStatus(0, None)
+    assert ThinStatus.parse("Fail").failed
     with pytest.raises(ValueError):
         PoolStatus.parse("0 1/2")
 
