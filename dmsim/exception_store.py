@@ -39,21 +39,14 @@ _PAIR = struct.Struct("<QQ")
 #: an exception's completion: told whether it is valid; returns what is left to await, if any
 Callback = Callable[[bool], "Awaitable[None] | None"]
 AddException = Callable[[Sequence[int], Sequence[int]], None]     # (old chunks, new chunks)
-#: a step-by-step operation: a generator yielding what it must await (see :func:`run_steps`)
+#: a step-by-step operation: a generator yielding what it must await (:func:`_run_steps_rest`)
 Steps = Generator[Awaitable[None], None, None]
 
 
-def run_steps(steps: Steps) -> Awaitable[None] | None:
-    """Run ``steps`` as a plain call up to the first thing it must await: None when it
-    finished without one (nothing yielded: the at-once mode), else the coroutine that
-    awaits it and runs the rest.  Exceptions of an awaited step are thrown back into
-    ``steps`` where it yielded, as an ``await`` there would raise them."""
-    for awaitable in steps:
-        return _run_steps_rest(steps, awaitable)
-    return None
-
-
 async def _run_steps_rest(steps: Steps, awaitable: Awaitable[None]) -> None:
+    """The rest of ``steps`` (run as a plain call up to ``awaitable``, the first thing
+    it must await): exceptions of an awaited step are thrown back into ``steps`` where
+    it yielded, as an ``await`` there would raise them."""
     while True:
         try:
             await awaitable
@@ -354,11 +347,14 @@ class PersistentStore(ExceptionStore):
         when no exception is pending any more, or the area is full), the entries packed
         in bulk.  Callers commit in allocation order; ``callback`` runs, with the others
         of its area write, once all ``count`` are durable.  A plain call up to the first
-        write or callback that must be awaited (:func:`run_steps`): with a COW whose I/O
+        write or callback that must be awaited (:func:`_run_steps_rest`): with a COW whose I/O
         is at once and callbacks that finish, the whole commit."""
         if not valid:
             self.valid = 0
-        return run_steps(self._commit_steps(old, new, count, callback))
+        steps = self._commit_steps(old, new, count, callback)
+        for awaitable in steps:         # (a plain call up to the first thing to await)
+            return _run_steps_rest(steps, awaitable)
+        return None
 
     def _commit_steps(self, old: int, new: int, count: int, callback: Callback) -> Steps:
         per_area = self.exceptions_per_area

@@ -228,15 +228,16 @@ def _consecutive(chunks: list):
     yield start, prev + 1 - start
 
 
-async def _origin_write(snapshots, start: int, end: int) -> list:
+def _origin_write(snapshots, start: int, end: int, waits: list) -> Awaitable[None] | None:
     """``__origin_write`` for every chunk of ``[start, end)`` at once: each snapshot
     with neither an exception nor a pending copy for a chunk allocates one (runs of
     chunks allocate together, in chunk order, as the kernel's chunk-by-chunk loop
     would) and copies it out, here in the caller's task (:meth:`Snapshot.copy_out`).
-    Returns the exceptions other tasks are still copying that the write must wait
-    for (empty: the write may go to the origin)."""
-    waits: list = []
-    for snap in list(snapshots):
+    Adds to ``waits`` the exceptions still being copied that the write must wait for
+    (none: the write may go to the origin).  A plain call: what it returns instead
+    (a copy-out or an invalidation that must be awaited) is awaited by the caller,
+    who then makes the pass again (``retry_origin_bios``)."""
+    for snap in snapshots:
         if snap.merging or not snap.valid or not snap.active:
             continue
         size = snap.table_size
@@ -276,15 +277,15 @@ async def _origin_write(snapshots, start: int, end: int) -> list:
         if mine:
             rest = snap.copy_out(mine)
             if rest is not None:
-                await rest
+                return rest     # (the next pass finds the chunks without space again)
             if len(mine) == 1:
                 if not mine[0].finished:
                     waits.append(mine[0])
             else:
                 waits.extend(pe for pe in mine if not pe.finished)
         if no_space:
-            await snap.invalidate(errno.ENOMEM)
-    return waits
+            return snap.invalidate(errno.ENOMEM)
+    return None
 
 
 def _in_one_chunk(key, start: int, end: int) -> bool:
@@ -297,22 +298,45 @@ def _in_one_chunk(key, start: int, end: int) -> bool:
     return True
 
 
-async def do_origin(key, start: int, end: int, limit: bool) -> None:
+def do_origin(key, start: int, end: int, limit: bool) -> Awaitable[None] | None:
     """``do_origin``: hold an origin write of ``[start, end)`` until every snapshot has
-    its chunks copied (re-checked after each wait, as ``retry_origin_bios`` does)."""
+    its chunks copied (re-checked after each wait, as ``retry_origin_bios`` does).  A
+    plain call: None when the write may go on now (its copies done in this call, the
+    at-once mode), else what to await first."""
+    snaps = _origins.get(key, ())
+    if limit:
+        for s in snaps:
+            if s.in_progress > COW_THRESHOLD:
+                return _do_origin_waiting(key, start, end, True, None, None)
+    waits: list = []
+    rest = _origin_write(snaps, start, end, waits)
+    if rest is None and not waits:
+        return None
+    return _do_origin_waiting(key, start, end, False, rest, waits)
+
+
+async def _do_origin_waiting(key, start: int, end: int, limit: bool,
+                             rest: Awaitable[None] | None, waits: list | None) -> None:
+    """:func:`do_origin` once it must wait (``waits`` None: no pass made yet)."""
     if limit:
         for s in list(_origins.get(key, [])):
             if s.in_progress > COW_THRESHOLD:
                 await s.wait_for_in_progress()
     while True:
-        waits = await _origin_write(_origins.get(key, []), start, end)
-        if not waits:
+        if waits is None:
+            waits = []
+            rest = _origin_write(_origins.get(key, ()), start, end, waits)
+        if rest is not None:
+            await rest
+        elif not waits:
             return
-        for pe in waits:
-            if not pe.finished:
-                await pe.wait()
-        if _in_one_chunk(key, start, end):
-            return                        # the common retry, without a full pass
+        else:
+            for pe in waits:
+                if not pe.finished:
+                    await pe.wait()
+            if _in_one_chunk(key, start, end):
+                return                        # the common retry, without a full pass
+        waits = None
 
 
 @register
@@ -517,9 +541,12 @@ class Snapshot(Target):
         """Copy ``runs`` from ``i`` on as kcopyd jobs in their inline mode, up to one that
         can't run inline: its index (``len(runs)``: all copied)."""
         copy_now, origin, cow = self.kc.copy_now, self.origin, self.cow
+        cs = self.store.chunk_sectors
         while i < len(runs):
-            src, dst, count = self._run_sectors(runs[i])
-            if not copy_now(origin, src, cow, dst, count):
+            run = runs[i]
+            src = run[0].old_chunk * cs
+            count = min((run[0].count if len(run) == 1 else _chunks_of(run)) * cs, origin.size_sectors - src)
+            if not copy_now(origin, src, cow, run[0].new_chunk * cs, count):
                 break
             i += 1
         return i
@@ -1156,7 +1183,9 @@ class SnapshotMerge(Snapshot):
                     return await self._tracked_io(self.cow, self._remap(new, bio), chunk)
                 return await self.cow.submit(self._remap(new, bio))
         if write:
-            await do_origin(self.key, bio.sector, bio.end_sector, False)
+            rest = do_origin(self.key, bio.sector, bio.end_sector, False)
+            if rest is not None:
+                await rest
         return await self.origin.submit(bio)
 
     async def presuspend(self, noflush=False):
@@ -1189,7 +1218,14 @@ class SnapshotMerge(Snapshot):
         self._merge_shutdown = False
 
     async def _origin_write_extent(self, sector: int, size: int) -> bool:
-        return bool(await _origin_write(_origins.get(self.key, []), sector, sector + size))
+        """Whether chunks of the extent are still being copied out (after this task's
+        own copies of them, made here)."""
+        while True:
+            waits: list = []
+            rest = _origin_write(_origins.get(self.key, ()), sector, sector + size, waits)
+            if rest is None:
+                return bool(waits)
+            await rest
 
     def _release_queued(self, ok: bool) -> None:
         self.first_merging_chunk = 0
@@ -1274,23 +1310,26 @@ class Origin(Target):
         if bio.op is Op.READ or (bio.op is Op.FLUSH and not bio.sectors):
             return await passthrough(self.dev, bio)
         split = self.split_boundary
+        sector = bio.sector
         # the kernel splits origin writes at split_boundary and looks at each piece's
         # first chunk; with no boundary (no snapshot when it resumed) only the first
         # chunk of the write is looked at, as there
-        end = bio.end_sector if split else bio.sector + 1
+        end = sector + bio.sectors if split else sector + 1
         snaps = _origins.get(self.key)
         if snaps:
-            sector = bio.sector
             # a write inside one chunk that every snapshot already has an exception for
             # (a rewrite) goes straight through, the rest through do_origin
+            rest = None
             if split and sector // split != (end - 1) // split:
-                await do_origin(self.key, sector, end, True)
+                rest = do_origin(self.key, sector, end, True)
             elif len(snaps) == 1:           # one snapshot: two checks
                 s = snaps[0]
                 if s.in_progress > COW_THRESHOLD or not s.has_exception(sector):
-                    await do_origin(self.key, sector, end, True)
+                    rest = do_origin(self.key, sector, end, True)
             elif not all(s.in_progress <= COW_THRESHOLD and s.has_exception(sector) for s in snaps):
-                await do_origin(self.key, sector, end, True)
+                rest = do_origin(self.key, sector, end, True)
+            if rest is not None:
+                await rest
         return await self.dev.submit(bio)
 
     async def resume(self):
