@@ -63,6 +63,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import logging
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable, NamedTuple, Sequence
 
@@ -71,6 +72,8 @@ import trio
 from . import fanout, syncthread
 from .bio import PAGE_SECTORS, Bio, Op, to_bytes
 from .errors import DMError, collapse_groups
+
+log = logging.getLogger("dmsim.kcopyd")
 
 __all__ = [
     "Region", "KcopydClient", "open_kcopyd_client", "PagePool", "Throttle",
@@ -659,12 +662,17 @@ class KcopydClient:
         self._kick()
 
     def _run_completions(self) -> None:
+        """Run the queued callbacks.  One that raises is a bug in its client: its
+        traceback goes to the log and the job still counts as complete, so that the
+        worker goes on with the client's later jobs (the kernel's callbacks can't fail)."""
         completions = self._completions
         while completions:
             job = completions.popleft()
             try:
                 if job.notify is not None:
                     job.notify(job.read_err, job.write_err, job.context)
+            except Exception:
+                log.exception("kcopyd: a notify callback failed (%r)", job.notify)
             finally:
                 self._outstanding -= 1
 

@@ -622,6 +622,31 @@ async def test_prepare_and_do_callback():
     assert cb.calls == [(0, 4)]
 
 
+async def test_raising_notify_is_logged_and_the_worker_goes_on(caplog):
+    """A callback that raises is a client bug: logged with its traceback, its job counts
+    as complete, and the client's later jobs (queued and inline) still complete."""
+    log = []
+    src, (d0,) = make(log)
+    cb = Recorder()
+
+    def broken(read_err, write_err, context):
+        raise RuntimeError("bug in a client")
+
+    with trio.fail_after(10):
+        async with open_kcopyd_client() as kc:
+            kc.copy(Region(src, 0, 8), [Region(d0, 0, 8)], 0, broken, None)
+            kc.copy(Region(src, 8, 8), [Region(d0, 8, 8)], 0, cb, "a")
+            await kc.flush()
+            kc.do_callback(kc.prepare_callback(broken))
+            kc.zero([Region(d0, 16, 8)], 0, cb, "b")
+            assert await kc.copy_async(Region(src, 24, 4096), [Region(d0, 24, 4096)]) == (0, 0)
+            kc.copy(Region(src, 32, 8), [Region(d0, 32, 8)], 0, cb, "c")
+        assert kc.outstanding_jobs == 0       # destroy returned: every job completed
+    assert cb.calls == [(0, 0)] * 3
+    failures = [r for r in caplog.records if r.name == "dmsim.kcopyd"]
+    assert len(failures) == 2 and all(r.exc_info and r.exc_info[0] is RuntimeError for r in failures)
+
+
 async def test_flush_runs_queued_callbacks():
     cb = Recorder()
     async with open_kcopyd_client() as kc:
