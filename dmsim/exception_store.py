@@ -25,7 +25,7 @@ import sys
 from array import array
 from typing import Awaitable, Callable, Generator, Sequence
 
-from .bio import SECTOR_SHIFT, to_bytes
+from .bio import REQ_SYNC, SECTOR_SHIFT, Bio, Op, to_bytes
 from .errors import DMError
 
 SNAP_MAGIC = 0x70416E53
@@ -223,14 +223,19 @@ class PersistentStore(ExceptionStore):
         if self.next_free % (self.exceptions_per_area + 1) == NUM_SNAPSHOT_HDR_CHUNKS:
             self.next_free += 1
 
-    async def _chunk_read(self, chunk: int) -> bytes:
-        return await self.cow.read(chunk * self.chunk_sectors, self.chunk_sectors)
+    async def _chunk_read(self, chunk: int, flags: int = REQ_SYNC) -> bytes:
+        """``chunk_io`` of a read: synchronous dm-io, so REQ_SYNC (``flags=0``: the
+        exception areas read at activation, which the kernel reads through dm-bufio)."""
+        return await self.cow.submit(Bio(Op.READ, chunk * self.chunk_sectors, self.chunk_sectors, None, False, flags))
 
     async def _chunk_write(self, chunk: int, data, preflush_fua: bool = False) -> None:
+        """``chunk_io`` of a write: synchronous dm-io (REQ_SYNC); the area writes add
+        REQ_PREFLUSH|REQ_FUA."""
         if preflush_fua:
             await self.cow.write_preflush_fua(chunk * self.chunk_sectors, bytes(data))
         else:
-            await self.cow.write(chunk * self.chunk_sectors, bytes(data))
+            await self.cow.submit(Bio(Op.WRITE, chunk * self.chunk_sectors, self.chunk_sectors, bytes(data),
+                                      False, REQ_SYNC))
 
     # -- metadata ------------------------------------------------------------------------------
     async def _read_header(self) -> bool:
@@ -295,7 +300,7 @@ class PersistentStore(ExceptionStore):
         full = True
         self.current_area = 0
         while full:
-            area = await self._chunk_read(self.area_location(self.current_area))
+            area = await self._chunk_read(self.area_location(self.current_area), 0)
             olds, news = _u64_pairs(area)
             try:
                 n = news.index(0)

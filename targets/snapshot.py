@@ -608,7 +608,7 @@ class Snapshot(Target):
             else:
                 data = b"".join(b.data for _, b in items[i:j])
                 count = sum(pe.count for pe, _ in items[i:j])
-            bio = Bio(Op.WRITE, items[i][0].new_chunk * cs, count * cs, data, first.fua)
+            bio = Bio(Op.WRITE, items[i][0].new_chunk * cs, count * cs, data, first.fua, first.flags)
             err = False
             try:
                 if at_once:
@@ -796,11 +796,11 @@ class Snapshot(Target):
                         self.in_progress <= COW_THRESHOLD and not self.snapshot_overflowed)):
                     return await self.cow.submit(
                         Bio(op, (new << shift) | (bio.sector & ((1 << shift) - 1)), bio.sectors,
-                            bio.data, bio.fua))
+                            bio.data, bio.fua, bio.flags))
         if bio.op is Op.FLUSH and not bio.sectors:
             return await self.cow.submit(bio)
         if bio.op is Op.WRITE_ZEROES:
-            bio = Bio(Op.WRITE, bio.sector, bio.sectors, bytes(to_bytes(bio.sectors)), bio.fua)
+            bio = Bio(Op.WRITE, bio.sector, bio.sectors, bytes(to_bytes(bio.sectors)), bio.fua, bio.flags)
         if bio.op is Op.DISCARD and not self.discard_zeroes_cow:
             raise DMError(errno.EOPNOTSUPP)
         shift = self.store.chunk_shift
@@ -844,7 +844,7 @@ class Snapshot(Target):
             if len(bases) == 1:         # in one run: one read
                 new = bases[0] + first - (b0 << LINEAR_BLOCK_SHIFT)
                 dsec = (new << shift) | (bio.sector & ((1 << shift) - 1))
-                return await self.cow.submit(Bio(Op.READ, dsec, bio.sectors, bio.data))
+                return await self.cow.submit(Bio(Op.READ, dsec, bio.sectors, bio.data, False, bio.flags))
             return await self._read_blocks(bio, b0, bases)
         news = self.complete.lookups(first, last)
         n = len(news)
@@ -886,13 +886,13 @@ class Snapshot(Target):
         try:
             if len(segs) == 1:
                 dev, dsec, k = segs[0]
-                return await dev.submit(Bio(Op.READ, dsec, k, bio.data))
+                return await dev.submit(Bio(Op.READ, dsec, k, bio.data, False, bio.flags))
             # the runs land in one buffer (dmsim.bio): no join, one copy of the data
             buf = bio.data if bio.data is not None else bytearray(to_bytes(bio.sectors))
             mv = memoryview(buf)
             offset = 0
             for dev, dsec, k in segs:
-                piece = Bio(Op.READ, dsec, k, mv[to_bytes(offset):to_bytes(offset + k)])
+                piece = Bio(Op.READ, dsec, k, mv[to_bytes(offset):to_bytes(offset + k)], False, bio.flags)
                 settle_read(piece, await dev.submit(piece))
                 offset += k
             return buf
@@ -922,12 +922,12 @@ class Snapshot(Target):
                 segs.append([dsec, stop - sector])
             sector = stop
         if len(segs) == 1:
-            return await self.cow.submit(Bio(Op.READ, segs[0][0], bio.sectors, bio.data))
+            return await self.cow.submit(Bio(Op.READ, segs[0][0], bio.sectors, bio.data, False, bio.flags))
         buf = bio.data if bio.data is not None else bytearray(to_bytes(bio.sectors))
         mv = memoryview(buf)
         offset = 0
         for dsec, k in segs:
-            piece = Bio(Op.READ, dsec, k, mv[to_bytes(offset):to_bytes(offset + k)])
+            piece = Bio(Op.READ, dsec, k, mv[to_bytes(offset):to_bytes(offset + k)], False, bio.flags)
             settle_read(piece, await self.cow.submit(piece))
             offset += k
         return buf
