@@ -123,3 +123,83 @@ def test_one_trial_through_cli_processes(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "snapshot kill process: 1 trials, 0 failures" in r.stdout, r.stdout
     assert os.listdir(tmp_path) == []
+
+
+# -- thin ---------------------------------------------------------------------------------
+
+def thin_initial(sectors=64):
+    return soak.pattern(soak.MAGIC_INIT, Run.seed, Run.chain, 0, 0, soak.IMAGE_DEV, 0, 0, sectors)
+
+
+def test_a_thin_discard_sets_only_the_whole_blocks_it_covers():
+    """The pool unmaps whole blocks; a partly covered block keeps its data."""
+    d = soak.Write(writer=0, seq=0, dev=0, sector=10, count=300, issue_ns=1, op="d")
+    assert soak.op_sectors(d, 128) == range(128, 256)
+    assert soak.op_sectors(soak.Write(0, 0, 0, 10, 100, 1, op="D"), 128) == range(128, 128)
+    assert soak.op_sectors(soak.Write(0, 0, 0, 0, 0, 1, op="f"), 128) == range(0)
+    assert soak.op_sectors(soak.Write(0, 0, 0, 5, 3, 1), 128) == range(5, 8)
+
+
+def test_thin_after_a_kill_the_last_durable_write_or_a_later_one():
+    """An acknowledged but unflushed write may be lost (the pool commits at flushes); a
+    flushed one may not; a discard reads back as zeros."""
+    base = thin_initial()
+    flushed = soak.Write(writer=0, seq=1, dev=0, sector=0, count=8, issue_ns=100, end_ns=200, acked=True)
+    unflushed = soak.Write(writer=0, seq=2, dev=0, sector=4, count=8, issue_ns=300, end_ns=400, acked=True)
+    ops = [flushed, unflushed]
+
+    def durable(w):
+        return w is flushed
+
+    got = bytearray(base)
+    lost = soak.check_thin_view("thin", 0, bytes(got), base, ops, Run, 128, durable)
+    assert lost[-1] == "8 wrong sectors in the thin in all"      # 0-7: the flushed write is lost
+    put(got, 0, data(flushed))
+    assert soak.check_thin_view("thin", 0, bytes(got), base, ops, Run, 128, durable) == []      # old 4-11
+    put(got, 4, data(unflushed))
+    assert soak.check_thin_view("thin", 0, bytes(got), base, ops, Run, 128, durable) == []      # new
+    put(got, 8, bytes(512))
+    assert "holds zeros" in soak.check_thin_view("thin", 0, bytes(got), base, ops, Run, 128, durable)[0]
+    discard = soak.Write(writer=0, seq=3, dev=0, sector=0, count=64, issue_ns=500, end_ns=600, acked=True, op="d")
+    ops.append(discard)
+    assert soak.check_thin_view("thin", 0, bytes(got), base, ops, Run, 64, durable) == []       # in flight
+    assert soak.check_thin_view("thin", 0, bytes(64 * 512), base, ops, Run, 64, lambda w: True) == []
+    assert soak.check_thin_view("thin", 0, bytes(got), base, ops, Run, 64, lambda w: True) != []
+
+
+def test_thin_snapshot_holds_its_origin_as_of_its_creation():
+    """Writes acknowledged before the snapshot began are in it, writes issued after it took
+    hold are not, writes in between may be."""
+    base = thin_initial()
+    before = soak.Write(writer=1, seq=1, dev=1, sector=0, count=2, issue_ns=100, end_ns=200, acked=True)
+    during = soak.Write(writer=1, seq=2, dev=1, sector=8, count=2, issue_ns=250, end_ns=400, acked=True)
+    after = soak.Write(writer=1, seq=3, dev=1, sector=16, count=2, issue_ns=600, end_ns=700, acked=True)
+    ops = [before, during, after]
+
+    def cut(w):
+        return w.acked and w.end_ns < 300
+
+    got = bytearray(base)
+    put(got, 0, data(before))
+    assert soak.check_thin_view("ro2", 1, bytes(got), base, ops, Run, 128, cut, before_ns=500) == []
+    put(got, 8, data(during))
+    assert soak.check_thin_view("ro2", 1, bytes(got), base, ops, Run, 128, cut, before_ns=500) == []
+    put(got, 16, data(after))
+    (msg, _more) = soak.check_thin_view("ro2", 1, bytes(got), base, ops, Run, 128, cut, before_ns=500)[:2]
+    assert "ro2 sector 16: holds chain 3 trial 1 writer 1 write #3 to snapshot sector 16" in msg
+    assert soak.check_thin_view("ro2", 1, bytes(base), base, ops, Run, 128, cut, before_ns=500) != []
+
+
+@pytest.mark.skipif(not fuse_usable() or not shutil.which("thin_check"),
+                    reason="needs root, /dev/fuse, fusermount3 and thin-provisioning-tools")
+def test_tiny_thin_soak_passes_and_cleans_up(tmp_path):
+    """Three thin trials (a chain: pool, thin, snapshots, kills, thin_check): they finish,
+    find nothing, and leave no mount or file behind."""
+    r = subprocess.run([sys.executable, SCRIPT, "--trials", "3", "--cycles", "3", "--kind", "thin",
+                        "--durability", "fsync", "--signal", "mixed", "--jobs", "1", "--seed", "4",
+                        "--tmpdir", str(tmp_path)], capture_output=True, text=True, timeout=90)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "total: 3 trials, 0 failures" in r.stdout, r.stdout
+    assert os.listdir(tmp_path) == []
+    with open("/proc/self/mounts") as f:
+        assert str(tmp_path) not in f.read()
