@@ -183,7 +183,7 @@ class BufferCache:
 
     The buffer size is fixed at the first buffered open, as the kernel fixes it then.
     ``dirty`` and ``clean`` map buffer index -> bytearray; a write error met during
-    writeback is kept in ``error`` and reported by the next fsync (like errseq)."""
+    writeback is reported by the next fsync of every open (errseq: ``since`` per fh)."""
 
     def __init__(self, md: MappedDevice):
         self.md = md
@@ -192,7 +192,10 @@ class BufferCache:
         self.block_bytes = buffer_bytes(to_bytes(md.size_sectors), md.logical_block_size)
         self.dirty: dict[int, bytearray] = {}
         self.clean: dict[int, bytearray] = {}
-        self.error: int | None = None
+        self.error: int | None = None     # the last writeback error (errseq's value) ...
+        self.err_seq = 0                  # ... and how many there were
+        self.err_seen = True              # whether an fsync has reported the last one
+        self.since: dict[int, int] = {}   # fh -> err_seq its last fsync reported (f_wb_err)
         self.lock = trio.Lock()           # one buffered write or writeback at a time
         self.syncing = 0                  # fsyncs in progress (suspend's lock_fs waits)
         self.synced = trio.Event()
@@ -282,7 +285,6 @@ class BufferCache:
         todo = sorted(i for i in self.dirty if _overlaps(i, bs, first_byte, end_byte))
         if not todo:
             return
-        failed: list[int] = []
         # one bio per buffer in index order, as generic_writepages/block_write_full_page
         # submit them; one at a time keeps that order at the targets (snapshot exceptions
         # are allocated in arrival order)
@@ -295,19 +297,40 @@ class BufferCache:
                                              memoryview(buf)[:to_bytes(sectors)], False, flags)
                     await self.md.submit(bio)
             except Exception as e:   # end_buffer_async_write: the error goes to errseq
-                failed.append(_fuse_error(e).errno)
+                self.record_error(_fuse_error(e).errno)
                 continue
+            except BaseException:
+                # cancelled (a suspend whose caller went: SIGTERM, a client's hangup): the
+                # bio may not have reached the disk, so the buffer stays dirty and a later
+                # fsync writes it (redirty_page_for_writepage); dropped, that fsync would
+                # say yes without it (soak seed 70 chain 8385)
+                self.dirty.setdefault(index, buf)
+                raise
             finally:
                 self.writing = None
             self.clean[index] = buf
-        if failed:
-            self.error = failed[0]
         if len(self.clean) * bs > CLEAN_LIMIT_BYTES:
             self.clean.clear()
 
-    def take_error(self) -> int | None:
-        err, self.error = self.error, None
-        return err
+    def record_error(self, err: int) -> None:
+        """A writeback failed (``mapping_set_error``): every open's next fsync reports it."""
+        self.error = err
+        self.err_seq += 1
+        self.err_seen = False
+
+    def open_fh(self, fh: int) -> None:
+        """``errseq_sample`` at open: errors from here on, and one nobody was told of yet."""
+        self.since[fh] = self.err_seq if self.err_seen else self.err_seq - 1
+
+    def check_error(self, fh: int) -> int | None:
+        """``file_check_and_advance_wb_err``: the error of a writeback that failed since
+        this open's last fsync (or its open), once per open; every open is told."""
+        since = self.since.get(fh, 0)
+        if since == self.err_seq:
+            return None
+        self.since[fh] = self.err_seq
+        self.err_seen = True
+        return self.error
 
     async def wait_synced(self) -> None:
         while self.syncing:
@@ -502,6 +525,7 @@ class DeviceFS(pyfuse3.Operations):
             if cache is None:
                 cache = self.caches[md] = BufferCache(md)
             cache.opens += 1
+            cache.open_fh(fh)
             self._buffered[fh] = cache
         return pyfuse3.FileInfo(fh=fh, direct_io=direct, keep_cache=self.keep_cache)
 
@@ -585,6 +609,7 @@ class DeviceFS(pyfuse3.Operations):
             self._page_cache_closed(md)
         if cache is not None:
             cache.opens -= 1
+            cache.since.pop(fh, None)
             if not cache.opens:   # last close: sync_blockdev, then kill_bdev
                 if self.caches.get(cache.md) is cache:
                     del self.caches[cache.md]
@@ -621,7 +646,7 @@ class DeviceFS(pyfuse3.Operations):
         try:
             if cache is not None:   # blkdev_fsync: write back and wait, then flush
                 await cache.writeback()
-                err = cache.take_error()
+                err = cache.check_error(fh)
                 if err is not None:
                     raise FUSEError(err)
             await md.flush()

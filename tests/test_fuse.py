@@ -670,11 +670,19 @@ class FakeDevice:
         self.size_sectors = size_bytes // 512
         self.write_observer = None
         self.writes: list[tuple[int, int, int]] = []
+        #: (k, "fail" | "cancel", cancel scope): from the k-th write on (counted from the
+        #: last clear of ``writes``) fail with EIO, or cancel the scope before the k-th lands
+        self.plan = None
 
     async def submit(self, bio):
         lo, hi = bio.sector * 512, bio.end_sector * 512
         if bio.op is Op.READ:
             return bytes(self.buf[lo:hi])
+        if self.plan is not None and len(self.writes) >= self.plan[0]:
+            if self.plan[1] == "fail":
+                raise dmsim.DMError(errno.EIO)
+            self.plan[2].cancel()
+            await trio.lowlevel.checkpoint()
         self.buf[lo:hi] = bio.data
         self.writes.append((bio.sector, bio.sectors, bio.flags))
         if self.write_observer is not None:
@@ -704,6 +712,10 @@ class BufferCacheMachine(RuleBasedStateMachine):
         self.limit = limit_buffers * self.bs
         self.disk = bytearray(self.size)
         self.dirty: dict[int, bytearray] = {}
+        self.fhs = (1, 2)                       # two opens of the device
+        for fh in self.fhs:
+            self.cache.open_fh(fh)
+        self.pending: dict[int, int] = {}       # fh -> the error its next fsync reports
 
     def _run(self, fn, *args):
         saved = dmfuse.DIRTY_LIMIT_BYTES
@@ -765,6 +777,40 @@ class BufferCacheMachine(RuleBasedStateMachine):
         self._run(self.cache.writeback, first, end)
         assert self.dev.writes == self._write_back(first, end, SYNC_WRITEBACK_FLAGS)
 
+    @rule(data=st.data(), how=st.sampled_from(["fail", "cancel"]))
+    def writeback_fails_or_is_cancelled(self, data, how):
+        """From the k-th bio on the writeback fails (EIO: those buffers are gone, and every
+        open's next fsync reports it) or is cancelled before the k-th lands (a suspend whose
+        caller went: that buffer and the rest stay dirty, none is lost)."""
+        todo = sorted(self.dirty)
+        k = data.draw(st.integers(0, len(todo)))
+
+        async def go():
+            with trio.CancelScope() as scope:
+                self.dev.plan = (k, how, scope)
+                await self.cache.writeback()
+
+        self.dev.writes.clear()
+        try:
+            self._run(go)
+        finally:
+            self.dev.plan = None
+        assert self.dev.writes == self._write_back_only(todo[:k])
+        if how == "fail":
+            for i in todo[k:]:
+                del self.dirty[i]
+            if todo[k:]:
+                self.pending = dict.fromkeys(self.fhs, errno.EIO)
+
+    def _write_back_only(self, indexes):
+        for i in indexes:
+            self.disk[i * self.bs:(i + 1) * self.bs] = self.dirty.pop(i)
+        return [(i * self.bs // 512, self.bs // 512, SYNC_WRITEBACK_FLAGS) for i in indexes]
+
+    @rule(fh=st.sampled_from([1, 2]))
+    def fsync_reports_errors_once_per_open(self, fh):
+        assert self.cache.check_error(fh) == self.pending.pop(fh, None)
+
     @invariant()
     def buffers_match_the_reference(self):
         if not hasattr(self, "cache"):
@@ -814,3 +860,64 @@ async def test_page_cache_mode_invalidates_only_for_foreign_writes(tmp_path):
                 n.cancel_scope.cancel()
         finally:
             fs.unmount()
+
+
+# -- issue 11: an fsync acknowledged while a cancelled suspend's writeback lost a buffer -------
+
+
+async def _slow_origin(m, img, write_delay_ms=0):
+    """``orig`` (linear) over ``slow`` (delay: writes take ``write_delay_ms``), 4096 sectors;
+    a suspend of ``orig`` does not presuspend ``slow``, so its writebacks stay slow."""
+    m.create("slow")
+    await m.load("slow", [TableLine(0, 4096, "delay", "%s 0 0 %s 0 %d" % (img, img, write_delay_ms))])
+    await m.resume("slow")
+    m.create("orig")
+    await m.load("orig", [TableLine(0, 4096, "linear", "%s 0" % m.devices["slow"].mm)])
+    await m.resume("orig")
+
+
+async def _buffered_open(ops, name):
+    ino = (await ops.lookup(pyfuse3.ROOT_INODE, name.encode())).st_ino
+    return (await ops.open(ino, os.O_RDWR, None)).fh
+
+
+async def test_fsync_after_cancelled_flushing_suspend_has_every_buffer_on_disk(tmp_path, autojump_clock):
+    """Soak seed 70 chain 8385 in process: a flushing suspend's lock_fs is writing back a
+    buffered write (first buffer partial) when its caller goes (SIGTERM cancels the control
+    server; a client's hangup does the same); the fsync queued behind it must still put
+    every byte on the disk before it says yes.  The cancelled writeback dropped the buffer
+    it had in flight: neither dirty nor written, so the fsync wrote the others and returned 0."""
+    img = tmp_path / "o.img"
+    img.write_bytes(b"o" * (2 * MiB))
+    async with dmsim.open_manager() as m:
+        ops = dmfuse.DeviceFS(m)
+        await _slow_origin(m, str(img), write_delay_ms=50)
+        fh = await _buffered_open(ops, "orig")
+        await ops.write(fh, 1462 * 512, b"A" * (43 * 512))     # buffers 182 (partial) .. 188
+        result = []
+        async with trio.open_nursery() as n:
+            suspend_scope = trio.CancelScope()
+
+            async def suspend():
+                with suspend_scope:
+                    await m.suspend("orig")
+
+            async def fsync():
+                try:
+                    await ops.fsync(fh, False)
+                    result.append(0)
+                except pyfuse3.FUSEError as e:
+                    result.append(e.errno)
+
+            n.start_soon(suspend)
+            await trio.testing.wait_all_tasks_blocked()   # lock_fs: buffer 182 in the delay
+            assert ops.caches[m.devices["orig"]].writing is not None
+            n.start_soon(fsync)
+            await trio.testing.wait_all_tasks_blocked()   # fsync waits for the cache lock
+            suspend_scope.cancel()
+        assert not m.devices["orig"].suspended
+        assert result == [0]
+        data = img.read_bytes()
+        assert data[1462 * 512:1505 * 512] == b"A" * (43 * 512)
+        assert data[1456 * 512:1462 * 512] == b"o" * (6 * 512)
+        await ops.release(fh)
