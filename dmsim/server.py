@@ -19,6 +19,7 @@ that request's EIO reply, its traceback goes to the log, and the daemon keeps se
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import inspect
 import json
@@ -251,28 +252,35 @@ async def handle_connection(control, stream: trio.SocketStream) -> None:
 async def bind_socket(path: str) -> trio.socket.SocketType:
     """A listening Unix socket at ``path``, mode 0600 from the start.
 
-    Refuses (EADDRINUSE) if a live daemon answers there; a stale socket file is replaced.
+    Refuses (EADDRINUSE) if a live daemon answers there; a stale socket file is replaced
+    (one that goes meanwhile, removed by a daemon exiting or a second starter, is no error).
     """
     parent = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(parent, mode=0o700, exist_ok=True)
-    if os.path.exists(path):
-        probe = _stdsocket.socket(_stdsocket.AF_UNIX, _stdsocket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except OSError:
-            os.unlink(path)  # stale: nobody listens
-        else:
-            raise DMError(errno.EADDRINUSE, "a dmsim daemon is already listening on %s" % path)
-        finally:
-            probe.close()
-    sock = trio.socket.socket(_stdsocket.AF_UNIX, _stdsocket.SOCK_STREAM)
-    old = os.umask(0o177)
+    probe = _stdsocket.socket(_stdsocket.AF_UNIX, _stdsocket.SOCK_STREAM)
     try:
-        await sock.bind(path)
+        probe.connect(path)
+    except FileNotFoundError:
+        pass                 # nothing there
+    except OSError:
+        with contextlib.suppress(FileNotFoundError):   # removed meanwhile: as good
+            os.unlink(path)  # stale: nobody listens
+    else:
+        raise DMError(errno.EADDRINUSE, "a dmsim daemon is already listening on %s" % path)
     finally:
-        os.umask(old)
-    os.chmod(path, 0o600)
-    sock.listen(64)
+        probe.close()
+    sock = trio.socket.socket(_stdsocket.AF_UNIX, _stdsocket.SOCK_STREAM)
+    try:
+        old = os.umask(0o177)
+        try:
+            await sock.bind(path)
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        sock.listen(64)
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 

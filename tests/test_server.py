@@ -317,3 +317,36 @@ async def test_fuzz_frames_then_a_normal_request(tmp_path, junk):
                 assert await c.version()
                 assert isinstance(await c.names(), list)
         n.cancel_scope.cancel()
+
+
+async def test_stale_socket_removed_meanwhile_is_no_error(tmp_path, monkeypatch):
+    """bind_socket finds a stale socket, and someone else (an exiting daemon, a second
+    starter) removes it before our unlink: ENOENT there means the path is free, not a failure."""
+    import socket as stdsocket
+
+    import dmsim.server as server
+
+    path = str(tmp_path / "ctl")
+    stale = stdsocket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
+    stale.bind(path)
+    stale.close()                       # the file stays, nobody listens: stale
+    real_unlink = os.unlink
+    raced = []
+
+    def unlink_after_someone_else(p, *args, **kwargs):
+        if p == path and not raced:
+            raced.append(p)
+            real_unlink(p)              # the other remover wins the race
+        return real_unlink(p, *args, **kwargs)
+
+    monkeypatch.setattr(server.os, "unlink", unlink_after_someone_else)
+    sock = await server.bind_socket(path)
+    try:
+        assert raced == [path]
+        assert stat.S_ISSOCK(os.stat(path).st_mode)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    finally:
+        sock.close()
+    monkeypatch.undo()
+    sock = await server.bind_socket(str(tmp_path / "fresh"))   # and no file at all: fine too
+    sock.close()
