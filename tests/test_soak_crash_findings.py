@@ -14,7 +14,10 @@ origin, whose first (partial) 4 KiB buffer was not on the origin after the resta
 seed 70, chain 8385, trial 3, fsync durability, chunk 1: origin sectors 1462-1463 of a
 43-sector buffered write at 1462 held the old data; its fsync returned 27 ms after the
 SIGTERM, the suspend was sent 7 ms before it).  Once in 705 trials; the test below tries
-that timing a few times and rarely catches it.
+that timing a few times and rarely caught it.  Cause: the suspend's lock_fs was writing
+that buffer back when SIGTERM cancelled the control server's request; the cancelled
+writeback dropped the buffer (neither dirty nor written) and the fsync behind it wrote the
+rest and said yes.  Fixed in dmsim/fuse.py; the test below now has to pass.
 """
 import os
 import shutil
@@ -45,13 +48,12 @@ def _dmsim(*args, env):
 
 @pytest.mark.skipif(not (os.geteuid() == 0 and os.path.exists("/dev/fuse") and shutil.which("fusermount3")),
                     reason="needs root, /dev/fuse and fusermount3")
-@pytest.mark.xfail(reason="an fsync that returns during a SIGTERM shutdown racing a flushing suspend of the "
-                          "origin can leave its first buffer off the disk (soak seed 70 chain 8385); intermittent",
-                   strict=False)
 def test_fsync_acknowledged_at_sigterm_during_suspend_is_on_disk(tmp_path):
     """Buffered 43-sector write at a sector not 4 KiB aligned to a snapshot-origin (chunk 1,
     fsync durability), then fsync, while the origin is being suspended and SIGTERM comes
-    ~7 ms later: if fsync said yes, every sector must be in the origin image."""
+    ~7 ms later: if fsync said yes, every sector must be in the origin image (the write in
+    flight at the end may have landed or not).  Fixed in dmsim/fuse.py (a cancelled
+    writeback keeps its buffer dirty); tests/test_fuse.py has the deterministic form."""
     import signal
     import threading
     import time
@@ -74,12 +76,16 @@ def test_fsync_acknowledged_at_sigterm_during_suspend_is_on_disk(tmp_path):
             assert _dmsim("create", "orig", "--table", "0 4096 snapshot-origin %s" % origin, env=env).returncode == 0
             fd = os.open(d / "mnt" / "orig", os.O_RDWR)
             acked = []
+            issued = []
 
-            def writer(fd=fd, acked=acked):
+            def writer(fd=fd, acked=acked, issued=issued):
                 try:
                     for i in range(200):
                         sector = 1462 + (i % 40) * 64
-                        os.pwrite(fd, bytes([65 + i % 26]) * (43 * 512), sector * 512)
+                        issued.append((sector, 65 + i % 26))
+                        n = os.pwrite(fd, bytes([65 + i % 26]) * (43 * 512), sector * 512)
+                        if n != 43 * 512:
+                            return
                         os.fsync(fd)
                         acked.append((sector, 65 + i % 26))
                 except OSError:
@@ -111,7 +117,12 @@ def test_fsync_acknowledged_at_sigterm_during_suspend_is_on_disk(tmp_path):
         for sector, byte in acked:
             for s in range(sector, sector + 43):
                 last[s] = byte
-        bad = [s for s, byte in sorted(last.items()) if image[s * 512:(s + 1) * 512] != bytes([byte]) * 512]
+        maybe = {}      # the write not acknowledged: its sectors may hold it instead
+        if len(issued) > len(acked):
+            sector, byte = issued[-1]
+            maybe = {s: byte for s in range(sector, sector + 43)}
+        bad = [s for s, byte in sorted(last.items())
+               if image[s * 512:(s + 1) * 512] not in (bytes([byte]) * 512, bytes([maybe.get(s, byte)]) * 512)]
         if bad:
             lost.append((attempt, bad[:8]))
     assert not lost, "acknowledged sectors not on the origin: %r" % lost
