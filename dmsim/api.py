@@ -114,6 +114,16 @@ class AsyncDM:
     def table(self, name: str) -> list[TableLine]:
         return self.manager.table_lines(name, "table") or []
 
+    def image_path(self, number: str | tuple[int, int]) -> str:
+        """The image file a printed number (``"240:3"``) stands for (see
+        :meth:`Manager.image_path`)."""
+        return self.manager.image_path(number)
+
+    def image_ref(self, path: str) -> str:
+        """How tables and status print an image file a table opened: ``240:N`` (paths
+        with ``image_numbers=False``; see :meth:`Manager.image_ref`)."""
+        return self.manager.image_ref(path)
+
     def klog(self) -> list[str]:
         """The kernel-log lines since the last call."""
         return self.manager.read_log()
@@ -135,9 +145,11 @@ class AsyncDM:
 
 
 @contextlib.asynccontextmanager
-async def open_dm(mount_dir: str | None = None):
-    """``async with open_dm() as dm``: an :class:`AsyncDM` over a fresh manager."""
-    async with open_manager(mount_dir) as m:
+async def open_dm(mount_dir: str | None = None, image_numbers: bool | None = None):
+    """``async with open_dm() as dm``: an :class:`AsyncDM` over a fresh manager.
+    ``image_numbers=False``: image files print by path, not as ``240:N`` (see
+    :func:`dmsim.manager.image_numbers_default`)."""
+    async with open_manager(mount_dir, image_numbers=image_numbers) as m:
         yield AsyncDM(m)
 
 
@@ -145,8 +157,9 @@ class DM:
     """The blocking API: the same methods as :class:`AsyncDM`, run on a Trio loop in a
     helper thread (for plain, non-async tests and scripts)."""
 
-    def __init__(self, mount_dir: str | None = None):
+    def __init__(self, mount_dir: str | None = None, image_numbers: bool | None = None):
         self._mount_dir = mount_dir
+        self._image_numbers = image_numbers
         self._thread: threading.Thread | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._adm: AsyncDM | None = None
@@ -159,7 +172,7 @@ class DM:
         async def main():
             self._stop = trio.Event()
             self._token = trio.lowlevel.current_trio_token()
-            async with open_dm(self._mount_dir) as adm:
+            async with open_dm(self._mount_dir, self._image_numbers) as adm:
                 self._adm = adm
                 ready.set()
                 await self._stop.wait()

@@ -33,6 +33,19 @@ DRAIN_SECONDS = 10.0
 MAX_STACK_DEPTH = 64
 
 pylog = logging.getLogger("dmsim.manager")
+#: ``0`` in the environment: image files print by path instead of by number (``1``: numbers)
+IMAGE_NUMBERS_ENV = "DMSIM_IMAGE_NUMBERS"
+
+
+def image_numbers_default() -> bool:
+    """Whether image files get device numbers when the caller does not say: yes, unless
+    :data:`IMAGE_NUMBERS_ENV` is ``0`` (lvm2's parsers need numbers; paths are the opt-out).
+    Any other value than ``0``, ``1`` or empty is a mistake, refused rather than guessed."""
+    value = os.environ.get(IMAGE_NUMBERS_ENV, "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError("%s=%r: use 1 (image files as 240:N, the default) or 0 (as paths)"
+                         % (IMAGE_NUMBERS_ENV, value))
+    return value == "1"
 
 
 @dataclass
@@ -74,9 +87,8 @@ class Manager:
         self.geometries: weakref.WeakKeyDictionary[MappedDevice, tuple[int, int, int, int]] = \
             weakref.WeakKeyDictionary()
         #: image files get device numbers (:meth:`image_devno`), printed where the kernel
-        #: prints major:minor; off: their paths.  Default: ``DMSIM_IMAGE_NUMBERS=1``
-        self.image_numbers = os.environ.get("DMSIM_IMAGE_NUMBERS") == "1" if image_numbers is None \
-            else image_numbers
+        #: prints major:minor; off: their paths.  Default: on, unless ``DMSIM_IMAGE_NUMBERS=0``
+        self.image_numbers = image_numbers_default() if image_numbers is None else image_numbers
         self._image_minors: dict[str, int] = {}          # image file -> its IMAGE_MAJOR minor
         self._image_paths: dict[int, str] = {}
         self._log: list[str] = []
@@ -181,6 +193,35 @@ class Manager:
     def image_files(self) -> dict[tuple[int, int], str]:
         """Every image number given so far and its file."""
         return {(IMAGE_MAJOR, minor): path for minor, path in self._image_paths.items()}
+
+    def image_path(self, number: str | tuple[int, int]) -> str:
+        """The image file behind a number that tables and status print (``"240:3"`` or
+        ``(240, 3)``): what a test or a script needs to turn output back into files.
+        DMError(ENODEV), as a table naming it gets, when no image has that number."""
+        if isinstance(number, str):
+            major_text, _, minor_text = number.partition(":")
+            if not (major_text.isascii() and major_text.isdigit() and minor_text.isascii()
+                    and minor_text.isdigit()):
+                raise DMError(errno.ENODEV, "%r is not a major:minor device number" % number)
+            number = (int(major_text), int(minor_text))
+        path = self._image_paths.get(number[1]) if number[0] == IMAGE_MAJOR else None
+        if path is None:
+            raise DMError(errno.ENODEV, "no image file has the number %d:%d" % tuple(number))
+        return path
+
+    def image_ref(self, path: str) -> str:
+        """How tables and status print the image file ``path`` once a table opened it:
+        ``240:N``, or its symlink-free path when image numbers are off (the expected
+        string of a test).  ``path`` is resolved with ``realpath``: call it from tests and
+        scripts, never from the daemon's Trio thread with a path into its own mount.
+        DMError(ENODEV) for a file no table has opened yet (it has no number)."""
+        real = os.path.realpath(path)
+        if not self.image_numbers:
+            return real
+        minor = self._image_minors.get(real)
+        if minor is None:
+            raise DMError(errno.ENODEV, "%s has no device number yet: no table has opened it" % path)
+        return "%d:%d" % (IMAGE_MAJOR, minor)
 
     def _dm_of(self, r: Resolved) -> MappedDevice:
         """The dm device a resolution names; one that never had a table has no disk yet
