@@ -62,7 +62,7 @@ async def ctr_error(params, img):
 async def test_table_strings(img, params, table):
     async with dmsim.open_manager() as m:
         await make(m, params.replace("IMG", img))
-        assert m.table_lines("f", "table")[0].params == table.replace("IMG", img)
+        assert m.table_lines("f", "table")[0].params == table.replace("IMG", m.image_ref(img))
         assert m.table_lines("f", "info")[0].params == ""
 
 
