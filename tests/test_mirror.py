@@ -5,6 +5,7 @@ events, throttle, constructor errors."""
 import errno
 import hashlib
 import random
+import re
 
 import pytest
 import trio
@@ -58,6 +59,9 @@ class Env:
     def norm(self, text):
         for path, name in self.names.items():
             text = text.replace(path, name)
+        for number, path in self.m.image_files().items():    # 240:N: how tables print images
+            if path in self.names:
+                text = re.sub(r"\b%d:%d\b" % number, self.names[path], text)
         for name, md in self.m.devices.items():
             text = text.replace(md.mm, "dm:" + name)
         return text
