@@ -105,8 +105,8 @@ async def test_case_02_snapshot_matches_kernel(disks):
             f.seek(2048 * 512)
             assert await origin.read(2048, 8) == f.read(4096)
         assert st(m, "snap") == "0 131072 snapshot 184/32768 16"
-        assert tb(m, "snap") == "0 131072 snapshot %s %s P 8" % (ORIG, C)
-        assert tb(m, "origin") == "0 131072 snapshot-origin %s" % ORIG
+        assert tb(m, "snap") == "0 131072 snapshot %s %s P 8" % (m.image_ref(ORIG), m.image_ref(C))
+        assert tb(m, "origin") == "0 131072 snapshot-origin %s" % m.image_ref(ORIG)
         snapmd5 = await md5_dev(snap)
         await m.remove("origin")
         await m.remove("snap")
@@ -116,7 +116,7 @@ async def test_case_02_snapshot_matches_kernel(disks):
         await m.remove("snap")
         m.read_log()
         await mk(m, "snap", "0 %d snapshot %s %s P 16" % (SZ, ORIG, C))
-        assert tb(m, "snap") == "0 131072 snapshot %s %s P 8" % (ORIG, C)
+        assert tb(m, "snap") == "0 131072 snapshot %s %s P 8" % (m.image_ref(ORIG), m.image_ref(C))
         await m.remove("snap")
         assert m.read_log() == ["device-mapper: persistent snapshot: chunk size 8 in device metadata "
                                 "overrides table chunk size of 16."]
@@ -197,12 +197,13 @@ async def test_table_forms_and_default_chunk(small):
     async with dmsim.open_manager() as m:
         await mk(m, "s", "0 %d snapshot %s %s P 0" % (SZ8, ORIG, C))
         assert st(m, "s") == "0 16384 snapshot 64/32768 64"
-        assert tb(m, "s") == "0 16384 snapshot %s %s P 32" % (ORIG, C)
+        assert tb(m, "s") == "0 16384 snapshot %s %s P 32" % (m.image_ref(ORIG), m.image_ref(C))
         await m.remove("s")
         assert read_at(C, 12, 4) == b"\x20\x00\x00\x00"
         make_zero(C, 16)
         await mk(m, "s", "0 %d snapshot %s %s po 8 2 discard_zeroes_cow discard_passdown_origin" % (SZ8, ORIG, C))
-        assert tb(m, "s") == "0 16384 snapshot %s %s PO 8 2 discard_zeroes_cow discard_passdown_origin" % (ORIG, C)
+        assert tb(m, "s") == "0 16384 snapshot %s %s PO 8 2 discard_zeroes_cow discard_passdown_origin" % (
+            m.image_ref(ORIG), m.image_ref(C))
 
 
 @pytest.mark.parametrize("durability", ["fsync", "process"])
@@ -212,7 +213,7 @@ async def test_transient_store(small, durability):
         s = await mk(m, "s", "0 %d snapshot %s %s N 8" % (SZ8, ORIG, C))
         o = await mk(m, "o", "0 %d snapshot-origin %s" % (SZ8, ORIG))
         assert st(m, "s") == "0 16384 snapshot 0/32768 0"
-        assert tb(m, "s") == "0 16384 snapshot %s %s N 8" % (ORIG, C)
+        assert tb(m, "s") == "0 16384 snapshot %s %s N 8" % (m.image_ref(ORIG), m.image_ref(C))
         old = read_at(ORIG, 0, 4096)
         await o.write(0, fill(1, 8))
         assert st(m, "s") == "0 16384 snapshot 8/32768 0"
