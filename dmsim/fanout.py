@@ -200,9 +200,13 @@ def _write_and_sync(fds, offs, data, want_sync):
     return _sync_files(fds, _write_files(fds, offs, data), want_sync)
 
 
-async def write(dests: Sequence[tuple[BlockDevice, int]], sectors: int, data, fua: bool = False
-                ) -> list[DMError | None]:
+async def write(dests: Sequence[tuple[BlockDevice, int]], sectors: int, data, fua: bool = False,
+                flags: int = 0) -> list[DMError | None]:
     """Write ``sectors`` sectors of ``data`` at ``(dev, sector)`` of every destination.
+
+    ``fua`` and ``flags`` (``bi_opf`` modifier bits, see :class:`~dmsim.bio.Bio`) go on
+    each destination's bio: a mirror's leg writes carry the request's (dm-io is given
+    ``bio->bi_opf``), kcopyd's copies none.
 
     Returns one entry per destination: ``None`` or the DMError its write raised.  Each
     file's own checks come first, in FileDevice's order (bounds and data length, then
@@ -231,7 +235,7 @@ async def write(dests: Sequence[tuple[BlockDevice, int]], sectors: int, data, fu
         return results
     async with trio.open_nursery() as nursery:
         for i in others:
-            nursery.start_soon(_submit_one, dests, i, sectors, data, fua, results)
+            nursery.start_soon(_submit_one, dests, i, sectors, data, fua, flags, results)
         if files:
             await _write_files_of(dests, files, data, fua, results)
     return results
@@ -252,11 +256,11 @@ async def _write_files_of(dests, files: list[int], data, fua: bool, results: lis
         results[i] = err
 
 
-async def _submit_one(dests, i: int, sectors: int, data, fua: bool, results: list) -> None:
+async def _submit_one(dests, i: int, sectors: int, data, fua: bool, flags: int, results: list) -> None:
     """A destination that is not a plain file: its own submit, its own failures."""
     dev, sector = dests[i]
     try:
-        await dev.submit(Bio(Op.WRITE, sector, sectors, data, fua))
+        await dev.submit(Bio(Op.WRITE, sector, sectors, data, fua, flags))
     except DMError as e:
         results[i] = e
     except OSError as e:

@@ -394,9 +394,10 @@ class Mirror(Target):
         errors = 0
         if bio.op is Op.WRITE:
             # image-file legs are written in parallel threads (see dmsim.fanout), others
-            # by their own submit; each leg's failure is its own
+            # by their own submit; each leg's failure is its own.  do_write gives dm-io the
+            # bio's bi_opf: REQ_SYNC, REQ_FUA, ... reach the legs (a flakey leg sees them)
             results = await fanout.write([(leg.dev, leg.offset + bio.sector) for leg in legs],
-                                         bio.sectors, bio.data, bio.fua)
+                                         bio.sectors, bio.data, bio.fua, bio.flags)
             for i, err in enumerate(results):
                 if err is not None:
                     errors |= 1 << i
