@@ -23,7 +23,7 @@ import errno
 import struct
 import sys
 from array import array
-from typing import Awaitable, Callable, Generator, Sequence
+from typing import Any, Awaitable, Callable, Generator, Sequence
 
 from .bio import REQ_SYNC, SECTOR_SHIFT, Bio, Op, to_bytes
 from .errors import DMError
@@ -35,9 +35,11 @@ DM_CHUNK_SIZE_DEFAULT_SECTORS = 32
 INT_MAX = (1 << 31) - 1
 _HEADER = struct.Struct("<4I")
 _PAIR = struct.Struct("<QQ")
+_pack_pair = _PAIR.pack_into
 
-#: an exception's completion: told whether it is valid; returns what is left to await, if any
-Callback = Callable[[bool], "Awaitable[None] | None"]
+#: an exception's completion, ``callback(context, valid)`` (the kernel's callback and
+#: callback_context: no closure per exception); returns what is left to await, if any
+Callback = Callable[[Any, bool], "Awaitable[None] | None"]
 AddException = Callable[[Sequence[int], Sequence[int]], None]     # (old chunks, new chunks)
 #: a step-by-step operation: a generator yielding what it must await (:func:`_run_steps_rest`)
 Steps = Generator[Awaitable[None], None, None]
@@ -129,10 +131,10 @@ class ExceptionStore:
         raise NotImplementedError
 
     def commit_exceptions(self, old: int, new: int, count: int, valid: bool,
-                          callback: Callback) -> Awaitable[None] | None:
-        """Commit a run of exceptions; ``callback(valid)`` once it is durable.  A plain
-        call: None when the commit (callback included) is done on return, else what is
-        left of it to await."""
+                          callback: Callback, context: Any) -> Awaitable[None] | None:
+        """Commit a run of exceptions; ``callback(context, valid)`` once it is durable.  A
+        plain call: None when the commit (callback included) is done on return, else
+        what is left of it to await."""
         raise NotImplementedError
 
     async def drop_snapshot(self) -> None:
@@ -174,8 +176,8 @@ class TransientStore(ExceptionStore):
         return [(first, n)]
 
     def commit_exceptions(self, old: int, new: int, count: int, valid: bool,
-                          callback: Callback) -> Awaitable[None] | None:
-        return callback(valid)
+                          callback: Callback, context: Any) -> Awaitable[None] | None:
+        return callback(context, valid)
 
     async def drop_snapshot(self) -> None:
         pass
@@ -207,7 +209,7 @@ class PersistentStore(ExceptionStore):
         self.current_area = 0
         self.current_committed = 0
         self.pending_count = 0
-        self.callbacks: list[Callback] = []
+        self.callbacks: list[tuple[Callback, Any]] = []
         self.area = bytearray()
         self.exceptions_per_area = 0
 
@@ -346,7 +348,7 @@ class PersistentStore(ExceptionStore):
         return runs
 
     def commit_exceptions(self, old: int, new: int, count: int, valid: bool,
-                          callback: Callback) -> Awaitable[None] | None:
+                          callback: Callback, context: Any) -> Awaitable[None] | None:
         """``persistent_commit_exception`` for ``count`` consecutive exceptions ``old+i ->
         new+i``, as ``count`` calls of it would be (same area writes at the same points:
         when no exception is pending any more, or the area is full), the entries packed
@@ -356,45 +358,48 @@ class PersistentStore(ExceptionStore):
         is at once and callbacks that finish, the whole commit."""
         if not valid:
             self.valid = 0
-        steps = self._commit_steps(old, new, count, callback)
+        steps = self._commit_steps(old, new, count, callback, context)
         for awaitable in steps:         # (a plain call up to the first thing to await)
             return _run_steps_rest(steps, awaitable)
         return None
 
-    def _commit_steps(self, old: int, new: int, count: int, callback: Callback) -> Steps:
+    def _commit_steps(self, old: int, new: int, count: int, callback: Callback, context: Any) -> Steps:
         per_area = self.exceptions_per_area
         while count:
-            k = min(count, per_area - self.current_committed)
-            at = 16 * self.current_committed
+            committed = self.current_committed
+            k = per_area - committed
+            if count < k:
+                k = count
             if k == 1:
-                _PAIR.pack_into(self.area, at, old, new)
+                _pack_pair(self.area, 16 * committed, old, new)
             else:
                 pairs = array("Q", bytes(16 * k))
                 pairs[0::2] = array("Q", range(old, old + k))
                 pairs[1::2] = array("Q", range(new, new + k))
                 if sys.byteorder != "little":
                     pairs.byteswap()
-                self.area[at:at + 16 * k] = pairs.tobytes()
-            self.current_committed += k
+                self.area[16 * committed:16 * (committed + k)] = pairs.tobytes()
+            self.current_committed = committed = committed + k
             self.pending_count -= k
             old, new, count = old + k, new + k, count - k
             if not count:
-                self.callbacks.append(callback)
+                self.callbacks.append((callback, context))
             # write the area when nothing else is pending or it is full, then run the
             # callbacks of everything it holds
-            full = self.current_committed == per_area
+            full = committed == per_area
             if self.pending_count and not full:
                 continue
+            location = NUM_SNAPSHOT_HDR_CHUNKS + (per_area + 1) * self.current_area    # area_location
             if full:
                 try:
-                    yield self._chunk_write(self.area_location(self.current_area + 1), bytes(self.chunk_bytes))
+                    yield self._chunk_write(location + per_area + 1, bytes(self.chunk_bytes))
                 except DMError:
                     self.valid = 0
             if self.valid:
                 cow = self.cow
                 try:
                     # (at once the write is over on return: the area itself, no copy)
-                    rest = cow.preflush_fua_write(self.area_location(self.current_area) * self.chunk_sectors,
+                    rest = cow.preflush_fua_write(location * self.chunk_sectors,
                                                   self.area if cow.io_at_once else bytes(self.area))
                     if rest is not None:
                         yield rest
@@ -404,9 +409,10 @@ class PersistentStore(ExceptionStore):
                 self.current_committed = 0
                 self.current_area += 1
                 self.area = bytearray(self.chunk_bytes)
+            valid = bool(self.valid)
             callbacks, self.callbacks = self.callbacks, []
-            for cb in callbacks:
-                rest = cb(bool(self.valid))
+            for cb, ctx in callbacks:
+                rest = cb(ctx, valid)
                 if rest is not None:
                     yield rest
 

@@ -29,7 +29,6 @@ Kernel: drivers/md/dm-snap.c (snapshot 1.16.0, snapshot-origin 1.9.0, snapshot-m
 from __future__ import annotations
 
 import errno
-import functools
 import itertools
 import operator
 from typing import Awaitable
@@ -60,15 +59,6 @@ def dev_key(ctx, dev) -> tuple:
     """The identity of an underlying device: one origin however it was opened."""
     path = getattr(dev, "path", None)       # (an image file; a dm device has no path)
     return (id(ctx.manager), path if path else ("obj", id(dev)))
-
-
-def _pending_done() -> None:
-    """``increment_pending_exceptions_done_count``: wake merges waiting on copies."""
-    global _pending_done_count, _pending_done_event
-    _pending_done_count += 1
-    if _pending_done_event is not None:
-        _pending_done_event.set()
-        _pending_done_event = None
 
 
 async def _wait_pending_done(previous: int) -> None:
@@ -131,12 +121,14 @@ class ExceptionTable:
 
     def insert_run(self, old: int, new: int, count: int) -> None:
         """``dm_insert_exception`` for ``count`` chunks ``old+i -> new+i``."""
-        if count == 1:
-            self.chunks[old] = new
-        else:
-            self.chunks.update(zip(range(old, old + count), range(new, new + count), strict=True))
-        shift = LINEAR_BLOCK_SHIFT
         blocks = self.blocks
+        if count == 1:                  # (a single chunk never completes a block)
+            self.chunks[old] = new
+            if blocks:
+                blocks.pop(old >> LINEAR_BLOCK_SHIFT, None)
+            return
+        self.chunks.update(zip(range(old, old + count), range(new, new + count), strict=True))
+        shift = LINEAR_BLOCK_SHIFT
         if blocks:          # a block the run covers in part is no longer known consecutive
             blocks.pop(old >> shift, None)
             blocks.pop((old + count - 1) >> shift, None)
@@ -202,12 +194,6 @@ class _Pending:
                 self._event = trio.Event()
             await self._event.wait()
 
-    def finish(self, ok: bool) -> None:
-        self.ok = ok
-        self.finished = True
-        if self._event is not None:
-            self._event.set()
-
 
 def _chunks_of(pes: list) -> int:
     """Chunks held by a list of pending exceptions."""
@@ -252,7 +238,15 @@ def _origin_write(snapshots, start: int, end: int, waits: list) -> Awaitable[Non
             if pe is not None:
                 waits.append(pe)
                 continue
-            missing = [first]
+            mine = snap.insert_pending_run(first, 1)
+            if not mine:
+                return snap.invalidate(errno.ENOMEM)
+            rest = snap.copy_out(mine)
+            if rest is not None:
+                return rest
+            if not mine[0].finished:
+                waits.append(mine[0])
+            continue
         else:
             missing = snap.complete.missing(range(first, last + 1))
             if not missing:
@@ -266,9 +260,9 @@ def _origin_write(snapshots, start: int, end: int, waits: list) -> Awaitable[Non
                 missing = list(itertools.filterfalse(pending.__contains__, missing))
         if not missing:
             continue
-        mine: list = []
+        mine = []
         no_space = False
-        for run_first, n in ((missing[0], 1),) if len(missing) == 1 else _consecutive(missing):
+        for run_first, n in _consecutive(missing):
             pes = snap.insert_pending_run(run_first, n)
             mine.extend(pes)
             if not pes or (n > 1 and _chunks_of(pes) < n):
@@ -278,11 +272,7 @@ def _origin_write(snapshots, start: int, end: int, waits: list) -> Awaitable[Non
             rest = snap.copy_out(mine)
             if rest is not None:
                 return rest     # (the next pass finds the chunks without space again)
-            if len(mine) == 1:
-                if not mine[0].finished:
-                    waits.append(mine[0])
-            else:
-                waits.extend(pe for pe in mine if not pe.finished)
+            waits.extend(pe for pe in mine if not pe.finished)
         if no_space:
             return snap.invalidate(errno.ENOMEM)
     return None
@@ -378,6 +368,7 @@ class Snapshot(Target):
         self._complete_seq = 0
         self._copied: dict[int, _Pending] = {}
         self._committing = False            # a task is committing (see _copies_done)
+        self._complete_cb = self._pending_complete      # the store's callback (bound once)
         self._tracked: dict[int, int] = {}
         self._untracked: dict[int, trio.Event] = {}
         self._tracked_spans: list[tuple[int, int]] = []     # origin reads of whole chunk runs
@@ -528,7 +519,7 @@ class Snapshot(Target):
         i = self._copy_inline(runs, 0) if at_once else 0
         if i < len(runs):
             return self._copy_out_jobs(pes, runs, i, at_once)
-        return self._copies_done(pes, [False] * len(pes))
+        return self._copies_done(pes, None)
 
     def _run_sectors(self, run: list) -> tuple[int, int, int]:
         """(origin sector, COW sector, sectors) of a run of exceptions to copy."""
@@ -585,58 +576,57 @@ class Snapshot(Target):
                 run = [pe]
         yield run
 
-    async def write_out(self, items: list) -> None:
+    async def write_out(self, pes: list, bio: Bio) -> None:
         """``start_full_bio``: whole-chunk writes to the snapshot go straight to their new
-        COW chunks instead of a copy (``items``: (pe, bio) in allocation order; runs of
-        consecutive COW chunks are one write), then the same commit and completion as
-        :meth:`copy_out`, shielded the same way."""
-        pes = [items[0][0]] if len(items) == 1 else [pe for pe, _ in items]
-        self.in_progress += pes[0].count if len(pes) == 1 else _chunks_of(pes)
-        at_once = self.cow.io_at_once and not self._tracked and not self._tracked_spans    # the at-once mode
-        cs = self.store.chunk_sectors
-        errors = []
+        COW chunks instead of a copy (``pes``, in allocation order: the exceptions for
+        whole chunks of ``bio``; runs of them consecutive on the COW are one write),
+        then the same commit and completion as :meth:`copy_out`, shielded the same way."""
+        n_pes = len(pes)
+        self.in_progress += pes[0].count if n_pes == 1 else _chunks_of(pes)
+        cow = self.cow
+        at_once = cow.io_at_once and not self._tracked and not self._tracked_spans    # the at-once mode
+        shift = self.store.chunk_shift
+        errors = None
         i = 0
-        while i < len(items):
+        while i < n_pes:
+            pe = pes[i]
+            count = pe.count
             j = i + 1
-            while (j < len(items)
-                   and items[j][0].new_chunk == items[j - 1][0].new_chunk + items[j - 1][0].count
-                   and items[j][1].sector == items[j - 1][1].end_sector):
+            while j < n_pes and pes[j].new_chunk == pe.new_chunk + count and pes[j].old_chunk == pe.old_chunk + count:
+                count += pes[j].count
                 j += 1
-            first = items[i][1]
-            if j == i + 1:
-                data, count = first.data, items[i][0].count
+            if n_pes == 1 and bio.sector == pe.old_chunk << shift and bio.sectors == count << shift:
+                piece = bio.remap(pe.new_chunk << shift)        # (the whole request)
             else:
-                data = b"".join(b.data for _, b in items[i:j])
-                count = sum(pe.count for pe, _ in items[i:j])
-            bio = Bio(Op.WRITE, items[i][0].new_chunk * cs, count * cs, data, first.fua, first.flags)
-            err = False
+                piece = bio.slice((pe.old_chunk << shift) - bio.sector, count << shift, pe.new_chunk << shift)
             try:
                 if at_once:
-                    await self.cow.submit(bio)
+                    await cow.submit(piece)
                 else:
                     with trio.CancelScope(shield=True):
-                        await self.cow.submit(bio)
+                        await cow.submit(piece)
             except DMError:
-                err = True
-            errors.extend([err] * (j - i))
+                if errors is None:
+                    errors = [False] * n_pes
+                errors[i:j] = [True] * (j - i)
             i = j
         rest = self._copies_done(pes, errors)
         if rest is not None:
             with trio.CancelScope(shield=not at_once):
                 await rest
 
-    def _copies_done(self, pes: list, errors: list) -> Awaitable[None] | None:
+    def _copies_done(self, pes: list, errors: list | None) -> Awaitable[None] | None:
         """``copy_callback``: commit exceptions strictly in allocation order.  Whichever
         task finds the next one in line commits it and every later one that is ready;
         a task finding a commit under way leaves its exceptions to that task (the
         store writes its area once no exception is pending, so exceptions copied
-        while an area write runs share the next one).  A plain call: None when done on
-        return, else what is left to await (a commit that waits)."""
+        while an area write runs share the next one).  ``errors``: whether each copy
+        failed (None: none did).  A plain call: None when done on return, else what is
+        left to await (a commit that waits)."""
         copied = self._copied
-        if len(pes) == 1:
-            pe = pes[0]
-            pe.copy_error = errors[0]
-            copied[pe.seq] = pe
+        if errors is None:
+            for pe in pes:
+                copied[pe.seq] = pe
         else:
             for pe, err in zip(pes, errors, strict=True):
                 pe.copy_error = err
@@ -658,14 +648,15 @@ class Snapshot(Target):
         """Commit the copied exceptions next in line, up to one whose commit must be
         awaited (returned; call again after it)."""
         copied = self._copied
-        commit = self.store.commit_exceptions
-        while self._complete_seq in copied:
-            nxt = copied.pop(self._complete_seq)
-            self._complete_seq += 1
-            rest = commit(nxt.old_chunk, nxt.new_chunk, nxt.count, not nxt.copy_error,
-                          functools.partial(self._pending_complete, nxt))
+        seq = self._complete_seq
+        while seq in copied:
+            nxt = copied.pop(seq)
+            self._complete_seq = seq = seq + 1
+            rest = self.store.commit_exceptions(nxt.old_chunk, nxt.new_chunk, nxt.count, not nxt.copy_error,
+                                                self._complete_cb, nxt)
             if rest is not None:
                 return rest
+            seq = self._complete_seq
         return None
 
     async def _commit_waiting(self, rest: Awaitable[None], pes: list) -> None:
@@ -710,14 +701,23 @@ class Snapshot(Target):
         self._pending_release(pe, success)
 
     def _pending_release(self, pe: _Pending, ok: bool) -> None:
+        """Out of the pending ones, its waiters and merges waiting on copies woken
+        (``increment_pending_exceptions_done_count``)."""
+        global _pending_done_count, _pending_done_event
         if pe.count == 1:
             self.pending.pop(pe.old_chunk, None)
         else:
             pop = self.pending.pop
             for chunk in range(pe.old_chunk, pe.old_chunk + pe.count):
                 pop(chunk, None)
-        pe.finish(ok)
-        _pending_done()
+        pe.ok = ok
+        pe.finished = True
+        if pe._event is not None:
+            pe._event.set()
+        _pending_done_count += 1
+        if _pending_done_event is not None:
+            _pending_done_event.set()
+            _pending_done_event = None
         self.pending_exceptions_count -= 1
         if not self.pending_exceptions_count and self._idle is not None:
             self._idle.set()
@@ -789,14 +789,21 @@ class Snapshot(Target):
             # the common case first, without the general path's checks: a request
             # inside one chunk that already has its exception goes to the COW
             shift = self.store.chunk_shift
-            chunk = bio.sector >> shift
-            if chunk == (bio.end_sector - 1) >> shift and self.valid:
+            sector = bio.sector
+            chunk = sector >> shift
+            if chunk == (sector + bio.sectors - 1) >> shift and self.valid:
                 new = self.complete.get(chunk)
-                if new is not None and (op is Op.READ or (
-                        self.in_progress <= COW_THRESHOLD and not self.snapshot_overflowed)):
-                    return await self.cow.submit(
-                        Bio(op, (new << shift) | (bio.sector & ((1 << shift) - 1)), bio.sectors,
-                            bio.data, bio.fua, bio.flags))
+                if op is Op.READ:
+                    if new is not None:
+                        return await self.cow.submit(
+                            Bio(op, (new << shift) | (sector & ((1 << shift) - 1)), bio.sectors,
+                                bio.data, False, bio.flags))
+                elif self.in_progress <= COW_THRESHOLD and not self.snapshot_overflowed:
+                    if new is not None:
+                        return await self.cow.submit(
+                            Bio(op, (new << shift) | (sector & ((1 << shift) - 1)), bio.sectors,
+                                bio.data, bio.fua, bio.flags))
+                    return await self._write_chunk(bio, chunk)      # (_map_chunk's checks are made)
         if bio.op is Op.FLUSH and not bio.sectors:
             return await self.cow.submit(bio)
         if bio.op is Op.WRITE_ZEROES:
@@ -944,7 +951,7 @@ class Snapshot(Target):
         first = bio.sector >> shift
         news = self.complete.lookups(first, (bio.end_sector - 1) >> shift)
         direct: list = []        # [COW sector, sectors, offset in bio]: chunks with exceptions
-        full = []                # (pe, piece): whole chunks without one, written to the COW
+        full: list = []          # pes of whole chunks without one: the bio's data is theirs
         partial = []             # (pe, piece, chunk): written after the chunk's copy
         copies = []
         no_space = False
@@ -985,12 +992,12 @@ class Snapshot(Target):
                 if count <= 0 or no_space:
                     continue
                 pes = self.insert_pending_run(c0, count)
-                for pe in pes:
-                    s0 = max(start, pe.old_chunk << shift)
-                    s1 = min(end, (pe.old_chunk + pe.count) << shift)
-                    if whole:
-                        full.append((pe, bio.slice(s0 - start, s1 - s0)))
-                    else:
+                if whole:
+                    full.extend(pes)
+                else:
+                    for pe in pes:
+                        s0 = max(start, pe.old_chunk << shift)
+                        s1 = min(end, (pe.old_chunk + pe.count) << shift)
                         copies.append(pe)
                         partial.append((pe, bio.slice(s0 - start, s1 - s0), pe.old_chunk))
                 if sum(pe.count for pe in pes) < count:
@@ -1003,9 +1010,9 @@ class Snapshot(Target):
             if rest is not None:
                 await rest
         if full:
-            await self.write_out(full)
+            await self.write_out(full, bio)
         failed = False
-        for pe, _ in full:
+        for pe in full:
             if not pe.finished:
                 await pe.wait()
             failed = failed or not pe.ok
@@ -1056,21 +1063,27 @@ class Snapshot(Target):
             return await self.cow.submit(self._remap(new, bio))
         if not write:
             return await self._tracked_io(self.origin, bio, chunk)
+        return await self._write_chunk(bio, chunk)
+
+    async def _write_chunk(self, bio: Bio, chunk: int):
+        """A write inside chunk ``chunk``, which has no exception: a whole-chunk write
+        becomes the exception's data (:meth:`write_out`), a partial one waits for the
+        chunk's copy-out (its own, or the one pending) and is then remapped."""
         pe = self.pending.get(chunk)
         if pe is None:
             pes = self.insert_pending_run(chunk, 1)
-            pe = pes[0] if pes else None
-            if pe is None:
+            if not pes:
                 await self._no_space()
                 raise AssertionError("unreachable")     # (_no_space raises)
-            if bio.sectors == cs:
-                await self.write_out([(pe, bio)])
+            pe = pes[0]
+            if bio.sectors == self.store.chunk_sectors:
+                await self.write_out(pes, bio)
                 if not pe.finished:           # (finished, unless an earlier commit still runs)
                     await pe.wait()
                 if not pe.ok:
                     raise DMError(errno.EIO)
                 return None
-            rest = self.copy_out([pe])
+            rest = self.copy_out(pes)
             if rest is not None:
                 await rest
         if not pe.finished:
@@ -1324,8 +1337,9 @@ class Origin(Target):
                 rest = do_origin(self.key, sector, end, True)
             elif len(snaps) == 1:           # one snapshot: two checks
                 s = snaps[0]
-                if s.in_progress > COW_THRESHOLD or not s.has_exception(sector):
-                    rest = do_origin(self.key, sector, end, True)
+                over = s.in_progress > COW_THRESHOLD
+                if over or not s.has_exception(sector):
+                    rest = do_origin(self.key, sector, end, over)
             elif not all(s.in_progress <= COW_THRESHOLD and s.has_exception(sector) for s in snaps):
                 rest = do_origin(self.key, sector, end, True)
             if rest is not None:
