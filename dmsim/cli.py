@@ -5,12 +5,14 @@
     dmsim daemon --mount DIR [--socket PATH] [--state-dir DIR] [--background]
                  [--owner USER] [--group GROUP] [--mode OCTAL]
                  [--page-cache | --direct-io] [--io-mode inline|thread]
-                 [--durability fsync|process] [--resync-throttle PCT] [--nbd ADDR]... [--debug]
+                 [--durability fsync|process] [--resync-throttle PCT] [--nbd ADDR]...
+                 [--image-paths] [--debug]
     dmsim daemon stop [--socket PATH] [--state-dir DIR] [--timeout S]
                                       stop the daemon and wait until it has exited
     dmsim [--socket PATH] dmsetup <dmsetup arguments>...
     dmsim [--socket PATH] <dmsetup command> <arguments>...     (create, ls, table, ...)
     dmsim [--socket PATH] klog        print and clear the kernel-log lines
+    dmsim [--socket PATH] images      each image file's device number (240:N), its path, its devices
     dmsim [--socket PATH] progress NAME [--interval S]
                                       follow a mirror resync or snapshot merge (a bar on a tty)
 
@@ -64,6 +66,36 @@ async def _progress(socket: str | None, name: str, interval: float) -> int:
         return await follow(ctl, name, interval)
 
 
+async def image_lines(ctl) -> list[str]:
+    """``dmsim images``: one ``NUMBER<tab>PATH<tab>DEVICES`` line per image file a live or
+    inactive table holds, by number (what ``deps -o devname`` shows per device, for all of
+    them at once; dmsetup's ``info`` has no place for a file name).  A number stays its
+    file while the daemon runs, also after the last table using it is gone (tables may
+    still name it), but only files in use are listed."""
+    found: dict[tuple[int, int], tuple[str, list[str]]] = {}
+    for name in await ctl.names():
+        for inactive in (False, True):
+            try:
+                deps = await ctl.deps(name, inactive)
+            except DMError:              # removed since names()
+                break
+            for d in deps:
+                if d.path is None or d.major is None or d.minor is None:
+                    continue             # a dm or block device, or an image without a number
+                users = found.setdefault((d.major, d.minor), (d.path, []))[1]
+                if name not in users:
+                    users.append(name)
+    return ["%d:%d\t%s\t%s" % (number + (printable(path), printable(",".join(users))))
+            for number, (path, users) in sorted(found.items())]
+
+
+async def _images(socket: str | None) -> list[str]:
+    from .client import RemoteControl
+
+    async with RemoteControl(socket) as ctl:
+        return await image_lines(ctl)
+
+
 async def _klog(socket: str | None) -> list[str]:
     from .client import RemoteControl
 
@@ -86,6 +118,7 @@ def _daemon_stop(argv: list[str], socket: str | None) -> int:
 
 def _daemon(argv: list[str], socket: str | None = None) -> int:
     from .daemon import DaemonOptions, run_daemon
+    from .manager import image_numbers_default
 
     if argv[:1] == ["stop"]:
         return _daemon_stop(argv[1:], socket)
@@ -115,14 +148,23 @@ def _daemon(argv: list[str], socket: str | None = None) -> int:
                         "raid1_resync_throttle; 100 = unlimited)")
     p.add_argument("--nbd", action="append", default=[], metavar="ADDR",
                    help="also export every device over NBD at unix:PATH or tcp:HOST:PORT (repeatable)")
+    p.add_argument("--image-paths", action="store_true",
+                   help="print image files by path where the kernel prints major:minor (default: "
+                        "each image gets a number 240:N, as lvm2's parsers need; also "
+                        "DMSIM_IMAGE_NUMBERS=0)")
     p.add_argument("--debug", action="store_true")
     a = p.parse_args(argv)
+    try:
+        image_numbers = False if a.image_paths else image_numbers_default()
+    except ValueError as e:
+        p.error(str(e))
     direct_io = False if a.page_cache else (True if a.direct_io else None)
     return run_daemon(DaemonOptions(mount=a.mount, socket=a.socket or "", state_dir=a.state_dir or "",
                                     background=a.background, direct_io=direct_io,
                                     io_mode=a.io_mode, durability=a.durability,
                                     resync_throttle=a.resync_throttle, debug=a.debug, nbd=tuple(a.nbd),
-                                    owner=a.owner, group=a.group, mode=a.mode))
+                                    owner=a.owner, group=a.group, mode=a.mode,
+                                    image_numbers=image_numbers))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,6 +187,13 @@ def main(argv: list[str] | None = None) -> int:
             return _daemon(argv[1:], socket)
         if cmd == "klog":
             for line in trio.run(_klog, socket):
+                print(line)
+            return 0
+        if cmd == "images":
+            if argv[1:]:
+                print("usage: dmsim images", file=sys.stderr)
+                return 2
+            for line in trio.run(_images, socket):
                 print(line)
             return 0
         if cmd == "progress":

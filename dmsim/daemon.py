@@ -71,6 +71,7 @@ class DaemonOptions:
     uid: int | None = None            # resolved from the three above
     gid: int | None = None
     file_mode: int = 0o660
+    image_numbers: bool | None = None  # image files as 240:N (None: DMSIM_IMAGE_NUMBERS, default on)
 
     def resolve(self) -> "DaemonOptions":
         """Absolute paths, and the device files' owner, group and mode (DaemonError if bad)."""
@@ -373,7 +374,8 @@ async def serve_daemon(opts: DaemonOptions, state: StateDir, ready, watchdog: Wa
     mirror.resync_throttle.percent = opts.resync_throttle
     if opts.resync_throttle < 100:
         log.info("mirror resync limited to %d%% of the time (raid1_resync_throttle)", opts.resync_throttle)
-    async with open_manager(mount_dir=opts.mount, io_mode=opts.io_mode, durability=opts.durability) as m:
+    async with open_manager(mount_dir=opts.mount, io_mode=opts.io_mode, durability=opts.durability,
+                            image_numbers=opts.image_numbers) as m:
         m.log_listeners.append(state.write_klog)
         fs = Mount(m, opts.mount, direct_io=opts.direct_io, debug=opts.debug,
                    uid=opts.uid, gid=opts.gid, mode=opts.file_mode)

@@ -45,7 +45,7 @@ def image_numbers_default() -> bool:
     if value not in ("", "0", "1"):
         raise ValueError("%s=%r: use 1 (image files as 240:N, the default) or 0 (as paths)"
                          % (IMAGE_NUMBERS_ENV, value))
-    return value == "1"
+    return value != "0"
 
 
 @dataclass

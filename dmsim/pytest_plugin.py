@@ -4,7 +4,9 @@ Fixtures:
 
 ``dm``
     an :class:`dmsim.api.AsyncDM` over a fresh manager, for ``async def`` tests (pytest-trio);
-    every device is removed at the end.
+    every device is removed at the end.  Image files print as device numbers (``240:N``;
+    ``dm.image_ref(path)`` is the string to expect, ``dm.image_path("240:0")`` the file);
+    a test marked ``@pytest.mark.dmsim_image_paths`` gets paths instead.
 ``dm_sync``
     the blocking :class:`dmsim.api.DM`, for plain tests.
 ``images``
@@ -74,24 +76,34 @@ class ImageFactory:
         return path
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "dmsim_image_paths: the dm and dm_sync fixtures print image "
+                                       "files by path instead of as 240:N device numbers")
+
+
+def _image_numbers(request) -> bool | None:
+    """False for a test marked ``dmsim_image_paths``; else the default (numbers)."""
+    return False if request.node.get_closest_marker("dmsim_image_paths") else None
+
+
 @pytest.fixture
 def images(tmp_path):
     return ImageFactory(tmp_path)
 
 
 @pytest.fixture
-async def dm():
+async def dm(request):
     from .api import open_dm
 
-    async with open_dm() as d:
+    async with open_dm(image_numbers=_image_numbers(request)) as d:
         yield d
 
 
 @pytest.fixture
-def dm_sync():
+def dm_sync(request):
     from .api import DM
 
-    with DM() as d:
+    with DM(image_numbers=_image_numbers(request)) as d:
         yield d
 
 

@@ -25,7 +25,8 @@ async def test_async_create_read_write_and_dmsetup(img):
         await dm.flush("lz")
         assert await dm.dmsetup("status", "lz") == "0 32 linear \n32 32 zero \n"
         assert [ln.type for ln in dm.status("lz")] == ["linear", "zero"]
-        assert dm.table("lz")[0].params == "%s 0" % img
+        assert dm.table("lz")[0].params == "240:0 0"       # image files print as numbers
+        assert dm.image_path("240:0") == img and dm.image_ref(img) == "240:0"
         r = await dm.run("info", "nosuch")
         assert (r.stdout, r.stderr, r.rc) == ("", "Device does not exist.\nCommand failed.\n", 1)
         with pytest.raises(DmsetupError) as ei:
@@ -86,6 +87,41 @@ def test_blocking_dm(img):
     with open(img, "rb") as f:
         f.seek(8 * 512)
         assert f.read(512) == b"\xff" * 512
+
+
+async def test_tables_take_paths_and_numbers_and_print_numbers(img, tmp_path):
+    """A table names an image by path or by the number it got; output shows the number,
+    which image_path maps back (what a test needs to compare strings)."""
+    other = tmp_path / "vdb"
+    other.write_bytes(bytes(8192))
+    async with open_dm() as dm:
+        await dm.create("a", "0 16 linear %s 0" % other)
+        await dm.create("b", "0 8 linear %s 0\n8 8 linear 240:0 8" % img)
+        assert [ln.params for ln in dm.table("b")] == ["240:1 0", "240:0 8"]
+        assert (dm.image_path("240:1"), dm.image_path((240, 0))) == (img, str(other))
+        assert await dm.dmsetup("deps", "-o", "devname", "b") == \
+            "2 dependencies\t: (%s) (%s)\n" % (other, img)
+        for bad in ("240:9", "253:0", "vda", "240:x"):
+            with pytest.raises(DMError) as ei:
+                dm.image_path(bad)
+            assert ei.value.errno == errno.ENODEV
+        with pytest.raises(DMError):
+            dm.image_ref(str(tmp_path / "never-opened"))
+
+
+async def test_image_paths_opt_out(img):
+    """image_numbers=False: image files print by their symlink-free path, as before."""
+    async with open_dm(image_numbers=False) as dm:
+        await dm.create("lz", "0 8 linear %s 0" % img)
+        assert dm.table("lz")[0].params == "%s 0" % img
+        assert dm.image_ref(img) == img
+
+
+def test_blocking_image_paths_opt_out(img):
+    """The blocking DM takes the same opt-out."""
+    with DM(image_numbers=False) as dm:
+        dm.create("lz", "0 8 linear %s 0" % img)
+        assert dm.dmsetup("table", "lz") == "0 8 linear %s 0\n" % img
 
 
 def test_blocking_dm_rejects_private_attributes():

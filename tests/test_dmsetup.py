@@ -60,7 +60,7 @@ async def env(tmp_path):
     vdb = tmp_path / "vdb"
     with open(vdb, "wb") as f:
         f.truncate(16384 * 512)
-    async with dmsim.open_manager(image_numbers=True) as m:
+    async with dmsim.open_manager() as m:
         yield Env(m, str(vda), str(vdb))
 
 

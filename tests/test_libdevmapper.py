@@ -1,8 +1,8 @@
 """lvm2's own status parsers (Debian's libdevmapper, through ctypes) on dmsim's status lines.
 
 Every tool built on libdm reads ``dmsetup status`` with ``dm_get_status_*``; they need
-``major:minor`` where the kernel prints numbers, so image files must show device numbers
-(issue 13, item 7).  Skipped when libdevmapper is not installed (``scripts/setup`` installs
+``major:minor`` where the kernel prints numbers, so image files show device numbers
+(issue 13, item 7; the default).  Skipped when libdevmapper is not installed (``scripts/setup`` installs
 libdevmapper-dev).
 """
 from __future__ import annotations
@@ -83,8 +83,8 @@ class Libdm:
 
 @pytest.fixture
 def libdm(dm):
-    """libdevmapper, and image files with device numbers (as the conformance daemon has)."""
-    dm.manager.image_numbers = True
+    """libdevmapper (image files have device numbers by default: the dm fixture's manager)."""
+    assert dm.manager.image_numbers
     lib = Libdm()
     yield lib
     lib.close()

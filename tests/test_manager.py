@@ -576,16 +576,18 @@ async def test_rename_checks_in_kernel_order(m):
     assert m.info("b").uuid == "ub"
 
 
-async def test_image_numbers(tmp_path):
+async def test_image_numbers(tmp_path, monkeypatch):
     """One minor of IMAGE_MAJOR per image file, first opened first, kept after the file is
-    closed; a table names the image by it; off by default (paths)."""
+    closed; a table names the image by it; on by default, paths with image_numbers=False or
+    DMSIM_IMAGE_NUMBERS=0 (a value other than 0/1 is refused, not guessed)."""
     from dmsim.resolve import IMAGE_MAJOR
     paths = []
     for name in ("a", "b"):
         p = tmp_path / name
         p.write_bytes(bytes(1 << 20))
         paths.append(str(p))
-    async with dmsim.open_manager(image_numbers=True) as m:
+    monkeypatch.delenv("DMSIM_IMAGE_NUMBERS", raising=False)
+    async with dmsim.open_manager() as m:
         await mk(m, "x", "0 8 linear %s 0\n8 8 linear %s 0" % (paths[1], paths[0]))
         assert [t.params for t in m.table_lines("x")] == ["%d:0 0" % IMAGE_MAJOR, "%d:1 0" % IMAGE_MAJOR]
         await m.remove("x")
@@ -593,9 +595,22 @@ async def test_image_numbers(tmp_path):
         await mk(m, "y", "0 8 linear %d:1 0" % IMAGE_MAJOR)
         assert m.table_lines("y")[0].params == "%d:1 0" % IMAGE_MAJOR
         assert m.deps("y")[0].path == paths[0]
+        assert (m.image_path("%d:1" % IMAGE_MAJOR), m.image_ref(paths[1])) == (paths[0], "%d:0" % IMAGE_MAJOR)
         with pytest.raises(DMError) as e:
             await mk(m, "z", "0 8 linear %d:7 0" % IMAGE_MAJOR)
         assert errno_of(e) == errno.ENODEV
+    async with dmsim.open_manager(image_numbers=False) as m:
+        await mk(m, "x", "0 8 linear %s 0" % paths[0])
+        assert m.table_lines("x")[0].params == "%s 0" % paths[0]
+        assert m.image_ref(paths[0]) == paths[0]
+    monkeypatch.setenv("DMSIM_IMAGE_NUMBERS", "0")
     async with dmsim.open_manager() as m:
         await mk(m, "x", "0 8 linear %s 0" % paths[0])
         assert m.table_lines("x")[0].params == "%s 0" % paths[0]
+    async with dmsim.open_manager(image_numbers=True) as m:     # the argument wins
+        await mk(m, "x", "0 8 linear %s 0" % paths[0])
+        assert m.table_lines("x")[0].params == "%d:0 0" % IMAGE_MAJOR
+    monkeypatch.setenv("DMSIM_IMAGE_NUMBERS", "yes")
+    with pytest.raises(ValueError, match="DMSIM_IMAGE_NUMBERS"):
+        async with dmsim.open_manager():
+            pass

@@ -1,4 +1,4 @@
-"""The pytest plugin's fixtures (dm, dm_sync, images), used from a fresh test file."""
+"""The pytest plugin's fixtures (dm, dm_sync, images, snapshot_stack), used from a fresh test file."""
 import random
 
 pytest_plugins = ["pytester"]
@@ -44,6 +44,49 @@ def test_fixtures_in_a_fresh_test_file(pytester):
     """)
     result = pytester.runpytest_inprocess("-q", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=4)
+
+
+def test_image_numbers_by_default_and_paths_by_marker(pytester):
+    """dm and dm_sync print image files as 240:N, which image_ref/image_path map; the
+    dmsim_image_paths marker (registered: no warning under --strict-markers) gives paths;
+    snapshot_stack's merge reloads a table printed with numbers."""
+    pytester.makeini(CONFTEST_INI)
+    pytester.makepyfile(test_user="""
+        import os
+        import pytest
+
+        async def test_numbers(dm, images):
+            img = images.zero(mib=1)
+            await dm.create("lz", "0 2048 linear %s 0" % img)
+            assert await dm.dmsetup("table", "lz") == "0 2048 linear 240:0 0\\n"
+            assert dm.image_ref(img) == "240:0" and dm.image_path("240:0") == os.path.realpath(img)
+
+        def test_numbers_sync(dm_sync, images):
+            img = images.zero(mib=1)
+            dm_sync.create("lz", "0 2048 linear %s 0" % img)
+            assert dm_sync.table("lz")[0].params == "240:0 0"
+
+        @pytest.mark.dmsim_image_paths
+        async def test_paths(dm, images):
+            img = images.zero(mib=1)
+            await dm.create("lz", "0 2048 linear %s 0" % img)
+            assert dm.table("lz")[0].params == "%s 0" % os.path.realpath(img)
+
+        @pytest.mark.dmsim_image_paths
+        def test_paths_sync(dm_sync, images):
+            img = images.zero(mib=1)
+            dm_sync.create("lz", "0 2048 linear %s 0" % img)
+            assert dm_sync.table("lz")[0].params == "%s 0" % os.path.realpath(img)
+
+        async def test_merge_over_numbers(dm, snapshot_stack):
+            stack = await snapshot_stack(origin_mib=1, cow_mib=1)
+            await dm.write(stack.snapshot_name, 0, b"new")
+            assert dm.table(stack.snapshot_name)[0].params.startswith("240:")
+            await stack.merge()
+            assert (await dm.read(stack.origin_name, 0, 3)) == b"new"
+    """)
+    result = pytester.runpytest_inprocess("-q", "-p", "no:cacheprovider", "--strict-markers")
+    result.assert_outcomes(passed=5)
 
 
 def test_failing_user_test_is_reported(pytester):

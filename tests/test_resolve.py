@@ -130,7 +130,8 @@ async def test_relative_table_paths_use_the_callers_cwd(tmp_path):
         m.create("r")
         await m.load("r", [TableLine(0, 8, "linear", "a.img 0")], cwd=str(tmp_path))
         await m.resume("r")
-        assert m.table_lines("r")[0].params == "%s 0" % (tmp_path / "a.img")
+        assert m.table_lines("r")[0].params == "240:0 0"
+        assert m.image_path("240:0") == str(tmp_path / "a.img")
         m.create("q")
         with pytest.raises(DMError) as ei:
             await m.load("q", [TableLine(0, 8, "linear", "a.img 0")], cwd="/")
@@ -285,7 +286,8 @@ def test_daemon_cli_paths(tmp_path):
 
         r = run("create", "base", "--table", "0 2048 linear a.img 0")
         assert r.returncode == 0, r.stderr
-        assert run("table", "base").stdout == "0 2048 linear %s 0\n" % (work / "a.img")
+        assert run("table", "base").stdout == "0 2048 linear 240:0 0\n"
+        assert run("deps", "-o", "devname", "base").stdout == "1 dependencies\t: (%s)\n" % (work / "a.img")
         os.symlink(os.path.join(d.mnt, "base"), work / "zl")
         r = run("create", "top", "--table", "0 8 linear zl 8")
         assert r.returncode == 0, r.stderr
