@@ -294,6 +294,33 @@ async def test_writeback_error_reported_by_fsync(mounted):
     assert await run(io) == (4096, errno.EIO)
 
 
+async def test_writeback_error_reaches_every_open_once(mounted):
+    """errseq: a failed writeback is every open's next fsync's EIO, not only the first
+    fsync's (another open of the file would be told 0 for data that is gone), and once."""
+    m, mnt, img = mounted
+    m.create("err")
+    await m.load("err", [TableLine(0, 8, "error")])
+    await m.resume("err")
+
+    def io():
+        fds = [os.open(mnt + "/err", os.O_RDWR) for _ in range(2)]
+        out = []
+        try:
+            os.pwrite(fds[0], b"x" * 4096, 0)
+            for fd in (fds[0], fds[1], fds[0], fds[1]):
+                try:
+                    os.fsync(fd)
+                    out.append(0)
+                except OSError as e:
+                    out.append(e.errno)
+            return out
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    assert await run(io) == [errno.EIO, errno.EIO, 0, 0]
+
+
 async def test_flushing_suspend_writes_back_buffered_data(mounted):
     """Suspend's lock_fs writes back dirty buffers (no fsync needed); noflush does not."""
     m, mnt, img = mounted
