@@ -48,7 +48,7 @@ class Env:
 
     def num(self, path) -> str:
         """How tables print an image file: its device number (issue 13, item 7)."""
-        return "%d:%d" % self.m.image_devno(os.path.realpath(path))
+        return self.m.image_ref(path)
 
 
 @pytest.fixture
