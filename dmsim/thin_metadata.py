@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from dmsim.errors import DMError
-from dmsim.persistent_data.block_manager import METADATA_BLOCK_SIZE, BlockManager
+from dmsim.persistent_data.block_manager import METADATA_BLOCK_SIZE, BlockManager, Store
 from dmsim.persistent_data.btree import BTreeInfo, ValueType
 from dmsim.persistent_data.checksum import THIN_SUPERBLOCK_CSUM_XOR, block_checksum
 from dmsim.persistent_data.errors import MetadataError, NoData
@@ -172,7 +172,7 @@ class PoolMetadata:
     ``log`` receives the kernel's log lines without the ``device-mapper: `` prefix.
     """
 
-    def __init__(self, path: str, data_block_size: int, *, format_device: bool = True, read_only: bool = False,
+    def __init__(self, path: str | Store, data_block_size: int, *, format_device: bool = True, read_only: bool = False,
                  durable: bool = True, log: Callable[[str], None] | None = None):
         self.path = path
         self.data_block_size = data_block_size
@@ -301,7 +301,7 @@ class PoolMetadata:
     def close(self) -> None:
         """Commit what is pending (unless read-only or failed) and release the device."""
         try:
-            if not self.read_only and not self.fail_io and self.bm._fd >= 0:
+            if not self.read_only and not self.fail_io and not self.bm.closed:
                 self.commit()
         finally:
             self.bm.close()
@@ -683,6 +683,17 @@ class PoolMetadata:
             raise DMError(errno.EINVAL, "cannot reduce size of space map")
         self.metadata_sm.extend(new_nr_blocks - old)
         self._set_metadata_reserve()
+
+    def register_metadata_threshold(self, threshold: int, fn: Callable[[], None]) -> None:
+        """``dm_pool_register_metadata_threshold``: ``fn`` when free metadata blocks (the
+        reserve included) fall to ``threshold``."""
+        self._check_io()
+        self.metadata_sm.register_threshold(threshold, fn)
+
+    def set_read_only(self, read_only: bool) -> None:
+        """``dm_pool_metadata_read_only`` / ``_read_write``: block writes refused (-EPERM) or
+        allowed again (never on metadata opened read-only)."""
+        self.bm.read_only = read_only or self.read_only
 
     # -- flags ------------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from dmsim.errors import DMError, TargetError
 from dmsim.persistent_data import NoSpace
 
 from .base import STATUSTYPE_TABLE, Target, register
-from .thin_pool import PM_FAIL, PM_READ_ONLY, Pool, ThinPool, lookup_pool, read_dev_id
+from .thin_pool import PM_FAIL, PM_OUT_OF_DATA_SPACE, PM_WRITE, Pool, ThinPool, lookup_pool, read_dev_id
 
 
 class Thin(Target):
@@ -89,15 +89,13 @@ class Thin(Target):
             raise DMError(errno.EIO)
         op = bio.op
         if op is Op.FLUSH and not bio.sectors:
-            await self._commit()
+            await self._commit(bio)
             return None
         if op is Op.DISCARD:
             await self._discard(bio)   # whole: the kernel does not split a thin's discards
             return None
         if op is Op.WRITE_ZEROES:
-            bio = Bio(Op.WRITE, bio.sector, bio.sectors, bytes(to_bytes(bio.sectors)), bio.fua)
-        if op is not Op.READ and pool.pf.mode == PM_READ_ONLY:
-            raise DMError(errno.EIO)
+            bio = Bio(Op.WRITE, bio.sector, bio.sectors, bytes(to_bytes(bio.sectors)), bio.fua, bio.flags)
         # reads and writes go block by block (dm_set_target_max_io_len(ti, sectors_per_block)),
         # the pieces one after the other, as the pool's worker takes the split bios in order
         spb = pool.sectors_per_block
@@ -122,15 +120,20 @@ class Thin(Target):
         for piece in pieces:
             await self._write(piece)
         if bio.fua:
-            await self._commit()
+            await self._commit(bio)
         return None
 
-    async def _commit(self) -> None:
+    async def _commit(self, bio: Bio) -> None:
+        """A flush or FUA: the pool's commit (which flushes the data device first).  A pool
+        that cannot commit passes the request to the data device as the kernel's read-only
+        worker does: through the mapping of the request's block, an unmapped one failing."""
         pool = self.pool
-        if pool.pf.mode in (PM_READ_ONLY, PM_FAIL):
-            await pool.data_dev.flush()
+        if pool.pf.mode in (PM_WRITE, PM_OUT_OF_DATA_SPACE):
+            await pool.commit_locked()
             return
-        await pool.commit_locked()
+        if pool.md.find_block(self.dev_id, bio.sector // pool.sectors_per_block) is None:
+            raise DMError(errno.EIO)
+        await pool.data_dev.flush()
 
     def _origin_sectors(self, vblock: int) -> int:
         """Sectors of the external origin inside virtual block ``vblock`` (0 if none)."""
@@ -148,7 +151,7 @@ class Thin(Target):
         try:
             r = pool.md.find_block(self.dev_id, vblock)
             if r is not None:
-                sub = Bio(Op.READ, r.block * spb + offset, bio.sectors, bio.data)
+                sub = bio.remap(r.block * spb + offset)
                 return settle_read(sub, await pool.data_dev.submit(sub))
         finally:
             pool.io_exit()
@@ -170,20 +173,24 @@ class Thin(Target):
         try:
             r = pool.md.find_block(self.dev_id, vblock)
             if r is not None and not r.shared:
-                await pool.data_dev.submit(Bio(Op.WRITE, r.block * spb + offset, bio.sectors, bio.data))
+                await pool.data_dev.submit(bio.remap(r.block * spb + offset))
                 return
         finally:
             pool.io_exit()
         async with pool.lock:
             r = pool.md.find_block(self.dev_id, vblock)
             if r is not None and not r.shared:
-                await pool.data_dev.submit(Bio(Op.WRITE, r.block * spb + offset, bio.sectors, bio.data))
+                await pool.data_dev.submit(bio.remap(r.block * spb + offset))
                 return
             while True:
+                if pool.is_read_only() or pool.pf.mode == PM_FAIL:
+                    raise DMError(errno.EIO)   # handle_unserviceable_bio
                 try:
                     new = await pool.alloc_data_block()
                     break
                 except NoSpace:
+                    if pool.pf.mode != PM_OUT_OF_DATA_SPACE:
+                        raise DMError(errno.EIO) from None   # retry_bios_on_resume: the mode errors it
                     pool.lock.release()
                     try:
                         await pool.wait_for_space()
@@ -191,19 +198,32 @@ class Thin(Target):
                         with trio.CancelScope(shield=True):
                             await pool.lock.acquire()
                     r = pool.md.find_block(self.dev_id, vblock)
+                except DMError as e:
+                    pool.log("%s: alloc_data_block() failed: error = %d"
+                             % ("break_sharing" if r is not None else "provision_block", -e.errno))
+                    raise DMError(errno.EIO) from None
             whole = offset == 0 and bio.sectors == spb
+            have = 0 if r is not None else self._origin_sectors(vblock)
+            # the kernel prepares the block in its worker (a copy, a zeroing, or the write of
+            # the whole block itself) unless there is nothing to prepare (skip_block_zeroing)
+            prepared = r is not None or have > 0 or pool.pf.zero_new_blocks
             if not whole:
                 if r is not None:
                     await pool.copy_block(pool.data_dev, r.block * spb, spb, new)
                 else:
                     # schedule_external_copy / schedule_zero: the origin's part is copied, a
                     # tail past the origin's end (or a block past it) zeroed unless skipped
-                    have = self._origin_sectors(vblock)
                     if have < spb and pool.pf.zero_new_blocks:
                         await pool.zero_block(new)
                     if have:
                         await pool.copy_block(self.origin_dev, vblock * spb, have, new)
-            await pool.data_dev.submit(Bio(Op.WRITE, new * spb + offset, bio.sectors, bio.data))
+            elif prepared:
+                await pool.data_dev.submit(bio.remap(new * spb + offset))   # the overwrite
+            if prepared and (pool.is_read_only() or pool.pf.mode == PM_FAIL):
+                # process_prepared_mapping_fail: the pool stopped changing metadata meanwhile
+                raise DMError(errno.EIO)
+            if not (whole and prepared):
+                await pool.data_dev.submit(bio.remap(new * spb + offset))
             try:
                 pool.md.insert_block(self.dev_id, vblock, new)
             except DMError as e:
@@ -222,8 +242,8 @@ class Thin(Target):
         end = bio.end_sector // spb
         if begin >= end:
             return  # less than a block: nothing to unmap
-        if pool.pf.mode == PM_READ_ONLY:
-            raise DMError(errno.EIO)
+        if pool.is_read_only():
+            return  # process_bio_success: a read-only pool completes discards, unmapping nothing
         md = pool.md
         async with pool.lock:
             while begin != end:

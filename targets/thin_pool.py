@@ -34,6 +34,7 @@ from dmsim.bio import Bio
 from dmsim.errors import DMError, TargetError
 from dmsim.kcopyd import Region
 from dmsim.persistent_data import NoSpace
+from dmsim.persistent_data.block_manager import ImageStore
 from dmsim.thin_metadata import THIN_METADATA_MAX_SECTORS, PoolMetadata
 
 from .base import STATUSTYPE_TABLE, Target, kstrtouint, passthrough
@@ -49,8 +50,25 @@ NO_SPACE_TIMEOUT_SECONDS = 60.0
 
 PM_WRITE = "write"
 PM_OUT_OF_DATA_SPACE = "out-of-data-space"
+#: like read-only (and shown as it), but back to write mode when the metadata device grows
+PM_OUT_OF_METADATA_SPACE = "out-of-metadata-space"
 PM_READ_ONLY = "read-only"
 PM_FAIL = "fail"
+#: ``enum pool_mode``'s order: the kernel compares modes by how degraded they are
+MODE_ORDER = {PM_WRITE: 0, PM_OUT_OF_DATA_SPACE: 1, PM_OUT_OF_METADATA_SPACE: 2, PM_READ_ONLY: 3, PM_FAIL: 4}
+#: the names ``notify_of_pool_mode_change`` logs
+MODE_NAMES = {PM_WRITE: "write", PM_OUT_OF_DATA_SPACE: "out-of-data-space", PM_OUT_OF_METADATA_SPACE: "read-only",
+              PM_READ_ONLY: "read-only", PM_FAIL: "fail"}
+
+
+def is_read_only_mode(mode: str) -> bool:
+    """``is_read_only_pool_mode``: out of metadata space or read-only."""
+    return mode in (PM_OUT_OF_METADATA_SPACE, PM_READ_ONLY)
+
+
+def metadata_threshold_blocks(metadata_dev_sectors: int) -> int:
+    """``calc_metadata_threshold``: a quarter of the metadata device, at most 4 MiB of blocks."""
+    return min(1024, min(metadata_dev_sectors, THIN_METADATA_MAX_SECTORS) // 8 // 4)
 
 
 class PoolFeatures:
@@ -135,14 +153,18 @@ class Pool:
     """What a pool device's tables and its thin devices share: metadata, data device, mode."""
 
     def __init__(self, ctx, pool_md, metadata_dev: "BlockDevice", data_dev: "BlockDevice",
-                 sectors_per_block: int, md: PoolMetadata):
+                 sectors_per_block: int, md: PoolMetadata, md_store: ImageStore | None = None):
         self.ctx = ctx
         self.pool_md = pool_md
         self.metadata_dev = metadata_dev
         self.data_dev = data_dev
         self.sectors_per_block = sectors_per_block
         self.md = md
+        # metadata on a dm device: its image, whose queued writes drain_metadata() sends down
+        self.md_store = md_store
+        self._drain_lock = trio.Lock()
         self.pf = PoolFeatures()
+        self.requested_error_if_no_space = False
         self.low_water_blocks = 0
         self.low_water_triggered = False
         self.suspended = True
@@ -170,23 +192,76 @@ class Pool:
     def mode(self) -> str:
         return self.pf.mode
 
+    def is_read_only(self) -> bool:
+        return is_read_only_mode(self.pf.mode)
+
     def set_mode(self, mode: str) -> None:
-        """``set_pool_mode`` with the kernel's log lines."""
+        """``set_pool_mode``: never to write mode while needs_check is set, never out of fail
+        mode; the metadata refuses changes in the read-only modes; an event and the kernel's
+        log line when the mode changes."""
         old = self.pf.mode
-        if mode == old:
-            return
-        self.pf.mode = mode
-        if mode == PM_OUT_OF_DATA_SPACE:
-            self.log("%s: switching pool to out-of-data-space (%s IO) mode"
-                     % (self.name, "error" if self.pf.error_if_no_space else "queue"))
-        elif mode == PM_READ_ONLY:
-            self.log("%s: switching pool to read-only mode" % self.name)
-        elif mode == PM_FAIL:
-            self.log("%s: switching pool to fail mode" % self.name)
+        if mode == PM_WRITE and self.md.needs_check:
+            self.log("%s: unable to switch pool to write mode until repaired." % self.name)
+            mode = old if old != mode else PM_READ_ONLY
+        if old == PM_FAIL:
+            mode = old
+        if mode == PM_FAIL or is_read_only_mode(mode):
+            self.md.set_read_only(True)
         elif mode == PM_WRITE:
-            self.log("%s: switching pool to write mode" % self.name)
+            self.pf.error_if_no_space = self.requested_error_if_no_space
+            self.md.set_read_only(False)
+        self.pf.mode = mode
+        if self.ti is not None:
+            self.ti.adjusted_mode = mode  # so that a resume of this table keeps the mode
+        if mode != old:
+            self.notify_mode_change()
+
+    def notify_mode_change(self) -> None:
+        """``notify_of_pool_mode_change``: an event, then the log line."""
         if self.ti is not None:
             self.ti.ctx.event()
+        extra = ""
+        if self.pf.mode == PM_OUT_OF_DATA_SPACE:
+            extra = " (error IO)" if self.pf.error_if_no_space else " (queue IO)"
+        self.log("%s: switching pool to %s%s mode" % (self.name, MODE_NAMES[self.pf.mode], extra))
+
+    def metadata_low(self) -> None:
+        """``metadata_low_callback``: the metadata device is getting full."""
+        self.log("%s: reached low water mark for metadata device: sending event." % self.name)
+        if self.ti is not None:
+            self.ti.ctx.event()
+
+    def check_for_metadata_space(self) -> None:
+        """After a commit: no free metadata blocks (beyond the reserve) stops changes until
+        the metadata device grows."""
+        if not self.md.free_metadata_blocks() and not self.is_read_only():
+            self.log("No free metadata blocks")
+            self.set_mode(PM_OUT_OF_METADATA_SPACE)
+
+    def check_for_data_space(self) -> None:
+        """After a commit: an out-of-data-space pool with free blocks again writes again."""
+        if self.pf.mode == PM_OUT_OF_DATA_SPACE and self.md.free_data_blocks():
+            self.set_mode(PM_WRITE)
+            self.space_event.set()
+            self.space_event = trio.Event()
+
+    async def drain_metadata(self) -> None:
+        """Send the metadata writes and syncs queued so far down a dm metadata device, in order."""
+        store = self.md_store
+        if store is None:
+            return
+        async with self._drain_lock:
+            while store.pending:
+                for op in store.take_pending():
+                    if op is None:
+                        await self.metadata_dev.flush()
+                    else:
+                        await self.metadata_dev.write(op[0] // 512, op[1])
+
+    def _drain_soon(self) -> None:
+        """A commit made by plain calls (status): its queued writes go down in a task."""
+        if self.md_store is not None and self.md_store.pending:
+            self.ctx.start_task(self.drain_metadata, name="thin-pool metadata writes")
 
     async def commit(self) -> None:
         """``commit``: flush the data device, then commit the metadata.
@@ -194,7 +269,7 @@ class Pool:
         The metadata commit runs on the Trio thread, as plain calls: reads and status look
         the metadata up without the pool lock, so no other thread may change it meanwhile.
         """
-        if self.pf.mode in (PM_READ_ONLY, PM_FAIL):
+        if MODE_ORDER[self.pf.mode] >= MODE_ORDER[PM_OUT_OF_METADATA_SPACE]:
             raise DMError(errno.EINVAL, "pool is read only")
         self.draining = True
         self._commit_done = trio.Event()
@@ -205,6 +280,7 @@ class Pool:
             await self.data_dev.flush()
             try:
                 self.md.commit()
+                await self.drain_metadata()
             except DMError as e:
                 self.metadata_operation_failed("dm_pool_commit_metadata", e)
                 raise
@@ -212,6 +288,8 @@ class Pool:
             self.draining = False
             self._drained = None
             self._commit_done.set()
+        self.check_for_metadata_space()
+        self.check_for_data_space()
 
     async def io_enter(self) -> None:
         """Start an I/O outside the pool lock (waits while a commit drains the others)."""
@@ -240,6 +318,7 @@ class Pool:
             self.log("%s: failed to set 'needs_check' flag in metadata" % self.name)
             self.set_mode(PM_FAIL)
             return
+        self._drain_soon()
         self.set_mode(PM_READ_ONLY)
 
     def try_commit_now(self) -> None:
@@ -257,7 +336,10 @@ class Pool:
                 os.fdatasync(fd)
             md.commit()
         except (OSError, DMError):
-            pass
+            return
+        self._drain_soon()
+        self.check_for_metadata_space()
+        self.check_for_data_space()
 
     async def commit_locked(self) -> None:
         async with self.lock:
@@ -276,10 +358,16 @@ class Pool:
                 if self.md.changed_this_transaction() or self.md.bm.dirty_count():
                     with contextlib.suppress(DMError):
                         await self.commit()
+                with contextlib.suppress(DMError):
+                    await self.drain_metadata()
 
     async def alloc_data_block(self) -> int:
-        """``alloc_data_block`` (pool lock held): low water event, commit to free, no-space mode."""
+        """``alloc_data_block`` (pool lock held): low water event, a commit to free blocks,
+        out-of-data-space mode; a commit before the metadata reserve is touched (which may
+        leave the pool out of metadata space: the caller's mapping then fails)."""
         md = self.md
+        if self.pf.mode != PM_WRITE:
+            raise DMError(errno.EINVAL, "pool not in write mode")
         free = md.free_data_blocks()
         if free <= self.low_water_blocks and not self.low_water_triggered:
             self.log("%s: reached low water mark for data device: sending event." % self.name)
@@ -288,11 +376,20 @@ class Pool:
                 self.ti.ctx.event()
         if not free:
             await self.commit()
+            if not md.free_data_blocks():
+                self.set_mode(PM_OUT_OF_DATA_SPACE)
+                raise NoSpace("no free data blocks")
         try:
-            return md.alloc_data_block()
+            b = md.alloc_data_block()
         except NoSpace:
             self.set_mode(PM_OUT_OF_DATA_SPACE)
             raise
+        except DMError as e:
+            self.metadata_operation_failed("dm_pool_alloc_data_block", e)
+            raise
+        if not md.free_metadata_blocks():
+            await self.commit()
+        return b
 
     async def wait_for_space(self) -> None:
         """Queue mode: wait for the pool to grow, or error once ``no_space_timeout`` passes."""
@@ -301,8 +398,9 @@ class Pool:
         with trio.move_on_after(NO_SPACE_TIMEOUT_SECONDS):
             await self.space_event.wait()
             return
-        self.pf.error_if_no_space = True
-        self.log("%s: switching pool to out-of-data-space (error IO) mode" % self.name)
+        if self.pf.mode == PM_OUT_OF_DATA_SPACE and not self.pf.error_if_no_space:
+            self.pf.error_if_no_space = True      # do_no_space_timeout
+            self.notify_mode_change()
         raise DMError(errno.ENOSPC, "no free data blocks")
 
     def grew(self) -> None:
@@ -335,6 +433,7 @@ class Pool:
         try:
             if self.pf.mode == PM_WRITE or self.pf.mode == PM_OUT_OF_DATA_SPACE:
                 await self.commit()
+            await self.drain_metadata()
         except DMError:
             pass
         finally:
@@ -353,6 +452,8 @@ class ThinPool(Target):
     immutable = True
 
     pool: Pool
+    #: ``pt->adjusted_pf.mode``: what this table asks for, then the mode the pool reached under it
+    adjusted_mode: str
 
     async def ctr(self, args: Sequence[str]) -> None:
         if len(args) < 4:
@@ -380,10 +481,17 @@ class ThinPool(Target):
             raise TargetError("Invalid low water mark")
         self.low_water_blocks = int(w.lstrip("+"))
         self.requested_pf = pf
+        self.adjusted_mode = pf.mode
         self.pool = await self._find_pool(bs, pf)
         if self.pool.refs > 1 and pf.discard_enabled != self.pool.pf.discard_enabled:
             await self.pool.release()
             raise TargetError("Discard support cannot be disabled once enabled")
+        try:
+            self.pool.md.register_metadata_threshold(metadata_threshold_blocks(self.metadata_dev.size_sectors),
+                                                     self.pool.metadata_low)
+        except DMError:
+            await self.pool.release()
+            raise TargetError("Error registering metadata threshold") from None
         self.max_io_len = 0
 
     async def _find_pool(self, bs: int, pf: PoolFeatures) -> Pool:
@@ -403,17 +511,23 @@ class ThinPool(Target):
                 raise TargetError("different pool cannot replace a pool")
             existing.refs += 1
             return existing
-        if not md_path:
-            raise TargetError("Error creating metadata object", errno.EINVAL)
+        store: ImageStore | None = None
         try:
+            if not md_path:
+                # a dm device: its contents held in memory, writes sent down at each commit
+                n = min(self.metadata_dev.size_sectors, THIN_METADATA_MAX_SECTORS)
+                store = ImageStore(await self.metadata_dev.read(0, n), self.metadata_dev.kname)
             durable = getattr(self.ctx.manager, "durability", "fsync") == "fsync"
+            source = md_path or store
+            assert source is not None
             md = await trio.to_thread.run_sync(lambda: PoolMetadata(
-                md_path, bs, format_device=pf.mode != PM_READ_ONLY, read_only=pf.mode == PM_READ_ONLY,
+                source, bs, format_device=pf.mode != PM_READ_ONLY, read_only=pf.mode == PM_READ_ONLY,
                 durable=durable, log=self.ctx.log))
         except DMError as e:
             raise TargetError("Error creating metadata object", e.errno) from None
-        pool = Pool(self.ctx, self.ctx.md, self.metadata_dev, self.data_dev, bs, md)
+        pool = Pool(self.ctx, self.ctx.md, self.metadata_dev, self.data_dev, bs, md, store)
         try:
+            await pool.drain_metadata()    # a freshly formatted superblock
             pool.kc = await self.ctx.kcopyd_client()
         except BaseException:
             await trio.to_thread.run_sync(md.close)
@@ -429,47 +543,83 @@ class ThinPool(Target):
     async def preresume(self) -> None:
         """``pool_preresume``: take over the pool (features, low water), grow the data and metadata."""
         pool = self.pool
-        pool.ti = self
-        # bind_control_target: the table's features, the mode through set_pool_mode's rules
+        # bind_control_target: the table's features, then its mode through set_pool_mode's
+        # rules (a table resumed again keeps the mode the pool reached under it)
         old = pool.pf.mode
-        new = self.requested_pf.mode
+        new = self.adjusted_mode
+        pool.ti = self
         pool.pf = self.requested_pf.copy()
         pool.pf.mode = old
+        pool.requested_error_if_no_space = self.requested_pf.error_if_no_space
         pool.low_water_blocks = self.low_water_blocks
         md = pool.md
-        if old == PM_FAIL:
-            new = old
-        elif new == PM_WRITE and md.needs_check:
-            self.ctx.log("thin: %s: unable to switch pool to write mode until repaired." % pool.name)
-            new = old if old != new else PM_READ_ONLY
-        elif new == PM_WRITE and md.read_only:
+        if new == PM_WRITE and md.read_only:
             new = PM_READ_ONLY
         pool.set_mode(new)
+        try:
+            changed = self._maybe_resize_data_dev()
+            changed = await self._maybe_resize_metadata_dev() or changed
+        except DMError:
+            if pool.pf.mode != PM_FAIL:
+                raise
+            return  # a failed pool resumes (to fail the I/O it holds)
+        if changed:
+            with contextlib.suppress(DMError):
+                await pool.commit_locked()
+
+    def _maybe_resize_data_dev(self) -> bool:
+        """``maybe_resize_data_dev``: the table longer than the data space map grows it."""
+        pool = self.pool
+        md = pool.md
         data_size = self.len // pool.sectors_per_block
         sb_size = md.data_dev_size()
         if data_size < sb_size:
             self.ctx.log("thin: %s: pool target (%d blocks) too small: expected %d" % (pool.name, data_size, sb_size))
             raise DMError(errno.EINVAL)
-        changed = False
-        if data_size > sb_size and pool.pf.mode != PM_READ_ONLY:
-            if md.needs_check:
-                self.ctx.log("thin: %s: unable to grow the data device until repaired." % pool.name)
-            else:
-                if sb_size:
-                    self.ctx.log("thin: %s: growing the data device from %d to %d blocks"
-                                 % (pool.name, sb_size, data_size))
-                md.resize_data_dev(data_size)
-                changed = True
-                pool.grew()
-        meta_size = min(self.metadata_dev.size_sectors, THIN_METADATA_MAX_SECTORS) // 8
+        if data_size == sb_size or pool.is_read_only():
+            return False
+        if md.needs_check:
+            self.ctx.log("thin: %s: unable to grow the data device until repaired." % pool.name)
+            return False
+        if sb_size:
+            self.ctx.log("thin: %s: growing the data device from %d to %d blocks" % (pool.name, sb_size, data_size))
+        try:
+            md.resize_data_dev(data_size)
+        except DMError as e:
+            pool.metadata_operation_failed("dm_pool_resize_data_dev", e)
+            raise
+        pool.grew()
+        return True
+
+    async def _maybe_resize_metadata_dev(self) -> bool:
+        """``maybe_resize_metadata_dev``: a grown metadata device grows the metadata space map,
+        and takes a pool out of metadata space back to write mode (unless it needs a check)."""
+        pool = self.pool
+        md = pool.md
+        meta_size = min(pool.metadata_dev.size_sectors, THIN_METADATA_MAX_SECTORS) // 8
         sb_meta = md.metadata_dev_size()
-        if meta_size > sb_meta and pool.pf.mode != PM_READ_ONLY and sb_meta:
-            self.ctx.log("thin: %s: growing the metadata device from %d to %d blocks" % (pool.name, sb_meta, meta_size))
+        if meta_size < sb_meta:
+            self.ctx.log("thin: %s: metadata device (%d blocks) too small: expected %d"
+                         % (pool.name, meta_size, sb_meta))
+            raise DMError(errno.EINVAL)
+        if meta_size == sb_meta:
+            return False
+        if md.needs_check:
+            self.ctx.log("thin: %s: unable to grow the metadata device until repaired." % pool.name)
+            return False
+        self.ctx.log("thin: %s: growing the metadata device from %d to %d blocks" % (pool.name, sb_meta, meta_size))
+        if pool.pf.mode == PM_OUT_OF_METADATA_SPACE:
+            pool.set_mode(PM_WRITE)
+        store = pool.md_store
+        if store is not None and store.size_bytes() < meta_size * 8 * 512:
+            have = store.size_bytes() // 512
+            store.grow(await pool.metadata_dev.read(have, meta_size * 8 - have))
+        try:
             md.resize_metadata_dev(meta_size)
-            changed = True
-        if changed:
-            with contextlib.suppress(DMError):
-                await pool.commit_locked()
+        except DMError as e:
+            pool.metadata_operation_failed("dm_pool_resize_metadata_dev", e)
+            raise
+        return True
 
     async def resume(self) -> None:
         pool = self.pool
@@ -510,7 +660,7 @@ class ThinPool(Target):
         out += "%d " % md.held_root if md.held_root else "- "
         if pool.pf.mode == PM_OUT_OF_DATA_SPACE:
             out += "out_of_data_space "
-        elif pool.pf.mode == PM_READ_ONLY:
+        elif pool.is_read_only():
             out += "ro "
         else:
             out += "rw "
@@ -522,15 +672,14 @@ class ThinPool(Target):
             out += "no_discard_passdown "
         out += "error_if_no_space " if pool.pf.error_if_no_space else "queue_if_no_space "
         out += "needs_check " if md.needs_check else "- "
-        meta_dev_blocks = min(self.metadata_dev.size_sectors, THIN_METADATA_MAX_SECTORS) // 8
-        out += "%d " % min(1024, meta_dev_blocks // 4)
+        out += "%d " % metadata_threshold_blocks(self.metadata_dev.size_sectors)
         return out
 
     # -- messages ---------------------------------------------------------------------------
 
     async def message(self, argv: Sequence[str]) -> str | None:
         pool = self.pool
-        if pool.pf.mode in (PM_READ_ONLY, PM_FAIL):
+        if MODE_ORDER[pool.pf.mode] >= MODE_ORDER[PM_OUT_OF_METADATA_SPACE]:
             self.ctx.log("thin: %s: unable to service pool target messages in READ_ONLY or FAIL mode" % pool.name)
             raise DMError(errno.EOPNOTSUPP)
         cmd = argv[0]

@@ -25,6 +25,7 @@ from dmsim.persistent_data import (
     ValueType,
     calc_max_entries,
 )
+from dmsim.persistent_data.block_manager import ImageStore
 from dmsim.persistent_data.checksum import BTREE_CSUM_XOR, bm_checksum
 from dmsim.persistent_data.space_map import (
     ENTRIES_PER_BITMAP,
@@ -243,6 +244,62 @@ def test_metadata_space_map_runs_out(tmp_path):
             s.sm.new_block()
     assert e.value.errno == errno.ENOSPC
     s.close()
+
+
+def test_metadata_free_count_and_threshold_follow_6_1(tmp_path):
+    """6.1's metadata map: every block handed out lowers the free count at once (its own
+    bitmap moves too), frees only count after the commit; the threshold function runs
+    once each time an allocation crosses down to the mark, not again while below it."""
+    s = Store(make_file(tmp_path, blocks=64), True)
+    s.commit()
+    fired = []
+    s.sm.register_threshold(40, lambda: fired.append(s.sm.nr_free()))
+    free0 = s.sm.nr_free()
+    b = s.sm.new_block()           # the first change moves the bitmap too: two blocks out
+    assert s.sm.nr_free() == free0 - 2
+    s.sm.dec(b)
+    assert s.sm.nr_free() == free0 - 2   # the free waits for the commit
+    got = []
+    while s.sm.nr_free() > 40:
+        got.append(s.sm.new_block())
+    assert fired == [40]
+    got.append(s.sm.new_block())
+    assert fired == [40]           # still below: no second call
+    for b in got[:6]:
+        s.sm.dec(b)
+    s.commit()                     # the frees count now: well above the mark again
+    assert s.sm.nr_free() > 42
+    s.sm.new_block()               # an allocation above the mark re-arms it
+    while s.sm.nr_free() > 40:
+        s.sm.new_block()
+    assert fired == [40, 40]
+    s.close()
+
+
+def test_image_store_replays_writes_in_order(tmp_path):
+    """A block manager over an in-memory image: reads from the image, each flush's writes
+    then a sync queued for the owner, in order; an aborted transaction's blocks never leave."""
+    store = ImageStore(bytes(16 * 4096))
+    bm = BlockManager(store)
+    assert bm.nr_blocks == 16
+    blk = bm.write_lock_zero(3)
+    blk.data[:4] = b"abcd"
+    bm.unlock(blk)
+    blk = bm.write_lock_zero(4)
+    bm.unlock(blk)
+    bm.flush()
+    ops = store.take_pending()
+    assert [op if op is None else (op[0], len(op[1])) for op in ops] == [(3 * 4096, 8192), None]
+    assert ops[0] is not None and ops[0][1][:4] == b"abcd"
+    blk = bm.write_lock(3)
+    blk.data[:4] = b"zzzz"
+    bm.unlock(blk)
+    bm.discard_dirty()
+    assert store.take_pending() == [] and bm.read_raw(3)[:4] == b"abcd"
+    store.grow(bytes(4 * 4096))
+    assert bm.refresh_size() == 20
+    bm.close()
+    assert store.closed
 
 
 def test_disk_space_map_spans_bitmaps(tmp_path):

@@ -541,7 +541,7 @@ def test_crash_during_commit_keeps_the_last_commit(tmp_path, writes_before_crash
         md.insert_block(0, vb, md.alloc_data_block())
     md.delete_thin(2)
     md.create_snap(7, 0)
-    real = md.bm._pwritev
+    real = md.bm.store.pwritev
     calls = 0
 
     def dying(bufs, offset):
@@ -552,7 +552,7 @@ def test_crash_during_commit_keeps_the_last_commit(tmp_path, writes_before_crash
         calls += 1
         real(bufs, offset)
 
-    md.bm._pwritev = dying  # type: ignore[method-assign]
+    md.bm.store.pwritev = dying  # type: ignore[method-assign]
     with pytest.raises(OSError):
         md._commit()
     md.bm.close()

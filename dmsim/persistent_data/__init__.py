@@ -3,7 +3,8 @@
 Layers, bottom up, each usable by dm-thin, dm-cache, dm-era or dm-clone metadata:
 
 * :mod:`.checksum`, :mod:`.validators`: crc32c with the per-type salts; what every block must hold;
-* :mod:`.block_manager`: 4 KiB blocks of a file, locked, validated, cached, flushed;
+* :mod:`.block_manager`: 4 KiB blocks of a file (or of an in-memory image of a dm device),
+  locked, validated, cached, flushed;
 * :mod:`.transaction_manager`: shadowing (copy-on-write) and the two-step commit;
 * :mod:`.space_map`: reference counts (bitmaps, index, overflow btree), disk and metadata maps;
 * :mod:`.btree`: the kernel's btrees, one or several levels, with pluggable value types;

@@ -1,4 +1,4 @@
-"""The block manager (dm-block-manager.c): fixed-size metadata blocks of a file, locked and validated.
+"""The block manager (dm-block-manager.c): fixed-size metadata blocks of a device, locked and validated.
 
 Blocks are read once through a cache and checked by their validator on that first read; a
 block read under one validator may not be taken under another (the kernel's "validator
@@ -10,6 +10,11 @@ writes every dirty block, then syncs.
 A block may carry a decoded *view* (a btree node, say) that is authoritative over its bytes
 while the block is cached: the bytes are regenerated from the view (``view.encode(data)``)
 when the block is written, so hot structures are not re-parsed on every access.
+
+The bytes live in a *store*: :class:`FileStore` (an image file or block device, plain
+system calls) or :class:`ImageStore` (a dm device's contents held in memory; its writes and
+syncs are queued, in order, for the owner to send down the dm device, since all of this is
+synchronous code and dm devices are reached with ``await``).
 """
 import errno
 import os
@@ -34,6 +39,92 @@ class BlockView(Protocol):
     def copy(self) -> "BlockView": ...
 
 
+class FileStore:
+    """Blocks of an image file or block device, by plain system calls."""
+
+    def __init__(self, path: str, read_only: bool = False, durable: bool = True):
+        self.path = path
+        self.durable = durable
+        self.fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
+
+    def size_bytes(self) -> int:
+        return os.lseek(self.fd, 0, os.SEEK_END)
+
+    def pread(self, length: int, offset: int) -> bytes:
+        return os.pread(self.fd, length, offset)
+
+    def pwritev(self, bufs: list[bytearray], offset: int) -> None:
+        want = sum(len(b) for b in bufs)
+        done = os.pwritev(self.fd, bufs, offset)
+        if done != want:
+            data = b"".join(bufs)
+            while done < want:
+                n = os.pwrite(self.fd, data[done:], offset + done)
+                if n <= 0:
+                    raise DMError(errno.EIO, "short write of metadata at byte %d" % (offset + done))
+                done += n
+
+    def sync(self) -> None:
+        if self.durable:
+            os.fsync(self.fd)
+
+    @property
+    def closed(self) -> bool:
+        return self.fd < 0
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class ImageStore:
+    """A device's contents in memory, for metadata on a dm device.
+
+    Reads come from the image; each write updates it and is queued in ``pending`` as
+    ``(offset_bytes, bytes)``, each sync as ``None``, for the owner to replay on the device
+    in order (:meth:`take_pending`).  The image is what the device holds once the queue is
+    replayed, so an aborted transaction (dirty blocks dropped) reads back committed bytes.
+    """
+
+    def __init__(self, data: bytes | bytearray, name: str = "image"):
+        self.path = name
+        self.image = bytearray(data)
+        self.pending: list[tuple[int, bytes] | None] = []
+        self.closed = False
+
+    def size_bytes(self) -> int:
+        return len(self.image)
+
+    def pread(self, length: int, offset: int) -> bytes:
+        return bytes(self.image[offset:offset + length])
+
+    def pwritev(self, bufs: list[bytearray], offset: int) -> None:
+        data = b"".join(bufs)
+        if offset + len(data) > len(self.image):
+            raise DMError(errno.EIO, "metadata write beyond the device at byte %d" % offset)
+        self.image[offset:offset + len(data)] = data
+        self.pending.append((offset, data))
+
+    def sync(self) -> None:
+        if self.pending and self.pending[-1] is not None:
+            self.pending.append(None)
+
+    def grow(self, tail: bytes) -> None:
+        """The device grew: its new bytes (read by the owner) join the image."""
+        self.image += tail
+
+    def take_pending(self) -> list[tuple[int, bytes] | None]:
+        out, self.pending = self.pending, []
+        return out
+
+    def close(self) -> None:
+        self.closed = True
+
+
+Store = FileStore | ImageStore
+
+
 class Block:
     """One cached metadata block: its bytes, validator, optional decoded view and lock state."""
 
@@ -54,13 +145,14 @@ class Block:
 
 
 class BlockManager:
-    """Metadata blocks of one file (or block device), ``block_size`` bytes each.
+    """Metadata blocks of one store (a path is opened as a :class:`FileStore`), ``block_size``
+    bytes each.
 
     ``durable`` syncs the file at every flush (the kernel's promise at commit); tests on
     throw-away files may turn it off.
     """
 
-    def __init__(self, path: str, *, block_size: int = METADATA_BLOCK_SIZE, read_only: bool = False,
+    def __init__(self, path: str | Store, *, block_size: int = METADATA_BLOCK_SIZE, read_only: bool = False,
                  durable: bool = True, cache_blocks: int = 4096, log: Callable[[str], None] | None = None):
         self.path = path
         #: receives the kernel's log lines (without ``device-mapper: ``) for blocks that fail a check
@@ -69,9 +161,8 @@ class BlockManager:
         self.read_only = read_only
         self.durable = durable
         self.cache_blocks = cache_blocks
-        self._fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
-        size = os.lseek(self._fd, 0, os.SEEK_END)
-        self.nr_blocks = size // block_size
+        self.store: Store = FileStore(path, read_only, durable) if isinstance(path, str) else path
+        self.nr_blocks = self.store.size_bytes() // block_size
         self._cache: dict[int, Block] = {}
         # clean blocks in use order, the candidates for eviction; dirty blocks are pinned
         self._lru: OrderedDict[int, Block] = OrderedDict()
@@ -82,9 +173,11 @@ class BlockManager:
     # -- lifecycle --------------------------------------------------------------------------
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self.store.close()
+
+    @property
+    def closed(self) -> bool:
+        return self.store.closed
 
     def __enter__(self) -> "BlockManager":
         return self
@@ -94,7 +187,7 @@ class BlockManager:
 
     def refresh_size(self) -> int:
         """Re-read the device size (after the metadata device grew); returns ``nr_blocks``."""
-        self.nr_blocks = os.lseek(self._fd, 0, os.SEEK_END) // self.block_size
+        self.nr_blocks = self.store.size_bytes() // self.block_size
         return self.nr_blocks
 
     # -- blocks -----------------------------------------------------------------------------
@@ -125,7 +218,7 @@ class BlockManager:
             blk = Block(location, bytearray(self.block_size), validator)
             blk.checked = True
         else:
-            data = os.pread(self._fd, self.block_size, location * self.block_size)
+            data = self.store.pread(self.block_size, location * self.block_size)
             self.reads += 1
             if len(data) != self.block_size:
                 raise DMError(errno.EIO, "short read of metadata block %d" % location)
@@ -232,27 +325,16 @@ class BlockManager:
             while j < len(todo) and todo[j] == todo[j - 1] + 1 and j - i < 256:
                 j += 1
             bufs = [self.encode(self._dirty[loc]) for loc in todo[i:j]]
-            self._pwritev(bufs, todo[i] * self.block_size)
+            self.store.pwritev(bufs, todo[i] * self.block_size)
             i = j
         for loc in todo:
             blk = self._dirty.pop(loc)
             blk.dirty = False
             self._lru[loc] = blk
         self.writes += len(todo)
-        if todo and self.durable:
-            os.fsync(self._fd)
+        if todo:
+            self.store.sync()
         return len(todo)
-
-    def _pwritev(self, bufs: list[bytearray], offset: int) -> None:
-        want = len(bufs) * self.block_size
-        done = os.pwritev(self._fd, bufs, offset)
-        if done != want:
-            data = b"".join(bufs)
-            while done < want:
-                n = os.pwrite(self._fd, data[done:], offset + done)
-                if n <= 0:
-                    raise DMError(errno.EIO, "short write of metadata at byte %d" % (offset + done))
-                done += n
 
     def dirty_count(self) -> int:
         return len(self._dirty)
@@ -276,10 +358,10 @@ class BlockManager:
         self._cache.pop(location, None)
         self._lru.pop(location, None)
         self._dirty.pop(location, None)
-        os.pwrite(self._fd, data, location * self.block_size)
+        self.store.pwritev([bytearray(data)], location * self.block_size)
 
     def read_raw(self, location: int) -> bytes:
         blk = self._cache.get(location)
         if blk is not None and blk.dirty:
             return bytes(self.encode(blk))
-        return os.pread(self._fd, self.block_size, location * self.block_size)
+        return self.store.pread(self.block_size, location * self.block_size)

@@ -21,6 +21,7 @@ at it), and allocation goes on from where the last one stopped, wrapping at the 
 """
 import errno
 import struct
+from collections.abc import Callable
 
 from .btree import BTreeInfo, ValueType
 from .errors import MetadataError, NoSpace
@@ -111,6 +112,7 @@ class SpaceMap:
         self.begin = 0
         self.allocated_this_transaction = 0
         self.committed_nr_allocated = 0
+        self.committed_nr_blocks = 0
         self.changed = False
 
     # -- counts -----------------------------------------------------------------------------
@@ -248,8 +250,9 @@ class SpaceMap:
 
     def nr_free(self) -> int:
         """Free blocks as the kernel reports them (``old nr_blocks - old nr_allocated -
-        allocated this transaction``; the metadata map's own moves are not counted)."""
-        return max(self.nr_blocks - self.committed_nr_allocated - self.allocated_this_transaction, 0)
+        allocated this transaction``: the data map counts net changes, the metadata map every
+        block it hands out, its own moves included, and no frees)."""
+        return max(self.committed_nr_blocks - self.committed_nr_allocated - self.allocated_this_transaction, 0)
 
     def extend(self, extra: int) -> None:
         """Grow by ``extra`` blocks (``sm_ll_extend``): new bitmaps get blocks now."""
@@ -292,6 +295,7 @@ class SpaceMap:
         """The superblock naming this state is on disk: frees become allocatable."""
         self._orig.clear()
         self.committed_nr_allocated = self.nr_allocated
+        self.committed_nr_blocks = self.nr_blocks
         self.allocated_this_transaction = 0
         self.changed = False
         for ie in self.bitmaps:
@@ -358,6 +362,7 @@ class DiskSpaceMap(SpaceMap):
             raise MetadataError("data space map of %d blocks has %d bitmaps, wants %d"
                                 % (sm.nr_blocks, len(sm.bitmaps), want))
         sm.committed_nr_allocated = sm.nr_allocated
+        sm.committed_nr_blocks = sm.nr_blocks
         return sm
 
     def bitmap_root(self) -> int:
@@ -384,6 +389,7 @@ class DiskSpaceMap(SpaceMap):
         super().extend(extra)
         self._commit_index()
         self.committed_nr_allocated = self.nr_allocated
+        self.committed_nr_blocks = self.nr_blocks
         self.allocated_this_transaction = 0
 
     def commit(self) -> None:
@@ -399,8 +405,10 @@ class MetadataSpaceMap(SpaceMap):
 
     Changing a count can move a bitmap, which allocates from this same map: such nested
     changes are applied at once (the kernel queues them until the outer change is done, with
-    the same blocks chosen), and allocations made for its own moves are not counted as this
-    transaction's in :meth:`nr_free`, as the kernel's recursion does not count them."""
+    the same blocks chosen).  :meth:`nr_free` falls by one at every block handed out (its
+    own moves too) and rises only at the commit, as 6.1's does; an allocation that leaves
+    the registered threshold or fewer free blocks calls the threshold function once per
+    crossing (``check_threshold``)."""
 
     no_space_message = "no free metadata blocks"
 
@@ -409,13 +417,30 @@ class MetadataSpaceMap(SpaceMap):
         tm.sm = self
         self.index_location = 0
         self._recursing = 0
+        self.threshold: tuple[int, Callable[[], None]] | None = None
+        self._threshold_value: int | None = None
+
+    def register_threshold(self, threshold: int, fn: Callable[[], None]) -> None:
+        """``dm_sm_register_threshold_callback``: ``fn`` runs when an allocation leaves ``threshold``
+        or fewer free blocks, once per crossing (the last count seen is kept across a new
+        registration, as the kernel's ``set_threshold`` keeps it)."""
+        self.threshold = (threshold, fn)
+
+    def _check_threshold(self, value: int) -> None:
+        """``check_threshold``: below (or at) the mark now, and not already below it."""
+        t = self.threshold
+        if t is not None and value <= t[0]:
+            last = self._threshold_value
+            if last is None or last > t[0]:
+                t[1]()
+        self._threshold_value = value
 
     def max_bitmaps(self) -> int:
         return MAX_METADATA_BITMAPS
 
     def _count_allocation(self, n: int) -> None:
-        if not self._recursing:
-            self.allocated_this_transaction += n
+        """6.1 counts this map's allocations in :meth:`new_block` only (its own moves too), and
+        frees not at all until the commit."""
 
     def _shadow_bitmap(self, ie: IndexEntry) -> None:
         self._recursing += 1
@@ -458,6 +483,7 @@ class MetadataSpaceMap(SpaceMap):
         # the kernel commits the new map (sm_metadata_create): these counts are not this
         # transaction's allocations
         sm.committed_nr_allocated = sm.nr_allocated
+        sm.committed_nr_blocks = sm.nr_blocks
         sm.allocated_this_transaction = 0
         return sm
 
@@ -471,7 +497,14 @@ class MetadataSpaceMap(SpaceMap):
                 raise NoSpace(self.no_space_message)
             self._bootstrap = boot + 1
             return boot
-        return super().new_block()
+        try:
+            b = super().new_block()
+        except NoSpace:
+            self.tm.bm.log("space map metadata: unable to allocate new metadata block")
+            raise
+        self.allocated_this_transaction += 1
+        self._check_threshold(self.nr_free())
+        return b
 
     @classmethod
     def open(cls, tm: TransactionManager, root: bytes) -> "MetadataSpaceMap":
@@ -488,6 +521,7 @@ class MetadataSpaceMap(SpaceMap):
         for i in range(nr_bitmaps):
             sm.bitmaps.append(IndexEntry.unpack(blk.data, 16 + 16 * i))
         sm.committed_nr_allocated = sm.nr_allocated
+        sm.committed_nr_blocks = sm.nr_blocks
         return sm
 
     def bitmap_root(self) -> int:
@@ -513,8 +547,9 @@ class MetadataSpaceMap(SpaceMap):
             b += 1
         for ie in self.bitmaps[first:]:
             self.set_count(ie.location, 1)
+        # (only new bitmaps change the index block: 6.1's extend commits the map then, and
+        # a grown map with none leaves its index where it is)
         self.begin = b
-        self.changed = True
 
     def commit(self) -> None:
         """``sm_metadata_commit``: the index block copied (if anything changed) and written with
