@@ -487,3 +487,27 @@ def test_btree_multi_level(tmp_path):
     c.space_map(s.sm)
     assert c.problems == [] and s.sm.counts() == c.meta
     s.close()
+
+
+def test_btree_key_below_a_full_root_leaf(tmp_path):
+    """252 keys fill the root leaf; a key below them splits the root beneath and must still be
+    found: the walk goes on from the new root, lowering its first key (conformance 36, 6.1's
+    metadata byte for byte).  Stepping down to the child instead left key 0 unreachable."""
+    s = Store(make_file(tmp_path), True, 1)
+    info = BTreeInfo(s.tm, VALUE)
+    root = info.empty()
+    for k in range(1, 253):
+        root, _ = info.insert(root, [k], k.to_bytes(8, "little"))
+    root, new = info.insert(root, [0], b"\0" * 8)
+    assert new
+    assert info.lookup(root, [0]) == b"\0" * 8
+    assert [k for (k,), _v in info.walk(root)] == list(range(253))
+    assert info.read_node(root).keys[0] == 0
+    s.roots[0] = root
+    s.commit()
+    c = RefCounter()
+    c.ref(0)
+    c.tree(info, root)
+    c.space_map(s.sm)
+    assert c.problems == [] and s.sm.counts() == c.meta
+    s.close()

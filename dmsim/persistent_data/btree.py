@@ -346,7 +346,9 @@ class BTreeInfo:
                 new_root = b
             if not self._has_space_for_insert(n, key):
                 if top:
-                    parent, parent_i, n = self._split_beneath(n, key)
+                    # the walk goes on from the root, now internal over the two halves, so that
+                    # a key below the lowest lowers the root's first key on the way down
+                    self._split_beneath(n)
                 else:
                     assert parent is not None
                     n = self._rebalance_or_split(parent, parent_i, n, vt, key)
@@ -373,8 +375,10 @@ class BTreeInfo:
             return i >= 0 and n.keys[i] == key
         return False
 
-    def _split_beneath(self, n: Node, key: int) -> tuple[Node, int, Node]:
-        """A full root: its entries go to two new children, the root becomes internal over them."""
+    def _split_beneath(self, n: Node) -> None:
+        """A full root: its entries go to two new children, the root becomes internal over them
+        (``btree_split_beneath``; the spine stays at the root: with the old kernels' step down to
+        the child, a key below the lowest left the root's first key above it, unreachable)."""
         nr = n.nr_entries
         nr_left = nr // 2
         lb, left = self._new_node(n, *n.take(0, nr_left))
@@ -383,9 +387,6 @@ class BTreeInfo:
         n.value_size = 8
         n.max_entries = calc_max_entries(8)
         n.set_entries(array("Q", [left.keys[0], right.keys[0]]), bytearray(le64(lb) + le64(rb)))
-        if key < right.keys[0]:
-            return n, 0, left
-        return n, 1, right
 
     # SPACE_THRESHOLD: a sibling with fewer free entries is not worth moving entries to
     SPACE_THRESHOLD = 8
