@@ -185,23 +185,25 @@ class Thin(Target):
             while True:
                 if pool.is_read_only() or pool.pf.mode == PM_FAIL:
                     raise DMError(errno.EIO)   # handle_unserviceable_bio
-                try:
-                    new = await pool.alloc_data_block()
-                    break
-                except NoSpace:
-                    if pool.pf.mode != PM_OUT_OF_DATA_SPACE:
-                        raise DMError(errno.EIO) from None   # retry_bios_on_resume: the mode errors it
-                    pool.lock.release()
+                if pool.pf.mode != PM_OUT_OF_DATA_SPACE:
                     try:
-                        await pool.wait_for_space()
-                    finally:
-                        with trio.CancelScope(shield=True):
-                            await pool.lock.acquire()
-                    r = pool.md.find_block(self.dev_id, vblock)
-                except DMError as e:
-                    pool.log("%s: alloc_data_block() failed: error = %d"
-                             % ("break_sharing" if r is not None else "provision_block", -e.errno))
-                    raise DMError(errno.EIO) from None
+                        new = await pool.alloc_data_block()
+                        break
+                    except NoSpace:
+                        if pool.pf.mode != PM_OUT_OF_DATA_SPACE:
+                            raise DMError(errno.EIO) from None   # retry_bios_on_resume: the mode errors it
+                    except DMError as e:
+                        pool.log("%s: alloc_data_block() failed: error = %d"
+                                 % ("break_sharing" if r is not None else "provision_block", -e.errno))
+                        raise DMError(errno.EIO) from None
+                # out of data space: an error, or queued until the pool grows (or the timeout)
+                pool.lock.release()
+                try:
+                    await pool.wait_for_space()
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await pool.lock.acquire()
+                r = pool.md.find_block(self.dev_id, vblock)
             whole = offset == 0 and bio.sectors == spb
             have = 0 if r is not None else self._origin_sectors(vblock)
             # the kernel prepares the block in its worker (a copy, a zeroing, or the write of

@@ -173,6 +173,7 @@ class Pool:
         self.kc = None
         self.space_event = trio.Event()
         self.ti: ThinPool | None = None
+        self.held: list[BlockDevice] = []    # devices the pool holds beyond its tables
         self.committer_token = 0
         # I/O to mapped blocks outside the pool lock; a commit waits for it to drain, so a
         # block freed meanwhile cannot be reallocated while a stale read or write is in flight
@@ -441,6 +442,9 @@ class Pool:
             await trio.to_thread.run_sync(self.md.close)
             if self.kc is not None:
                 await self.kc.destroy()
+            for dev in self.held:
+                self.ctx.manager.put_device(dev)
+            self.held = []
 
 
 class ThinPool(Target):
@@ -461,6 +465,7 @@ class ThinPool(Target):
         if args[0] == args[1]:
             raise TargetError("Error setting metadata or data device")
         pf = parse_pool_features(list(args[4:]))
+        self.dev_names = (args[0], args[1])
         try:
             self.metadata_dev = self.ctx.get_device(args[0], pf.mode != PM_READ_ONLY)
         except DMError as e:
@@ -532,6 +537,20 @@ class ThinPool(Target):
         except BaseException:
             await trio.to_thread.run_sync(md.close)
             raise
+        # the pool's own hold on its devices: it outlives this table while thins use it (a
+        # shutdown may destroy the pool's device first), and its last commit needs them
+        mgr = self.ctx.manager
+        for name, dev, write in ((self.dev_names[0], self.metadata_dev, pf.mode != PM_READ_ONLY),
+                                 (self.dev_names[1], self.data_dev, True)):
+            try:
+                again = mgr.get_device(name, write, resolved=getattr(self.ctx, "resolved", {}).get(name),
+                                       cwd=getattr(self.ctx, "cwd", None))
+            except DMError:
+                continue
+            if again is dev:
+                pool.held.append(dev)
+            else:
+                mgr.put_device(again)
         _pools[_key(self.ctx, self.ctx.md)] = pool
         return pool
 

@@ -600,3 +600,49 @@ async def test_larger_workload_writes_the_kernels_images_byte_for_byte(tmp_path)
     for name, path in (("meta", meta), ("data", data)):
         with open(path, "rb") as f:
             assert hashlib.md5(f.read()).hexdigest() == md5s[name], name
+
+
+async def test_request_flags_reach_the_data_device(tmp_path, monkeypatch):
+    """The thin target remaps the request itself, as 6.1's remap_and_issue does: a flakey
+    (corrupt_bio_flags) under the data device sees the request's bi_opf (REQ_SYNC, REQ_IDLE,
+    FUA) on reads and writes to mapped blocks, on a whole-block first write, and on the
+    write after a partial block's zeroing (kcopyd's own zeroing carries none)."""
+    from dmsim.bio import DIRECT_WRITE_FLAGS, REQ_FUA, REQ_OP_READ, REQ_OP_WRITE, Bio, Op, bi_opf
+    from dmsim.targets.flakey import Flakey
+
+    meta, data = images(str(tmp_path))
+    seen = []
+    real_map = Flakey.map
+
+    async def spy(self, bio):
+        if bio.op in (Op.READ, Op.WRITE) and bio.sectors:
+            seen.append((bi_opf(bio), bio.sector, bio.sectors))
+        return await real_map(self, bio)
+
+    monkeypatch.setattr(Flakey, "map", spy)
+    direct_fua = REQ_OP_WRITE | DIRECT_WRITE_FLAGS | REQ_FUA
+    async with dmsim.open_manager(durability="process") as m:
+        await mk(m, "fd", "0 %d flakey %s 0 1 0" % ((64 << 20) // 512, data))
+        thin = await pool_and_thin(m, meta, "/dev/mapper/fd")
+
+        async def write(sector, sectors, byte):
+            await thin.submit(Bio(Op.WRITE, sector, sectors, bytes([byte]) * (sectors * 512), True,
+                                  DIRECT_WRITE_FLAGS))
+
+        seen.clear()
+        await write(BLOCK * 2, BLOCK, 1)                 # a whole-block first write: the overwrite
+        assert seen == [(direct_fua, 0, BLOCK)]
+        seen.clear()
+        await write(BLOCK * 2 + 8, 8, 2)                 # a rewrite of a mapped block (the fast lane)
+        assert seen == [(direct_fua, 8, 8)]
+        seen.clear()
+        await write(BLOCK * 7 + 1, 1, 3)                 # partial first write: zeroed by kcopyd, then it
+        assert seen[-1] == (direct_fua, BLOCK + 1, 1)
+        assert all(opf & ~REQ_OP_WRITE == 0 for opf, _s, _n in seen[:-1])
+        seen.clear()
+        got = await thin.submit(Bio(Op.READ, BLOCK * 2 + 8, 8, None, False, DIRECT_WRITE_FLAGS))
+        assert bytes(got) == bytes([2]) * 4096
+        assert seen == [(REQ_OP_READ | DIRECT_WRITE_FLAGS, 8, 8)]
+        await m.remove("thin")
+        await m.remove("pool")
+        await m.remove("fd")

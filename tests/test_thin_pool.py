@@ -6,6 +6,9 @@ import subprocess
 
 import pytest
 import trio
+from hypothesis import settings
+from hypothesis import strategies as hst
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 import dmsim
 from dmsim.errors import DMError
@@ -330,3 +333,206 @@ async def test_read_only_pool_and_needs_check(imgs):
         assert " ro " in st(m, "pool") and " needs_check " in st(m, "pool")
         assert any("thin: 253:0: unable to switch pool to write mode until repaired." in x for x in m.read_log())
         await m.remove("pool")
+
+
+async def _fill_metadata(m, thin):
+    """Snapshots of thin 1, each followed by a write to its shared block 0 (one more btree
+    leaf each), until the pool refuses the next snapshot; returns how many were made."""
+    i = 2
+    while True:
+        try:
+            await m.message("pool", 0, "create_snap %d 1" % i)
+        except DMError:
+            return i - 2
+        await thin.write(i * 8, b"s" * 4096)
+        await thin.flush()
+        st(m, "pool")                                   # status commits, as the kernel's does
+        i += 1
+
+
+async def test_out_of_metadata_space_then_the_grown_device_recovers(tmp_path):
+    """A 128-block metadata device (a linear dm device, as lvm's _tmeta) fills: low-water
+    events (raw free <= 32), then out-of-metadata-space: status ro without needs_check,
+    messages refused, a write needing a block fails, committed data reads back.  A plain
+    suspend/resume changes nothing; the metadata device grown, a resume of the same pool
+    table grows the space map and goes back to write mode.  thin_check accepts the result."""
+    meta, data = str(tmp_path / "meta.img"), str(tmp_path / "data.img")
+    with open(meta, "wb") as f:
+        f.truncate(1 << 20)
+    with open(data, "wb") as f:
+        f.truncate(16 << 20)
+    async with dmsim.open_manager(durability="process") as m:
+        await mk(m, "meta", "0 1024 linear %s 0" % meta)
+        await mk(m, "pool", pool_line("/dev/mapper/meta", data, "128 0", size=32768))
+        await m.message("pool", 0, "create_thin 1")
+        thin = await mk(m, "t", "0 8192 thin /dev/mapper/pool 1")
+        await thin.write(0, b"a" * 4096)
+        events = m.find("pool").event_nr
+        made = await _fill_metadata(m, thin)
+        assert 90 < made < 128
+        log = m.read_log()
+        assert "device-mapper: thin: No free metadata blocks" in log
+        assert log[-1] == "device-mapper: thin: 253:1: unable to service pool target messages in READ_ONLY or FAIL mode"
+        assert "device-mapper: thin: 253:1: switching pool to read-only mode" in log
+        lows = [x for x in log if "reached low water mark for metadata device" in x]
+        assert lows and m.find("pool").event_nr == events + len(lows) + 1
+        s = st(m, "pool")
+        assert " 0 128/128 " in s and " ro " in s and s.endswith(" - 32 ")
+        with pytest.raises(DMError):
+            await thin.write(0, b"x" * 4096)            # shared with the last snapshot
+        assert await thin.read(8 * (made + 1), 8) == b"s" * 4096
+        await m.suspend("pool")
+        await m.resume("pool")
+        assert " ro " in st(m, "pool")
+        await m.load("meta", parse_table_text("0 2048 linear %s 0" % meta))
+        await m.resume("meta")
+        m.read_log()
+        await m.suspend("pool")
+        await m.resume("pool")
+        assert m.read_log() == ["device-mapper: thin: 253:1: growing the metadata device from 128 to 256 blocks",
+                                "device-mapper: thin: 253:1: switching pool to write mode"]
+        s = st(m, "pool")
+        assert " rw " in s and s.endswith(" - 64 ") and "/256 " in s
+        await thin.write(0, b"y" * 4096)
+        await thin.flush()
+        assert await thin.read(0, 8) == b"y" * 4096
+        await m.remove("t")
+        await m.remove("pool")
+        await m.remove("meta")
+    with PoolMetadata(meta, 128, format_device=False, durable=False, read_only=True) as md:
+        assert not md.needs_check and check_metadata(md) == []
+    if shutil.which("thin_check"):
+        subprocess.run(["thin_check", meta], check=True, capture_output=True)
+
+
+async def test_needs_check_holds_the_pool_until_thin_check_clears_it(tmp_path, monkeypatch):
+    """A failed metadata operation aborts to the last commit and sets needs_check: growing
+    the metadata device then does nothing ("until repaired") and the pool stays ro across
+    reloads; ``thin_check --clear-needs-check-flag`` on the inactive metadata clears it and
+    the pool comes back in write mode with every committed mapping."""
+    if not shutil.which("thin_check"):
+        pytest.skip("thin_check (thin-provisioning-tools) not installed")
+    from dmsim.persistent_data import NoSpace
+    meta, data = str(tmp_path / "meta.img"), str(tmp_path / "data.img")
+    with open(meta, "wb") as f:
+        f.truncate(1 << 20)
+    with open(data, "wb") as f:
+        f.truncate(16 << 20)
+    async with dmsim.open_manager(durability="process") as m:
+        await mk(m, "meta", "0 1024 linear %s 0" % meta)
+        await mk(m, "pool", pool_line("/dev/mapper/meta", data, "128 0", size=32768))
+        await m.message("pool", 0, "create_thin 1")
+        thin = await mk(m, "t", "0 8192 thin /dev/mapper/pool 1")
+        await thin.write(0, b"k" * 4096)
+        await thin.flush()
+        pool = m.find("pool").live.targets[0].pool
+
+        def no_space(*args):
+            raise NoSpace("no free metadata blocks")
+
+        monkeypatch.setattr(pool.md, "insert_block", no_space)
+        with pytest.raises(DMError):
+            await thin.write(128 * 3, b"n" * 4096)
+        monkeypatch.undo()
+        log = m.read_log()
+        assert "device-mapper: thin: 253:1: metadata operation 'dm_thin_insert_block' failed: error = -28" in log
+        assert log[-1] == "device-mapper: thin: 253:1: switching pool to read-only mode"
+        assert " ro " in st(m, "pool") and " needs_check " in st(m, "pool")
+        await m.load("meta", parse_table_text("0 2048 linear %s 0" % meta))
+        await m.resume("meta")
+        m.read_log()
+        await m.load("pool", parse_table_text(pool_line("/dev/mapper/meta", data, "128 0", size=32768)))
+        await m.resume("pool")
+        assert m.read_log() == ["device-mapper: thin: 253:1: unable to switch pool to write mode until repaired.",
+                                "device-mapper: thin: 253:1: unable to grow the metadata device until repaired."]
+        assert " 128 needs_check " not in st(m, "pool") and "/128 " in st(m, "pool")
+        await m.remove("t")
+        await m.remove("pool")
+        await m.remove("meta")
+    subprocess.run(["thin_check", "--clear-needs-check-flag", meta], check=True, capture_output=True)
+    async with dmsim.open_manager(durability="process") as m:
+        await mk(m, "meta", "0 2048 linear %s 0" % meta)
+        await mk(m, "pool", pool_line("/dev/mapper/meta", data, "128 0", size=32768))
+        assert m.read_log()[-1] == "device-mapper: thin: 253:1: growing the metadata device from 128 to 256 blocks"
+        s = st(m, "pool")
+        assert " rw " in s and "/256 " in s and s.endswith(" - 64 ")
+        thin = await mk(m, "t", "0 8192 thin /dev/mapper/pool 1")
+        assert await thin.read(0, 8) == b"k" * 4096
+        await thin.write(128 * 3, b"n" * 4096)
+        await thin.flush()
+        await m.remove("t")
+        await m.remove("pool")
+        await m.remove("meta")
+
+
+class _FakeMetadata:
+    needs_check = False
+    read_only_now = False
+
+    def set_read_only(self, read_only):
+        self.read_only_now = read_only
+
+
+class _FakeCtx:
+    def __init__(self):
+        self.lines = []
+
+    def log(self, line):
+        self.lines.append(line)
+
+
+MODES = ["write", "out-of-data-space", "out-of-metadata-space", "read-only", "fail"]
+
+
+class PoolModeMachine(RuleBasedStateMachine):
+    """``set_pool_mode`` against a plain model of 6.1's rules: never to write mode while
+    needs_check is set (read-only instead, or the old mode), never out of fail mode, the
+    metadata refusing changes in the read-only and fail modes, one log line per change."""
+
+    def __init__(self):
+        super().__init__()
+        from targets.thin_pool import PM_WRITE, Pool
+
+        class _Md:
+            mm = "253:0"
+
+        self.ctx = _FakeCtx()
+        self.md = _FakeMetadata()
+        self.pool = Pool(self.ctx, _Md(), None, None, 128, self.md)  # type: ignore[arg-type]
+        self.mode = PM_WRITE
+        self.needs_check = False
+
+    @rule(mode=hst.sampled_from(MODES))
+    def set_mode(self, mode):
+        from targets.thin_pool import MODE_NAMES, PM_FAIL, PM_READ_ONLY, PM_WRITE
+        before = len(self.ctx.lines)
+        self.pool.set_mode(mode)
+        want = mode
+        expected_lines = []
+        if mode == PM_WRITE and self.needs_check:
+            expected_lines.append("thin: 253:0: unable to switch pool to write mode until repaired.")
+            want = self.mode if self.mode != mode else PM_READ_ONLY
+        if self.mode == PM_FAIL:
+            want = PM_FAIL
+        if want != self.mode:
+            expected_lines.append("thin: 253:0: switching pool to %s%s mode" % (
+                MODE_NAMES[want], " (queue IO)" if want == "out-of-data-space" else ""))
+        self.mode = want
+        assert self.ctx.lines[before:] == expected_lines
+
+    @rule()
+    def flag_needs_check(self):
+        self.needs_check = self.md.needs_check = True
+
+    @invariant()
+    def agrees(self):
+        from targets.thin_pool import PM_FAIL, PM_WRITE, is_read_only_mode
+        assert self.pool.pf.mode == self.mode
+        if self.mode == PM_FAIL or is_read_only_mode(self.mode):
+            assert self.md.read_only_now
+        elif self.mode == PM_WRITE:
+            assert not self.md.read_only_now
+
+
+TestPoolModes = PoolModeMachine.TestCase
+TestPoolModes.settings = settings(max_examples=60, stateful_step_count=20, deadline=None)
