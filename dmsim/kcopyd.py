@@ -574,7 +574,13 @@ class KcopydClient:
 
         Inline when every sub-job is a plain call: in-kernel copies as plain calls, no
         throttle limiting, at most 8 sub-jobs (bounds how long the Trio thread is held),
-        a sub-job's pages free and nobody queued for pages.
+        a sub-job's pages free and nobody queued for pages.  The inline mode runs the
+        job's sub-jobs one after another in this call, in claim order as the slots would
+        issue them, each taking its pages, copying (:meth:`_copy_now`) and giving them
+        back (nobody waits for pages: checked here, and nothing else runs meanwhile);
+        then the one completion.  A sub-job whose copy fails is unclaimed again, the
+        ones before it are done (and count as issued and written, for WRITE_SEQ), and
+        the rest of the job is queued.
         """
         self._outstanding += 1
         count = job.count_sectors
@@ -587,7 +593,21 @@ class KcopydClient:
                     and not pool._waiters and -(-chunk // PAGE_SECTORS) <= pool.capacity - pool.in_use):
                 job.inline = True
                 try:
-                    if self._run_inline(job):
+                    while job.progress_sectors < count:     # (no error can stop claiming here)
+                        offset, sectors = job.claim_next()
+                        pages = -(-sectors // PAGE_SECTORS)     # pages_for
+                        pool.in_use += pages                    # PagePool.try_take, known to succeed
+                        if pool.in_use > pool.peak_in_use:
+                            pool.peak_in_use = pool.in_use
+                        try:
+                            done = self._copy_now(job, offset, sectors)
+                        finally:
+                            pool.in_use -= pages                # PagePool.give, with no waiters
+                        if not done:
+                            job.progress_sectors = job.issue_offset = job.write_offset = offset
+                            break
+                    else:
+                        self._complete(job)
                         return True
                 except BaseException:   # a bug: it fails this call, the client goes on
                     self._outstanding -= 1
@@ -598,34 +618,6 @@ class KcopydClient:
         else:
             self._outstanding -= 1      # nothing queued, no completion to come
         return False
-
-    def _run_inline(self, job: _Job) -> bool:
-        """The inline mode: the job's sub-jobs one after another in this call, in claim
-        order as the slots would issue them, each taking its pages, copying
-        (:meth:`_copy_now`) and giving them back (nobody waits for pages: the dispatch
-        checked, and nothing else runs meanwhile); then the one completion.
-
-        False when a sub-job's copy failed: that sub-job is unclaimed again, the ones
-        before it are done (and count as issued and written, for WRITE_SEQ), and the job
-        is not complete.
-        """
-        pool = self.pages
-        count = job.count_sectors
-        while job.progress_sectors < count:     # (no error can stop claiming here)
-            offset, sectors = job.claim_next()
-            pages = -(-sectors // PAGE_SECTORS)     # pages_for
-            pool.in_use += pages                    # PagePool.try_take, known to succeed
-            if pool.in_use > pool.peak_in_use:
-                pool.peak_in_use = pool.in_use
-            try:
-                done = self._copy_now(job, offset, sectors)
-            finally:
-                pool.in_use -= pages                # PagePool.give, with no waiters
-            if not done:
-                job.progress_sectors = job.issue_offset = job.write_offset = offset
-                return False
-        self._complete(job)
-        return True
 
     def _queue(self, job: _Job) -> None:
         """The queued mode: claim the first sub-jobs (one per slot, up to 8) and queue

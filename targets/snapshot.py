@@ -580,7 +580,8 @@ class Snapshot(Target):
         """``start_full_bio``: whole-chunk writes to the snapshot go straight to their new
         COW chunks instead of a copy (``pes``, in allocation order: the exceptions for
         whole chunks of ``bio``; runs of them consecutive on the COW are one write),
-        then the same commit and completion as :meth:`copy_out`, shielded the same way."""
+        then the same commit and completion as :meth:`copy_out`, shielded the same way;
+        then waits for their completion and fails (EIO) when one of them failed."""
         n_pes = len(pes)
         self.in_progress += pes[0].count if n_pes == 1 else _chunks_of(pes)
         cow = self.cow
@@ -614,6 +615,14 @@ class Snapshot(Target):
         if rest is not None:
             with trio.CancelScope(shield=not at_once):
                 await rest
+        failed = False
+        for pe in pes:
+            if not pe.finished:       # (finished, unless an earlier commit still runs)
+                await pe.wait()
+            if not pe.ok:
+                failed = True
+        if failed:
+            raise DMError(errno.EIO)
 
     def _copies_done(self, pes: list, errors: list | None) -> Awaitable[None] | None:
         """``copy_callback``: commit exceptions strictly in allocation order.  Whichever
@@ -1009,13 +1018,12 @@ class Snapshot(Target):
             rest = self.copy_out(copies)
             if rest is not None:
                 await rest
-        if full:
-            await self.write_out(full, bio)
         failed = False
-        for pe in full:
-            if not pe.finished:
-                await pe.wait()
-            failed = failed or not pe.ok
+        if full:
+            try:
+                await self.write_out(full, bio)
+            except DMError:
+                failed = True
         for pe, piece, chunk in partial:
             if not pe.finished:
                 await pe.wait()
@@ -1065,27 +1073,26 @@ class Snapshot(Target):
             return await self._tracked_io(self.origin, bio, chunk)
         return await self._write_chunk(bio, chunk)
 
-    async def _write_chunk(self, bio: Bio, chunk: int):
+    def _write_chunk(self, bio: Bio, chunk: int) -> Awaitable[None]:
         """A write inside chunk ``chunk``, which has no exception: a whole-chunk write
         becomes the exception's data (:meth:`write_out`), a partial one waits for the
-        chunk's copy-out (its own, or the one pending) and is then remapped."""
+        chunk's copy-out (its own, or the one pending) and is then remapped.  Returns
+        what the caller awaits (a plain call up to it: one coroutine less)."""
         pe = self.pending.get(chunk)
+        rest = None
         if pe is None:
             pes = self.insert_pending_run(chunk, 1)
             if not pes:
-                await self._no_space()
-                raise AssertionError("unreachable")     # (_no_space raises)
-            pe = pes[0]
+                return self._no_space()                 # (raises EIO)
             if bio.sectors == self.store.chunk_sectors:
-                await self.write_out(pes, bio)
-                if not pe.finished:           # (finished, unless an earlier commit still runs)
-                    await pe.wait()
-                if not pe.ok:
-                    raise DMError(errno.EIO)
-                return None
+                return self.write_out(pes, bio)
+            pe = pes[0]
             rest = self.copy_out(pes)
-            if rest is not None:
-                await rest
+        return self._write_after_copy(bio, chunk, pe, rest)
+
+    async def _write_after_copy(self, bio: Bio, chunk: int, pe: _Pending, rest: Awaitable[None] | None) -> None:
+        if rest is not None:
+            await rest
         if not pe.finished:
             await pe.wait()
         if not pe.ok:

@@ -59,6 +59,7 @@ from dmsim.bio import Op, to_bytes
 from dmsim.blockdev import FileDevice, MemoryDevice
 from dmsim.errors import DMError
 from dmsim.kcopyd import (
+    COPY_INLINE,
     FLAG_IGNORE_ERROR,
     FLAG_WRITE_SEQ,
     MAX_REGIONS,
@@ -346,18 +347,22 @@ class KcopydMachine(RuleBasedStateMachine):
         self.worker = self.loop.spawn(kc.run)
         self.loop.wait_for(lambda: kc._state == "running")
         # count the modes (white box: the engine's two ways to run a job)
-        run_inline, queue_job = kc._run_inline, kc._queue
+        dispatch, queue_job = kc._dispatch, kc._queue
 
-        def counted_inline(job):
-            done = run_inline(job)
-            OPS["inline" if done else "inline, then queued"] += 1
+        def counted_dispatch(job, may_queue=True):
+            mode = job.copy_mode
+            done = dispatch(job, may_queue)
+            if done and job.count_sectors:
+                OPS["inline"] += 1
+            elif mode == COPY_INLINE and job.copy_mode != mode:    # an inline copy failed
+                OPS["inline, then queued"] += 1
             return done
 
         def counted_queue(job):
             OPS["queued"] += 1
             return queue_job(job)
 
-        kc._run_inline = counted_inline          # type: ignore[method-assign]
+        kc._dispatch = counted_dispatch          # type: ignore[method-assign]
         kc._queue = counted_queue                # type: ignore[method-assign]
         self.kc = kc
         self.submitted = 0                      # jobs since this client started
