@@ -10,7 +10,8 @@ first zeroes the new block (unless ``skip_block_zeroing``) or copies the origin'
 there, with kcopyd.  A write to a block a snapshot may still share copies it first (breaking
 sharing), as the kernel does when the block predates the device's last snapshot.  Whole-block
 discards unmap (and, with passdown, discard the data block once nothing shares it); FLUSH and
-FUA commit the pool's metadata after flushing the data device.
+FUA commit the pool's metadata after flushing the data device.  Requests are remapped, not
+rebuilt: the data device sees each one's flags (REQ_SYNC, FUA, ...), as 6.1's remap does.
 
 Status (info): ``<mapped sectors> <highest mapped sector|->`` (``Fail`` in a failed pool);
 table: ``<pool dev> <dev id> [<origin dev>]``.  Kernel: drivers/md/dm-thin.c (thin_ctr,

@@ -15,11 +15,25 @@ no_discard_passdown> <error_if_no_space|queue_if_no_space> <needs_check|-> <meta
 watermark>``, committing first unless noflush (``Fail`` once the pool failed).  Messages:
 ``create_thin <id>``, ``create_snap <id> <origin id>``, ``delete <id>``,
 ``set_transaction_id <current> <new>``, ``reserve_metadata_snap``, ``release_metadata_snap``,
-each committed on success.  The data device grows at resume to the pool target's length.
+each committed on success.  The data device grows at resume to the pool target's length,
+the metadata space map to the metadata device's.
 
-Kernel: drivers/md/dm-thin.c (pool_ctr, pool_status, pool_message, pool_preresume).  Here
-the metadata device must be an image file or a block device (it is read as a file), and
-provisioning is serialised pool-wide where the kernel locks per block (its bio prison).
+Modes (6.1's ``set_pool_mode``): write; out-of-data-space (writes needing a block queue, or
+fail with ``error_if_no_space``, until the data device grows); out-of-metadata-space, entered
+at a commit that leaves no free metadata block beyond the reserve (min(4096, total/10)):
+shown as ``ro`` and handled as read-only, left when the metadata device grows; read-only,
+after a failed metadata operation (aborted to the last commit, ``needs_check`` set, which
+only ``thin_check --clear-needs-check-flag`` on the inactive metadata clears); fail.  In the
+read-only modes writes to mapped unshared blocks go on, discards complete unmapping nothing,
+and a write that needs a block fails.  An allocation leaving min(1024, metadata blocks / 4)
+or fewer free metadata blocks logs "reached low water mark for metadata device" and raises an
+event, once per crossing.
+
+Kernel: drivers/md/dm-thin.c (pool_ctr, pool_status, pool_message, pool_preresume).  Here a
+metadata device that is an image file or a block device is read as a file; one that is a dm
+device (lvm's ``_tmeta``, a linear) is held whole in memory, its writes sent down it at each
+commit.  Provisioning is serialised pool-wide where the kernel locks per block (its bio
+prison).
 """
 from __future__ import annotations
 
@@ -260,9 +274,18 @@ class Pool:
                         await self.metadata_dev.write(op[0] // 512, op[1])
 
     def _drain_soon(self) -> None:
-        """A commit made by plain calls (status): its queued writes go down in a task."""
+        """A commit made by plain calls (status): its queued writes go down in a task of the
+        bound table (the first table, which made the pool, may be gone)."""
         if self.md_store is not None and self.md_store.pending:
-            self.ctx.start_task(self.drain_metadata, name="thin-pool metadata writes")
+            ctx = self.ti.ctx if self.ti is not None else self.ctx
+            ctx.start_task(self._drain_task, name="thin-pool metadata writes")
+
+    async def _drain_task(self) -> None:
+        try:
+            await self.drain_metadata()
+        except DMError as e:
+            if self.pf.mode != PM_FAIL:
+                self.metadata_operation_failed("dm_pool_commit_metadata", e)
 
     async def commit(self) -> None:
         """``commit``: flush the data device, then commit the metadata.
