@@ -353,9 +353,11 @@ class PoolMetadata:
             raise
 
     def abort(self) -> None:
-        """``dm_pool_abort_metadata``: forget everything since the last commit and reopen it."""
+        """``dm_pool_abort_metadata``: forget everything since the last commit and reopen it
+        (on a fresh block manager in 6.1: writable again unless opened read-only)."""
         self.tm.abort()
         self.bm.invalidate()
+        self.bm.read_only = self.read_only
         try:
             self.tm = TransactionManager(self.bm)
             self._open()

@@ -385,6 +385,24 @@ def test_abort_goes_back_to_the_last_commit(tmp_path):
         assert check_metadata(md) == []
 
 
+def test_read_only_metadata_refuses_changes_until_an_abort(tmp_path):
+    """A pool in a read-only mode makes its metadata refuse changes (-EPERM); the abort of a
+    failed operation reopens it writable, as 6.1's fresh block manager is, so needs_check
+    can still be set (the pool then goes read-only again)."""
+    path = make_meta(tmp_path)
+    format_metadata(path, 128, 100, durable=False)
+    with PoolMetadata(path, 128, durable=False) as md:
+        md.create_thin(0)
+        md.commit()
+        md.set_read_only(True)
+        with pytest.raises(DMError) as e:
+            md.insert_block(0, 1, md.alloc_data_block())
+        assert e.value.errno == errno.EPERM
+        md.abort()
+        md.set_needs_check()
+        assert md.needs_check and check_metadata(md) == []
+
+
 def test_status_counts(tmp_path):
     """Used/total as the pool's status reports them: the metadata reserve is not free."""
     path = make_meta(tmp_path, mib=8)
