@@ -389,7 +389,20 @@ class Mirror(Target):
         self._event()
 
     async def _io_all(self, bio: Bio) -> int:
-        """One dm-io request over every leg at once; returns the per-leg error bitmask."""
+        """One dm-io request over every leg at once; returns the per-leg error bitmask.
+
+        Shielded once sent, except reads: a bio is not taken back from the legs.  A
+        write cancelled between legs (its caller gone: a suspend's writeback at SIGTERM,
+        an NBD client) left one leg new and one old in a region that then went back to
+        clean, so nothing resynced it."""
+        if bio.op is Op.READ or (self._legs_inline and not bio.fua):
+            # (inline file legs without a sync never yield: nothing to shield, no scope)
+            return await self._io_all_legs(bio)
+        with trio.CancelScope(shield=True):
+            bits = await self._io_all_legs(bio)
+        return bits
+
+    async def _io_all_legs(self, bio: Bio) -> int:
         legs = self.legs
         errors = 0
         if bio.op is Op.WRITE:
@@ -683,7 +696,7 @@ class Mirror(Target):
         self._do_recovery()
         self._do_reads([r for r in reads if not r.cancelled])
         await self._do_writes([w for w in writes if not w.cancelled])
-        self._do_failures([f for f in failures if not f.cancelled])
+        self._do_failures(failures)
 
     def _do_reads(self, reads: list[_Req]) -> None:
         for req in reads:
@@ -735,8 +748,12 @@ class Mirror(Target):
     def _do_failures(self, failures: list[_Req]) -> None:
         for req in failures:
             if not self.log_failure:
+                # also for a request whose caller went meanwhile: its legs differ all the
+                # same, and the region must not go back to clean
                 self.in_sync = False
                 self._rh_mark_nosync(req)
+            if req.cancelled:
+                continue
             if self._valid_leg() is None or (self.keep_log and self.log_failure):
                 req.finish(DMError(errno.EIO))
             elif self.handle_errors and not self.keep_log:
