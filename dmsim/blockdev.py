@@ -32,7 +32,7 @@ from typing import Awaitable
 import trio
 
 from . import syncthread
-from .bio import SECTOR_SHIFT, SECTOR_SIZE, Bio, Op, to_bytes, to_sectors
+from .bio import REQ_SYNC, SECTOR_SHIFT, SECTOR_SIZE, Bio, Op, to_bytes, to_sectors
 from .errors import DMError
 
 #: copy_to uses copy_file_range only where the destination is aligned to the copy's
@@ -113,8 +113,9 @@ class BlockDevice:
         return self._flush_then_fua_write(sector, data)
 
     async def _flush_then_fua_write(self, sector: int, data) -> None:
+        # sync dm-io, as 6.1's area_io: below dm core an empty flush, then WRITE|FUA|SYNC
         await self.flush()
-        await self.write(sector, data, fua=True)
+        await self.submit(Bio(Op.WRITE, sector, to_sectors(len(data)), data, True, REQ_SYNC))
 
     #: whether :meth:`submit` and :meth:`write_preflush_fua` finish without a scheduling
     #: point (no other task runs meanwhile): a snapshot's copy-out then needs no shield

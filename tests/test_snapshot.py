@@ -1086,8 +1086,6 @@ async def test_request_flags_reach_the_devices_below_as_the_kernels(small, monke
         assert await s.read(64, 8) == fill(4, 4) + fill(5, 4)
 
 
-@pytest.mark.xfail(reason="needs REQ_SYNC on the FUA write of BlockDevice._flush_then_fua_write "
-                          "(dmsim/blockdev.py, core): the area write is sync dm-io on 6.1")
 async def test_exception_area_write_is_sync_fua(small, monkeypatch):
     """``persistent_commit_exception`` writes its area with REQ_PREFLUSH|REQ_FUA|REQ_SYNC:
     below dm core that is an empty flush and a WRITE|FUA|SYNC of the area."""
