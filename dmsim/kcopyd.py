@@ -275,45 +275,51 @@ COPY_THREAD = 2         # FileDevice.copy_to in a syncthread call
 
 
 class _Job:
-    """A submitted copy/zero (the kernel's master job); its sub-jobs share this state."""
+    """A submitted copy/zero (the kernel's master job); its sub-jobs share this state.
 
-    __slots__ = ("source", "dests", "flags", "notify", "context", "count_sectors", "chunk_sectors",
-                 "copy_mode", "inline", "progress_sectors", "read_err", "write_err", "issue_offset",
-                 "issue_lot", "write_offset", "seq_hole", "seq_lot")
+    The constructor sets what each job has of its own; the rest starts as the class
+    defaults below (a job's first assignment makes its own copy).
+    """
+
+    copy_mode = COPY_PAGES
+    #: pages an inline run takes (its largest sub-job's): 0 when the job can never run
+    #: inline (not COPY_INLINE, more than 8 sub-jobs, or nothing to copy)
+    inline_pages = 0
+    inline = False                              # running (or ran) in the submitter's call
+    progress_sectors = 0                        # claimed so far
+    read_err = 0
+    write_err = 0
+    # sub-jobs issue their first I/O in claim (ascending) order
+    issue_offset = 0
+    issue_lot: trio.lowlevel.ParkingLot | None = None
+    # WRITE_SEQ: next offset allowed to write, first offset whose read failed
+    write_offset = 0
+    seq_hole: int | None = None
+    seq_lot: trio.lowlevel.ParkingLot | None = None
 
     def __init__(self, kc: KcopydClient, source: RegionTuple | None, dests: tuple[RegionTuple, ...],
-                 flags: int, notify: Notify | None, context: Any, count_sectors: int):
+                 count_sectors: int, flags: int = 0, notify: Notify | None = None, context: Any = None):
         self.source = source
         self.dests = dests
+        self.count_sectors = count_sectors
         self.flags = flags
         self.notify = notify
         self.context = context
-        self.count_sectors = count_sectors
         # the sub-job size: the client's split rule (2.6 splits from count >= 128)
-        sub = kc.sub_job_sectors
-        if count_sectors > sub or (kc.legacy and count_sectors == sub):
-            self.chunk_sectors = kc.copy_chunk_sectors if source is not None else sub
+        if count_sectors > kc.unsplit_max_sectors:
+            self.chunk_sectors = chunk = kc.copy_chunk_sectors if source is not None else kc.sub_job_sectors
         else:
-            self.chunk_sectors = count_sectors
-        self.copy_mode = COPY_PAGES
+            self.chunk_sectors = chunk = count_sectors
         if source is not None and len(dests) == 1:
             can = getattr(source[0], "can_copy_to", None)
             if can is not None:
                 dest_dev = dests[0][0]
                 if can(dest_dev):
                     self.copy_mode = COPY_INLINE
+                    if count_sectors <= SPLIT_COUNT * chunk:
+                        self.inline_pages = -(-chunk // PAGE_SECTORS)     # pages_for
                 elif can(dest_dev, in_thread=True):
                     self.copy_mode = COPY_THREAD
-        self.inline = False                     # running in the submitter's call
-        self.progress_sectors = 0               # claimed so far
-        self.read_err = self.write_err = 0
-        # sub-jobs issue their first I/O in claim (ascending) order
-        self.issue_offset = 0
-        self.issue_lot: trio.lowlevel.ParkingLot | None = None
-        # WRITE_SEQ: next offset allowed to write, first offset whose read failed
-        self.write_offset = 0
-        self.seq_hole: int | None = None
-        self.seq_lot: trio.lowlevel.ParkingLot | None = None
 
     def claim(self) -> tuple[int, int] | None:
         """Next unclaimed sub-job ``(offset, sectors)``, or None: no work or stop on error."""
@@ -375,6 +381,8 @@ class KcopydClient:
             raise DMError(errno.EINVAL, "kcopyd: sub_job_sectors must be a positive integer")
         self.legacy = legacy
         self.sub_job_sectors = sub_job_sectors
+        # the split rule: larger jobs are split (2.6 splits from count >= 128)
+        self.unsplit_max_sectors = sub_job_sectors - 1 if legacy else sub_job_sectors
         if num_pages is None:
             reserve = pages_for(sub_job_sectors)
             if max_system_pages is None:
@@ -506,11 +514,11 @@ class KcopydClient:
         destination range is then undefined, and the caller submits the copy as a job,
         which redoes it and reports exact error bits.
         """
-        if self._state != "running" or count < 0 or src_sector < 0 or dest_sector < 0:
+        if self._nursery is None or (src_sector | dest_sector | count) < 0:     # (not running)
             return False
         # plain region tuples: two Regions would cost a quarter of this call (measured)
-        job = _Job(self, (src_dev, src_sector, count), ((dest_dev, dest_sector, count),), 0, None, None, count)
-        return self._dispatch(job, False)
+        return self._dispatch(_Job(self, (src_dev, src_sector, count), ((dest_dev, dest_sector, count),), count),
+                              False)
 
     def prepare_callback(self, notify: Notify, context: Any = None) -> _PreparedCallback:
         """Reserve a callback slot that counts as an outstanding job until it has run."""
@@ -559,7 +567,7 @@ class KcopydClient:
             raise DMError(errno.EINVAL, "kcopyd: region counts differ")
         if flags & FLAG_WRITE_SEQ:
             flags &= ~FLAG_IGNORE_ERROR
-        job = _Job(self, source, dests, flags, notify, context, count)
+        job = _Job(self, source, dests, count, flags, notify, context)
         if source is not None and pages_for(job.chunk_sectors) > self.pages.capacity:
             raise DMError(errno.EINVAL, "kcopyd: job needs %d pages, client owns %d"
                           % (pages_for(job.chunk_sectors), self.pages.capacity))
@@ -573,50 +581,48 @@ class KcopydClient:
         complete on return (inline, or zero-length).
 
         Inline when every sub-job is a plain call: in-kernel copies as plain calls, no
-        throttle limiting, at most 8 sub-jobs (bounds how long the Trio thread is held),
-        a sub-job's pages free and nobody queued for pages.  The inline mode runs the
-        job's sub-jobs one after another in this call, in claim order as the slots would
-        issue them, each taking its pages, copying (:meth:`_copy_now`) and giving them
-        back (nobody waits for pages: checked here, and nothing else runs meanwhile);
-        then the one completion.  A sub-job whose copy fails is unclaimed again, the
-        ones before it are done (and count as issued and written, for WRITE_SEQ), and
-        the rest of the job is queued.
+        throttle limiting, at most 8 sub-jobs (bounds how long the Trio thread is held;
+        the job's ``inline_pages`` says these two), a sub-job's pages free and nobody
+        queued for pages.  The inline mode takes the pages of its largest (first)
+        sub-job once, runs the job's sub-jobs one after another in this call, in claim
+        order as the slots would issue them, each copying (:meth:`_copy_now`), and gives
+        the pages back (nobody waits for pages: checked here, and nothing else runs
+        meanwhile; the peak is what sub-job by sub-job would have taken); then the one
+        completion.  A sub-job whose copy fails is unclaimed again, the ones before it
+        are done (and count as issued and written, for WRITE_SEQ), and the rest of the
+        job is queued.  A job counts as outstanding once something of it is left for
+        later: from here when it is queued, else from its completion if it has a
+        callback.
         """
-        self._outstanding += 1
-        count = job.count_sectors
-        if not count:
-            self._complete(job)         # no I/O at all: the callback is queued at once
-            return True
-        if job.copy_mode == COPY_INLINE:
-            throttle, pool, chunk = self.throttle, self.pages, job.chunk_sectors
-            if ((throttle is None or throttle.percent >= 100) and count <= SPLIT_COUNT * chunk
-                    and not pool._waiters and -(-chunk // PAGE_SECTORS) <= pool.capacity - pool.in_use):
+        pages = job.inline_pages
+        if pages:
+            throttle, pool = self.throttle, self.pages
+            used = pool.in_use + pages
+            if (throttle is None or throttle.percent >= 100) and not pool._waiters and used <= pool.capacity:
                 job.inline = True
+                pool.in_use = used                  # PagePool.try_take, known to succeed
+                if used > pool.peak_in_use:
+                    pool.peak_in_use = used
                 try:
-                    while job.progress_sectors < count:     # (no error can stop claiming here)
+                    while True:                     # (no error can stop claiming here)
                         offset, sectors = job.claim_next()
-                        pages = -(-sectors // PAGE_SECTORS)     # pages_for
-                        pool.in_use += pages                    # PagePool.try_take, known to succeed
-                        if pool.in_use > pool.peak_in_use:
-                            pool.peak_in_use = pool.in_use
-                        try:
-                            done = self._copy_now(job, offset, sectors)
-                        finally:
-                            pool.in_use -= pages                # PagePool.give, with no waiters
-                        if not done:
-                            job.progress_sectors = job.issue_offset = job.write_offset = offset
+                        done = self._copy_now(job, offset, sectors)
+                        if not done or job.progress_sectors == job.count_sectors:
                             break
-                    else:
-                        self._complete(job)
-                        return True
-                except BaseException:   # a bug: it fails this call, the client goes on
-                    self._outstanding -= 1
-                    raise
+                finally:                # (a bug raising here fails this call, the client goes on)
+                    pool.in_use -= pages            # PagePool.give, with nobody waiting
+                if done:
+                    self._complete(job)
+                    return True
+                job.progress_sectors = job.issue_offset = job.write_offset = offset
                 job.inline = False      # a copy failed: the rest of the job is queued
+        elif not job.count_sectors:
+            job.inline = True           # no I/O at all: complete at once
+            self._complete(job)
+            return True
         if may_queue:
+            self._outstanding += 1
             self._queue(job)
-        else:
-            self._outstanding -= 1      # nothing queued, no completion to come
         return False
 
     def _queue(self, job: _Job) -> None:
@@ -636,14 +642,19 @@ class KcopydClient:
 
     def _complete(self, job: _Job) -> None:
         """The one completion of every job, however it ran (its pages are back): its
-        callback is queued for the worker.  A job without one (copy_now, or copy_async
-        done inline, which read the result themselves) is over here.  ``job.notify`` is
-        read now, so copy_async may set it after dispatching a queued job."""
+        callback is queued for the worker, and the job is outstanding until it has
+        run.  A job without one (copy_now, or copy_async done inline, which read the
+        result themselves) is over here: a queued one stops counting as outstanding,
+        an inline one never counted.  ``job.notify`` is read now, so copy_async may set
+        it after dispatching a queued job."""
         if job.notify is None:
-            self._outstanding -= 1
-            if self._stopping and not self._outstanding:
-                self._kick()
+            if not job.inline:
+                self._outstanding -= 1
+                if self._stopping and not self._outstanding:
+                    self._kick()
         else:
+            if job.inline:
+                self._outstanding += 1
             self._queue_completion(job)
 
     def _kick(self) -> None:
@@ -753,8 +764,7 @@ class KcopydClient:
         """A sub-job as one in-kernel copy (:meth:`FileDevice.copy_to`), a plain call:
         both files do inline I/O.  A failure turns the job's copy mode off and returns
         False; the sub-job is then read and written, which reports exact error bits."""
-        assert job.source is not None
-        src_dev, src_sector, _ = job.source
+        src_dev, src_sector, _ = job.source     # type: ignore[misc]  # (a copy: a source)
         dest_dev, dest_sector, _ = job.dests[0]
         try:
             src_dev.copy_to(dest_dev, src_sector + offset, dest_sector + offset, sectors)
