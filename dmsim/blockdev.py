@@ -112,6 +112,13 @@ class BlockDevice:
         before the write ends: the caller keeps it unchanged until then."""
         return self._flush_then_fua_write(sector, data)
 
+    def write_plain(self, sector: int, data, fua: bool = False, flags: int = 0) -> Awaitable[None] | None:
+        """A write of ``data`` at ``sector`` as a plain call: done on return (None) where
+        the device's I/O is at once, else what is left to await (here: :meth:`submit`'s
+        coroutine).  A target's at-once mode writes through it: no request object, no
+        coroutine, for a write that can't wait anyway."""
+        return self.submit(Bio(Op.WRITE, sector, to_sectors(len(data)), data, fua, flags))
+
     async def _flush_then_fua_write(self, sector: int, data) -> None:
         # sync dm-io, as 6.1's area_io: below dm core an empty flush, then WRITE|FUA|SYNC
         await self.flush()
@@ -331,17 +338,28 @@ class FileDevice(BlockDevice):
         """Flush, write, sync in one thread hand-off when syncing (a hand-off costs
         150-450 us here, the syncs themselves 0.2-2 ms); a plain write, done on return,
         when the I/O is at once (no sync, inline)."""
+        if self.io_at_once:
+            return self.write_plain(sector, data)
         if sector < 0 or sector + (len(data) >> SECTOR_SHIFT) > self.size_sectors:
             raise DMError(errno.EIO, "access beyond end of device")
         if self.read_only:
             raise DMError(errno.EPERM, "write to read-only device")
-        if self.io_at_once:
-            try:
-                self._write(sector << SECTOR_SHIFT, data)
-            except OSError as e:
-                raise DMError(e.errno or errno.EIO) from None
-            return None
         return self._preflush_fua_in_thread(sector, data)
+
+    def write_plain(self, sector: int, data, fua: bool = False, flags: int = 0) -> Awaitable[None] | None:
+        """At once (no sync, inline I/O), the write itself, done on return: FUA and the
+        flags ask for nothing more of a file that is never synced; else :meth:`submit`."""
+        if not self.io_at_once:
+            return self.submit(Bio(Op.WRITE, sector, to_sectors(len(data)), data, fua, flags))
+        if sector < 0 or sector + (len(data) >> SECTOR_SHIFT) > self.size_sectors:
+            raise DMError(errno.EIO, "access beyond end of device")
+        if self.read_only:
+            raise DMError(errno.EPERM, "write to read-only device")
+        try:
+            self._write(sector << SECTOR_SHIFT, data)
+        except OSError as e:
+            raise DMError(e.errno or errno.EIO) from None
+        return None
 
     async def _preflush_fua_in_thread(self, sector: int, data) -> None:
         try:

@@ -126,13 +126,16 @@ class ExceptionStore:
         """Load the exceptions on the COW through ``add``: 0, or 1 for an invalid one."""
         raise NotImplementedError
 
-    def prepare_exceptions(self, count: int) -> list[tuple[int, int]]:
-        """Allocate up to ``count`` COW chunks: ``[(first new chunk, n)]`` runs."""
+    def prepare_run(self, count: int) -> tuple[int, int]:
+        """``prepare_exception`` for up to ``count`` consecutive COW chunks at once:
+        ``(first new chunk, n)``, ``n`` < ``count`` where the run must stop (a metadata
+        area, or the COW full: ``n`` 0 when not one chunk is left); callers wanting more
+        ask again."""
         raise NotImplementedError
 
-    def commit_exceptions(self, old: int, new: int, count: int, valid: bool,
-                          callback: Callback, context: Any) -> Awaitable[None] | None:
-        """Commit a run of exceptions; ``callback(context, valid)`` once it is durable.  A
+    def commit_exceptions(self, e: Any, valid: bool, callback: Callback, context: Any) -> Awaitable[None] | None:
+        """Commit a run of exceptions (``e``: its ``old_chunk``, ``new_chunk`` and ``count``,
+        the kernel's ``struct dm_exception``); ``callback(context, valid)`` once it is durable.  A
         plain call: None when the commit (callback included) is done on return, else
         what is left of it to await."""
         raise NotImplementedError
@@ -164,19 +167,18 @@ class TransientStore(ExceptionStore):
     async def read_metadata(self, add: AddException) -> int:
         return 0
 
-    def prepare_exceptions(self, count: int) -> list[tuple[int, int]]:
-        """Allocate up to ``count`` chunks at once: ``[(first new chunk, n)]``, fewer
-        chunks than asked when the COW fills up."""
-        room = (self.cow.size_sectors - self.next_free_sectors) >> self.chunk_shift
-        n = min(count, max(room, 0))
-        if not n:
-            return []
-        first = self.next_free_sectors >> self.chunk_shift
-        self.next_free_sectors += n * self.chunk_sectors
-        return [(first, n)]
+    def prepare_run(self, count: int) -> tuple[int, int]:
+        """Up to ``count`` chunks from the next free one (fewer when the COW fills up)."""
+        used = self.next_free_sectors
+        n = (self.cow.size_sectors - used) // self.chunk_sectors
+        if n > count:
+            n = count
+        elif n <= 0:
+            return 0, 0
+        self.next_free_sectors = used + n * self.chunk_sectors
+        return used // self.chunk_sectors, n
 
-    def commit_exceptions(self, old: int, new: int, count: int, valid: bool,
-                          callback: Callback, context: Any) -> Awaitable[None] | None:
+    def commit_exceptions(self, e: Any, valid: bool, callback: Callback, context: Any) -> Awaitable[None] | None:
         return callback(context, valid)
 
     async def drop_snapshot(self) -> None:
@@ -328,50 +330,51 @@ class PersistentStore(ExceptionStore):
         self._skip_metadata()
 
     # -- exceptions ---------------------------------------------------------------------------
-    def prepare_exceptions(self, count: int) -> list[tuple[int, int]]:
-        """``persistent_prepare_exception`` ``count`` times at once: ``[(first new chunk,
-        n)]``, one run per stretch between metadata areas; fewer chunks than asked when
-        the COW fills up."""
-        runs = []
+    def prepare_run(self, count: int) -> tuple[int, int]:
+        """``persistent_prepare_exception`` up to ``count`` times at once: ``(first new
+        chunk, n)``, stopping at the next metadata area or when the COW is full."""
+        first = self.next_free
         stride = self.exceptions_per_area + 1
-        limit = self.cow.size_sectors // self.chunk_sectors      # chunks that fit
-        while count:
-            room = min((NUM_SNAPSHOT_HDR_CHUNKS - self.next_free) % stride, limit - self.next_free)
-            n = min(count, room)
-            if n <= 0:
-                break
-            runs.append((self.next_free, n))
-            self.next_free += n
-            self.pending_count += n
-            count -= n
-            self._skip_metadata()
-        return runs
+        n = (NUM_SNAPSHOT_HDR_CHUNKS - first) % stride      # data chunks before the next area
+        if n > count:
+            n = count
+        room = self.cow.size_sectors // self.chunk_sectors - first   # chunks that still fit
+        if n > room:
+            if room <= 0:
+                return first, 0
+            n = room
+        nxt = first + n
+        if nxt % stride == NUM_SNAPSHOT_HDR_CHUNKS:         # (_skip_metadata)
+            nxt += 1
+        self.next_free = nxt
+        self.pending_count += n
+        return first, n
 
-    def commit_exceptions(self, old: int, new: int, count: int, valid: bool,
-                          callback: Callback, context: Any) -> Awaitable[None] | None:
-        """``persistent_commit_exception`` for ``count`` consecutive exceptions ``old+i ->
-        new+i``, as ``count`` calls of it would be (same area writes at the same points:
-        when no exception is pending any more, or the area is full), the entries packed
-        in bulk.  Callers commit in allocation order; ``callback`` runs, with the others
-        of its area write, once all ``count`` are durable.  A plain call up to the first
-        write or callback that must be awaited (:func:`_run_steps_rest`): with a COW whose I/O
-        is at once and callbacks that finish, the whole commit."""
+    def commit_exceptions(self, e: Any, valid: bool, callback: Callback, context: Any) -> Awaitable[None] | None:
+        """``persistent_commit_exception`` for ``e.count`` consecutive exceptions
+        ``e.old_chunk+i -> e.new_chunk+i``, as ``count`` calls of it would be (same area
+        writes at the same points: when no exception is pending any more, or the area
+        is full), the entries packed in bulk.  Callers commit in allocation order;
+        ``callback`` runs, with the others of its area write, once all are durable.  A
+        plain call up to the first write or callback that must be awaited
+        (:func:`_run_steps_rest`): with a COW whose I/O is at once and callbacks that
+        finish, the whole commit."""
         if not valid:
             self.valid = 0
-        steps = self._commit_steps(old, new, count, callback, context)
+        steps = self._commit_steps(e.old_chunk, e.new_chunk, e.count, callback, context)
         for awaitable in steps:         # (a plain call up to the first thing to await)
             return _run_steps_rest(steps, awaitable)
         return None
 
     def _commit_steps(self, old: int, new: int, count: int, callback: Callback, context: Any) -> Steps:
         per_area = self.exceptions_per_area
-        while count:
+        while True:
             committed = self.current_committed
             k = per_area - committed
             if count < k:
                 k = count
             if k == 1:
-                _pack_pair(self.area, 16 * committed, old, new)
+                _pack_pair(self.area, committed << 4, old, new)
             else:
                 pairs = array("Q", bytes(16 * k))
                 pairs[0::2] = array("Q", range(old, old + k))
@@ -379,28 +382,33 @@ class PersistentStore(ExceptionStore):
                 if sys.byteorder != "little":
                     pairs.byteswap()
                 self.area[16 * committed:16 * (committed + k)] = pairs.tobytes()
-            self.current_committed = committed = committed + k
+            committed += k
+            self.current_committed = committed
             self.pending_count -= k
-            old, new, count = old + k, new + k, count - k
+            count -= k
+            full = committed == per_area
             if not count:
                 self.callbacks.append((callback, context))
-            # write the area when nothing else is pending or it is full, then run the
-            # callbacks of everything it holds
-            full = committed == per_area
-            if self.pending_count and not full:
-                continue
+                # the area is written when nothing else is pending or it is full (not
+                # full: this call packed all it had), then the callbacks of all it holds
+                if self.pending_count and not full:
+                    return
             location = NUM_SNAPSHOT_HDR_CHUNKS + (per_area + 1) * self.current_area    # area_location
-            if full:
+            if full:        # the next area zeroed first (``zero_disk_area``): a plain call at once
                 try:
-                    yield self._chunk_write(location + per_area + 1, bytes(self.chunk_bytes))
+                    rest = self.cow.write_plain((location + per_area + 1) * self.chunk_sectors,
+                                                bytes(self.chunk_bytes), False, REQ_SYNC)
+                    if rest is not None:
+                        yield rest
                 except DMError:
                     self.valid = 0
             if self.valid:
                 cow = self.cow
+                area = self.area
                 try:
                     # (at once the write is over on return: the area itself, no copy)
-                    rest = cow.preflush_fua_write(location * self.chunk_sectors,
-                                                  self.area if cow.io_at_once else bytes(self.area))
+                    rest = cow.preflush_fua_write(location << self.chunk_shift,
+                                                  area if cow.io_at_once else bytes(area))
                     if rest is not None:
                         yield rest
                 except DMError:
@@ -415,6 +423,10 @@ class PersistentStore(ExceptionStore):
                 rest = cb(ctx, valid)
                 if rest is not None:
                     yield rest
+            if not count:
+                return
+            old += k
+            new += k
 
     async def drop_snapshot(self) -> None:
         self.valid = 0
