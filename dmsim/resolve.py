@@ -165,6 +165,8 @@ def _walk(path: str, mount: Mount | None) -> Resolved:
         except OSError:
             if ours is not None:
                 return ours                      # no kernel node of that name: ours
+            if nxt == "/dev/mapper" and len(todo) == 1 and todo[0] not in (".", ".."):
+                return Resolved("mapper", name=todo[0])   # no /dev/mapper on this machine at all
             raise DMError(errno.ENODEV) from None
         if stat.S_ISLNK(st.st_mode):
             links += 1

@@ -116,6 +116,23 @@ def test_dev_mapper_without_and_with_a_mount(tree):
     assert rs.resolve("/dev/dm-3", "/", None) == rs.Resolved("dm-minor", minor=3)
 
 
+def test_dev_mapper_on_a_machine_without_it(tree, monkeypatch):
+    """No /dev/mapper directory at all (no dm module loaded, a fresh VM): /dev/mapper/NAME
+    is still our device NAME with the daemon's mount, as without one."""
+    tmp, mnt, _ = tree
+    real = rs.os.lstat
+
+    def lstat(path, *a, **kw):
+        if os.fspath(path).startswith("/dev/mapper"):
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(rs.os, "lstat", lstat)
+    assert res("/dev/mapper/pool", "/", mnt) == rs.Resolved("mapper", name="pool")
+    assert rs.resolve("/dev/mapper/pool", "/", None) == rs.Resolved("mapper", name="pool")
+    assert err("/dev/mapper/pool/x", "/", mnt) == errno.ENODEV
+
+
 async def test_resolve_all_in_a_thread_and_inline(tree):
     tmp, mnt, _ = tree
     for in_thread in (True, False):
