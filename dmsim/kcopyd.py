@@ -277,8 +277,11 @@ COPY_THREAD = 2         # FileDevice.copy_to in a syncthread call
 class _Job:
     """A submitted copy/zero (the kernel's master job); its sub-jobs share this state.
 
-    The constructor sets what each job has of its own; the rest starts as the class
-    defaults below (a job's first assignment makes its own copy).
+    The constructor sets what every job has of its own and what the inline mode reads;
+    the rest starts as the class defaults below, and the queued mode sets its own state
+    when it starts (:meth:`KcopydClient._queue`).  (Python 3.11 reads an instance's
+    attribute fast, but one that falls back to the class default costs as much as ~9
+    bytecodes: measured.)
     """
 
     copy_mode = COPY_PAGES
@@ -286,7 +289,6 @@ class _Job:
     #: inline (not COPY_INLINE, more than 8 sub-jobs, or nothing to copy)
     inline_pages = 0
     inline = False                              # running (or ran) in the submitter's call
-    progress_sectors = 0                        # claimed so far
     read_err = 0
     write_err = 0
     # sub-jobs issue their first I/O in claim (ascending) order
@@ -302,6 +304,7 @@ class _Job:
         self.source = source
         self.dests = dests
         self.count_sectors = count_sectors
+        self.progress_sectors = 0               # claimed so far
         self.flags = flags
         self.notify = notify
         self.context = context
@@ -538,12 +541,14 @@ class KcopydClient:
 
     async def _dispatch_and_wait(self, job: _Job) -> tuple[int, int]:
         if self._dispatch(job):
+            # complete in the call: inline, where every copy succeeded (one that fails
+            # queues the job), or zero-length
             await trio.lowlevel.checkpoint_if_cancelled()
-        else:
-            # queued: no task of it has run yet, so its completion will see this notify
-            done = trio.Event()
-            job.notify = lambda _read_err, _write_err, _context: done.set()
-            await done.wait()
+            return 0, 0
+        # queued: no task of it has run yet, so its completion will see this notify
+        done = trio.Event()
+        job.notify = lambda _read_err, _write_err, _context: done.set()
+        await done.wait()
         return job.read_err, job.write_err
 
     def _check_open(self) -> None:
@@ -606,16 +611,16 @@ class KcopydClient:
                 try:
                     while True:                     # (no error can stop claiming here)
                         offset, sectors = job.claim_next()
-                        done = self._copy_now(job, offset, sectors)
-                        if not done or job.progress_sectors == job.count_sectors:
+                        if not self._copy_now(job, offset, sectors):
+                            job.progress_sectors = offset   # unclaimed: the rest is queued
+                            break
+                        if job.progress_sectors == job.count_sectors:
                             break
                 finally:                # (a bug raising here fails this call, the client goes on)
                     pool.in_use -= pages            # PagePool.give, with nobody waiting
-                if done:
+                if job.copy_mode:                   # (a failed copy turned it off)
                     self._complete(job)
                     return True
-                job.progress_sectors = job.issue_offset = job.write_offset = offset
-                job.inline = False      # a copy failed: the rest of the job is queued
         elif not job.count_sectors:
             job.inline = True           # no I/O at all: complete at once
             self._complete(job)
@@ -628,10 +633,20 @@ class KcopydClient:
     def _queue(self, job: _Job) -> None:
         """The queued mode: claim the first sub-jobs (one per slot, up to 8) and queue
         their page requests now, so FIFO order is dispatch order whatever order Trio
-        runs tasks in; then start the master task."""
+        runs tasks in; then start the master task.  The queued mode's state starts
+        here, on the job itself (fast to read, see :class:`_Job`): issuing and WRITE_SEQ
+        writing go on from the first sub-job not yet done (an inline run that failed
+        did the ones before it)."""
+        job.inline = False
+        job.read_err = job.write_err = 0
+        job.issue_offset = job.write_offset = job.progress_sectors
+        job.issue_lot = job.seq_lot = None
+        job.seq_hole = None
         if job.flags & FLAG_WRITE_SEQ:
             job.seq_lot = trio.lowlevel.ParkingLot()
             job.copy_mode = COPY_PAGES      # writes must be issued in order
+        else:
+            job.copy_mode = job.copy_mode   # (its own, if still the class default)
         first: list[tuple[int, int, _Grant | None]] = []
         while len(first) < SPLIT_COUNT and (chunk := job.claim()) is not None:
             grant = self.pages.request(pages_for(chunk[1])) if job.source is not None else None
