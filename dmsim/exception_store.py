@@ -334,19 +334,14 @@ class PersistentStore(ExceptionStore):
         """``persistent_prepare_exception`` up to ``count`` times at once: ``(first new
         chunk, n)``, stopping at the next metadata area or when the COW is full."""
         first = self.next_free
-        stride = self.exceptions_per_area + 1
-        n = (NUM_SNAPSHOT_HDR_CHUNKS - first) % stride      # data chunks before the next area
-        if n > count:
-            n = count
-        room = self.cow.size_sectors // self.chunk_sectors - first   # chunks that still fit
-        if n > room:
-            if room <= 0:
+        room = (NUM_SNAPSHOT_HDR_CHUNKS - first) % (self.exceptions_per_area + 1)   # data chunks before the next area
+        n = count if count < room else room
+        cs = self.chunk_sectors
+        if (first + n) * cs > self.cow.size_sectors:        # the COW fills up
+            n = self.cow.size_sectors // cs - first
+            if n <= 0:
                 return first, 0
-            n = room
-        nxt = first + n
-        if nxt % stride == NUM_SNAPSHOT_HDR_CHUNKS:         # (_skip_metadata)
-            nxt += 1
-        self.next_free = nxt
+        self.next_free = first + n + 1 if n == room else first + n      # (past a full area's chunk: _skip_metadata)
         self.pending_count += n
         return first, n
 
