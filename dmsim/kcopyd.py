@@ -35,11 +35,12 @@ wait forever for the hole to be written); legacy page-queue retry keeps FIFO ord
 One copy path, as the kernel's ``dm_kcopyd_copy`` -> ``dispatch_job`` ->
 ``run_pages_job``/``run_io_job`` -> ``complete_io``: every job (``copy``, ``zero``,
 ``copy_async``, ``copy_now``) is a :class:`_Job` built by one constructor, dispatched by
-:meth:`KcopydClient._dispatch`, its sub-jobs claimed by :meth:`_Job.claim` in ascending
-order, an in-kernel copy made by one sub-job step (:meth:`KcopydClient._copy_now`), and
-ended by one completion (:meth:`KcopydClient._complete`: the callback queued for the
-worker).  Two things about a job decide how it runs; they are properties of the job,
-not other code:
+:meth:`KcopydClient._dispatch`, its sub-jobs claimed by :meth:`_Job.claim` (its
+:meth:`_Job.claim_next` where no error can stop claiming) in ascending order, an
+in-kernel copy made by one sub-job step (:meth:`KcopydClient._copy_now`), and ended by
+one completion (:meth:`KcopydClient._complete`: the callback queued for the worker).
+Two things about a job decide how it runs; they are properties of the job, not other
+code:
 
 * ``copy_mode``: how a sub-job moves its data.  Image file to image file with one
   destination is one in-kernel copy (:meth:`FileDevice.copy_to`): as a plain call when
@@ -48,15 +49,17 @@ not other code:
   in-kernel copy that fails turns the mode off for the rest of the job, whose sub-jobs
   then read and write, so read_err and write_err are exact.
 * ``inline``: a job whose sub-jobs are all plain calls (in-kernel copies as plain
-  calls, no throttle limiting, pages free with nobody queued for them, at most 8
-  sub-jobs) runs them one after another in the submitter's call, taking and giving
-  back each sub-job's pages, and completes there (a callback still runs from the
-  worker; ``copy_async`` and ``copy_now`` just return).  Anything else is *queued*: a task
-  in the client's nursery with up to 8 slot tasks, each claiming sub-jobs in ascending
-  order, waiting for pages in FIFO order; the worker task runs the callbacks.  An
-  inline job whose copy fails is queued from that sub-job on (``copy_now``, which can
-  not wait, then reports False instead).  Page requests are queued synchronously at
-  dispatch/claim time, so FIFO start order does not depend on Trio's scheduling order.
+  calls, at most 8 sub-jobs: the job's ``inline_pages``; no throttle limiting, pages
+  free with nobody queued for them: the client's state at dispatch) runs them one after
+  another in the submitter's call, holding its largest sub-job's pages meanwhile, and
+  completes there (a callback still runs from the worker, and only that counts as
+  outstanding; ``copy_async`` and ``copy_now`` just return).  Anything else is
+  *queued*: a task in the client's nursery with up to 8 slot tasks, each claiming
+  sub-jobs in ascending order, waiting for pages in FIFO order; the worker task runs
+  the callbacks.  An inline job whose copy fails is queued from that sub-job on
+  (``copy_now``, which can not wait, then reports False instead).  Page requests are
+  queued synchronously at dispatch/claim time, so FIFO start order does not depend on
+  Trio's scheduling order.
 """
 from __future__ import annotations
 
@@ -587,8 +590,8 @@ class KcopydClient:
 
         Inline when every sub-job is a plain call: in-kernel copies as plain calls, no
         throttle limiting, at most 8 sub-jobs (bounds how long the Trio thread is held;
-        the job's ``inline_pages`` says these two), a sub-job's pages free and nobody
-        queued for pages.  The inline mode takes the pages of its largest (first)
+        the job's ``inline_pages`` says these two), its largest sub-job's pages free and
+        nobody queued for pages.  The inline mode takes the pages of its largest (first)
         sub-job once, runs the job's sub-jobs one after another in this call, in claim
         order as the slots would issue them, each copying (:meth:`_copy_now`), and gives
         the pages back (nobody waits for pages: checked here, and nothing else runs

@@ -793,6 +793,38 @@ async def test_file_copy_with_thread_io_runs_in_a_worker_thread(tmp_path, monkey
             dev.close()
 
 
+async def test_inline_job_counts_as_outstanding_only_until_its_callback(tmp_path):
+    """An inline job is outstanding from its completion until its callback has run (one
+    without a callback never is); destroy waits for that callback; an inline failure then
+    queued counts until its callback too."""
+    from dmsim.blockdev import FileDevice
+
+    src_path, dst_path = tmp_path / "s", tmp_path / "d"
+    payload = os.urandom(16 * 512)
+    src_path.write_bytes(payload)
+    dst_path.write_bytes(bytes(len(payload)))
+    src, dst = FileDevice(str(src_path)), FileDevice(str(dst_path))
+    cb = Recorder()
+    try:
+        async with open_kcopyd_client() as kc:
+            assert kc.copy_now(src, 0, dst, 0, 8) and kc.outstanding_jobs == 0
+            assert await kc.copy_async(Region(src, 0, 8), [Region(dst, 0, 8)]) == (0, 0)
+            assert kc.outstanding_jobs == 0 and kc.pages.in_use == 0
+            kc.copy(Region(src, 8, 8), [Region(dst, 8, 8)], 0, cb, None)
+            assert kc.outstanding_jobs == 1 and cb.calls == []    # copied, callback queued
+            await kc.flush()
+            assert kc.outstanding_jobs == 0 and cb.calls == [(0, 0)]
+            kc.zero([Region(dst, 0, 0)], 0, cb, None)             # zero-length: complete at once
+            assert kc.outstanding_jobs == 1
+            kc.copy(Region(src, 0, 16), [Region(dst, 0, 16)], 0, cb, None)
+            assert kc.outstanding_jobs == 2                      # destroy waits for both
+        assert cb.calls == [(0, 0)] * 3 and kc.outstanding_jobs == 0
+        assert dst_path.read_bytes() == payload
+    finally:
+        src.close()
+        dst.close()
+
+
 async def test_small_file_copy_runs_inline_and_gives_pages_back(tmp_path):
     """A small file-to-file job runs inline, in the caller's call (it is never queued,
     the pages it took are back at once; the callback form still calls back from the
