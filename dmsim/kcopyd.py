@@ -323,7 +323,7 @@ class _Job:
                 if can(dest_dev):
                     self.copy_mode = COPY_INLINE
                     if count_sectors <= SPLIT_COUNT * chunk:
-                        self.inline_pages = -(-chunk // PAGE_SECTORS)     # pages_for
+                        self.inline_pages = (chunk + PAGE_SECTORS - 1) // PAGE_SECTORS   # pages_for
                 elif can(dest_dev, in_thread=True):
                     self.copy_mode = COPY_THREAD
 
@@ -520,7 +520,7 @@ class KcopydClient:
         destination range is then undefined, and the caller submits the copy as a job,
         which redoes it and reports exact error bits.
         """
-        if self._nursery is None or (src_sector | dest_sector | count) < 0:     # (not running)
+        if self._nursery is None or count < 0 or src_sector < 0 or dest_sector < 0:  # (None: not running)
             return False
         # plain region tuples: two Regions would cost a quarter of this call (measured)
         return self._dispatch(_Job(self, (src_dev, src_sector, count), ((dest_dev, dest_sector, count),), count),
