@@ -284,8 +284,10 @@ class FileDevice(BlockDevice):
         aligned ones (see :data:`_SPLICE_MIN_BYTES`), a buffer where neither works."""
         if src_sector + sectors > self.size_sectors or dst_sector + sectors > dst.size_sectors:
             raise DMError(errno.EIO, "access beyond end of device")
-        off_in, off_out, left = to_bytes(src_sector), to_bytes(dst_sector), to_bytes(sectors)
-        misaligned = off_out % min(left, _ALIGNED_COPY_BYTES)
+        # (bytes by multiplication, and one modulo: 3.11 runs +, -, * and compares on
+        # ints specialised, not shifts, % or calls; a snapshot's every copy-out is here)
+        off_in, off_out, left = src_sector * SECTOR_SIZE, dst_sector * SECTOR_SIZE, sectors * SECTOR_SIZE
+        misaligned = off_out % (left if left < _ALIGNED_COPY_BYTES else _ALIGNED_COPY_BYTES)
         if misaligned or left >= _SPLICE_MIN_BYTES:
             if _splice_copy(self.fd, dst.fd, off_in, off_out, left):
                 return None

@@ -369,7 +369,7 @@ class PersistentStore(ExceptionStore):
             if count < k:
                 k = count
             if k == 1:
-                _pack_pair(self.area, committed << 4, old, new)
+                _pack_pair(self.area, committed * 16, old, new)
             else:
                 pairs = array("Q", bytes(16 * k))
                 pairs[0::2] = array("Q", range(old, old + k))
@@ -402,7 +402,7 @@ class PersistentStore(ExceptionStore):
                 area = self.area
                 try:
                     # (at once the write is over on return: the area itself, no copy)
-                    rest = cow.preflush_fua_write(location << self.chunk_shift,
+                    rest = cow.preflush_fua_write(location * self.chunk_sectors,
                                                   area if cow.io_at_once else bytes(area))
                     if rest is not None:
                         yield rest

@@ -281,7 +281,7 @@ def _origin_write(snapshots, start: int, end: int, waits: list) -> Awaitable[Non
         if start >= size:
             continue
         shift = snap.store.chunk_shift
-        first, last = start >> shift, (min(end, size) - 1) >> shift
+        first, last = start >> shift, ((end if end < size else size) - 1) >> shift
         if first == last:               # (the common case, without the lists)
             if snap.complete.has(first):
                 continue
@@ -1395,7 +1395,7 @@ class Origin(Target):
             # a write inside one chunk that every snapshot already has an exception for
             # (a rewrite) goes straight through, the rest through do_origin
             rest = None
-            if split and sector // split != (end - 1) // split:
+            if split and end > sector - sector % split + split:    # (crosses a boundary)
                 rest = do_origin(self.key, sector, end, True)
             elif len(snaps) == 1:           # one snapshot: two checks
                 s = snaps[0]
