@@ -251,6 +251,19 @@ def _chunks_of(pes: list) -> int:
     return pes[0].count if len(pes) == 1 else sum(pe.count for pe in pes)
 
 
+def _run_end(pes: list, i: int) -> tuple[int, int]:
+    """The run of ``pes`` (in allocation order) from ``pes[i]`` on that is consecutive
+    in both origin and COW chunks (one kcopyd job, one COW write): the index past it
+    and its chunks."""
+    pe = pes[i]
+    old, new, count = pe.old_chunk, pe.new_chunk, pe.count
+    j = i + 1
+    while j < len(pes) and pes[j].old_chunk == old + count and pes[j].new_chunk == new + count:
+        count += pes[j].count
+        j += 1
+    return j, count
+
+
 def _consecutive(chunks: list):
     """Split a sorted list of chunk numbers into ``(first, count)`` runs."""
     if chunks[-1] - chunks[0] == len(chunks) - 1:
@@ -564,36 +577,41 @@ class Snapshot(Target):
         origin read to wait for, commit and completion never reach a scheduling point
         (no other task runs meanwhile, nothing can cancel them half done), the copy
         neither when kcopyd runs the job inline, and nothing is shielded."""
-        n = pes[0].count if len(pes) == 1 else _chunks_of(pes)
-        self.in_progress += n
-        runs = self._copy_runs(pes)
-        if self.cow.io_at_once and not self._tracked and not self._tracked_spans:    # the at-once mode
-            i = self._copy_inline(runs, 0)
+        at_once = self.cow.io_at_once and not self._tracked and not self._tracked_spans    # the at-once mode
+        if len(pes) == 1:               # (one run: without the lists)
+            pe = pes[0]
+            n = pe.count
+            self.in_progress += n
+            cs = self.store.chunk_sectors
+            src = pe.old_chunk * cs
+            dst = pe.new_chunk * cs
+            sectors = n * cs
+            left = self.origin.size_sectors - src
+            if sectors > left:          # (the origin's last chunk may be short)
+                sectors = left
+            if at_once and self.kc.copy_now(self.origin, src, self.cow, dst, sectors):
+                return self._copies_done(pes, None, n)
+            runs = [(src, dst, sectors, 1)]
+            i = 0
+        else:
+            n = _chunks_of(pes)
+            self.in_progress += n
+            runs = self._copy_runs(pes)
+            i = self._copy_inline(runs, 0) if at_once else 0
             if i == len(runs):
                 return self._copies_done(pes, None, n)
-            return self._copy_out_jobs(pes, runs, i, True, n)
-        return self._copy_out_jobs(pes, runs, 0, False, n)
+        return self._copy_out_jobs(pes, runs, i, at_once, n)
 
     def _copy_runs(self, pes: list) -> list[tuple[int, int, int, int]]:
         """``pes`` (in allocation order) as runs consecutive in old and new chunks, one
         kcopyd job each: (origin sector, COW sector, sectors, exceptions in the run)."""
         cs = self.store.chunk_sectors
         end = self.origin.size_sectors
-        n_pes = len(pes)
-        if n_pes == 1:                  # (one run, without the loops)
-            pe = pes[0]
-            src = pe.old_chunk * cs
-            sectors = pe.count * cs
-            return [(src, pe.new_chunk * cs, sectors if sectors <= end - src else end - src, 1)]
         runs = []
         i = 0
-        while i < n_pes:
+        while i < len(pes):
             pe = pes[i]
-            count = pe.count
-            j = i + 1
-            while j < n_pes and pes[j].old_chunk == pe.old_chunk + count and pes[j].new_chunk == pe.new_chunk + count:
-                count += pes[j].count
-                j += 1
+            j, count = _run_end(pes, i)
             src = pe.old_chunk * cs
             sectors = count * cs
             runs.append((src, pe.new_chunk * cs, sectors if sectors <= end - src else end - src, j - i))
@@ -649,11 +667,10 @@ class Snapshot(Target):
         i = 0
         while i < n_pes:
             pe = pes[i]
-            count = pe.count
-            j = i + 1
-            while j < n_pes and pes[j].new_chunk == pe.new_chunk + count and pes[j].old_chunk == pe.old_chunk + count:
-                count += pes[j].count
-                j += 1
+            if n_pes == 1:
+                j, count = 1, pe.count
+            else:
+                j, count = _run_end(pes, i)
             offset = pe.old_chunk * cs - start
             whole = n_pes == 1 and not offset and bio.sectors == count * cs     # (the whole request)
             data = bio.data if whole else bio.data_of(offset, count * cs)
@@ -720,13 +737,14 @@ class Snapshot(Target):
         copied = self._copied
         seq = self._complete_seq
         commit, done = self.store.commit_exceptions, self._complete_cb
-        while seq in copied:
-            pe = copied.pop(seq)
+        pe = copied.pop(seq, None)
+        while pe is not None:
             self._complete_seq = seq + 1
             rest = commit(pe, not pe.copy_error, done, pe)
             if rest is not None:
                 return rest
             seq = self._complete_seq
+            pe = copied.pop(seq, None)
         return None
 
     async def _commit_waiting(self, rest: Awaitable[None], n: int) -> None:
