@@ -11,10 +11,10 @@ device's page cache is dropped at last close), so reads arrive as whole pages wi
 readahead, as the block layer would send them; its writes land in a :class:`BufferCache`
 that plays the block device's buffer cache of Linux 6.1: buffers of the largest power of
 two <= 4096 bytes dividing the device size, a partial write first reads its buffer, and
-dirty buffers are written back one bio per buffer, in order, at fsync, at last close, or past
-``DIRTY_LIMIT_BYTES``.  (The FUSE writeback cache would be the obvious tool, but it reads
-a whole page before any partial write, ignores the daemon's file size once enabled, and
-sends fsync's flush separately; measured against the kernel's recorded outputs it got
+dirty buffers are written back one bio per buffer, in order, at fsync (of any open, O_DIRECT
+ones too, as blkdev_fsync), at last close, or past ``DIRTY_LIMIT_BYTES``.  (The FUSE
+writeback cache would be the obvious tool, but it reads a whole page before any partial
+write, ignores the daemon's file size once enabled, and sends fsync's flush separately; measured against the kernel's recorded outputs it got
 dust's odd-sized device and delay's held writes wrong.)  Each
 FUSE open is an open of the device (its ``Open count``), so removing an open device
 fails with EBUSY.  A suspended device simply holds the request until resume.
@@ -178,24 +178,58 @@ def buffer_bytes(size_bytes: int, logical_block_bytes: int = SECTOR_SIZE) -> int
     return bsize
 
 
+class WritebackErrors:
+    """A device's ``mapping->wb_err`` (errseq): a write error met during writeback is
+    reported by the next fsync of every open, O_DIRECT ones included, once each.  Kept as
+    long as the device, not only while it has buffered opens: the error of the last
+    close's writeback is told to the next opener that nobody told before it (the kernel's
+    bdev inode keeps it; recorded on 6.1, see ``test_fuse.py``)."""
+
+    def __init__(self) -> None:
+        self.error: int | None = None     # the last writeback error (errseq's value) ...
+        self.seq = 0                      # ... and how many there were
+        self.seen = True                  # whether an fsync has reported the last one
+        self.since: dict[int, int] = {}   # fh -> seq its last fsync reported (f_wb_err)
+
+    def record(self, err: int) -> None:
+        """A writeback failed (``mapping_set_error``)."""
+        self.error = err
+        self.seq += 1
+        self.seen = False
+
+    def open_fh(self, fh: int) -> None:
+        """``errseq_sample`` at open: errors from here on, and one nobody was told of yet."""
+        self.since[fh] = self.seq if self.seen else self.seq - 1
+
+    def close_fh(self, fh: int) -> None:
+        self.since.pop(fh, None)
+
+    def check(self, fh: int) -> int | None:
+        """``file_check_and_advance_wb_err``: the error of a writeback that failed since
+        this open's last fsync (or its open), once per open; every open is told."""
+        since = self.since.get(fh, 0)
+        if since == self.seq:
+            return None
+        self.since[fh] = self.seq
+        self.seen = True
+        return self.error
+
+
 class BufferCache:
     """One device's buffered-I/O state while it has buffered opens (the bdev page cache).
 
     The buffer size is fixed at the first buffered open, as the kernel fixes it then.
     ``dirty`` and ``clean`` map buffer index -> bytearray; a write error met during
-    writeback is reported by the next fsync of every open (errseq: ``since`` per fh)."""
+    writeback goes to the device's :class:`WritebackErrors` (``errors``)."""
 
-    def __init__(self, md: MappedDevice):
+    def __init__(self, md: MappedDevice, errors: WritebackErrors | None = None):
         self.md = md
+        self.errors = errors if errors is not None else WritebackErrors()
         self.writing: Bio | None = None   # the writeback bio in flight (not a foreign write)
         self.opens = 0
         self.block_bytes = buffer_bytes(to_bytes(md.size_sectors), md.logical_block_size)
         self.dirty: dict[int, bytearray] = {}
         self.clean: dict[int, bytearray] = {}
-        self.error: int | None = None     # the last writeback error (errseq's value) ...
-        self.err_seq = 0                  # ... and how many there were
-        self.err_seen = True              # whether an fsync has reported the last one
-        self.since: dict[int, int] = {}   # fh -> err_seq its last fsync reported (f_wb_err)
         self.lock = trio.Lock()           # one buffered write or writeback at a time
         self.syncing = 0                  # fsyncs in progress (suspend's lock_fs waits)
         self.synced = trio.Event()
@@ -297,7 +331,7 @@ class BufferCache:
                                              memoryview(buf)[:to_bytes(sectors)], False, flags)
                     await self.md.submit(bio)
             except Exception as e:   # end_buffer_async_write: the error goes to errseq
-                self.record_error(_fuse_error(e).errno)
+                self.errors.record(_fuse_error(e).errno)
                 continue
             except BaseException:
                 # cancelled (a suspend whose caller went: SIGTERM, a client's hangup): the
@@ -311,26 +345,6 @@ class BufferCache:
             self.clean[index] = buf
         if len(self.clean) * bs > CLEAN_LIMIT_BYTES:
             self.clean.clear()
-
-    def record_error(self, err: int) -> None:
-        """A writeback failed (``mapping_set_error``): every open's next fsync reports it."""
-        self.error = err
-        self.err_seq += 1
-        self.err_seen = False
-
-    def open_fh(self, fh: int) -> None:
-        """``errseq_sample`` at open: errors from here on, and one nobody was told of yet."""
-        self.since[fh] = self.err_seq if self.err_seen else self.err_seq - 1
-
-    def check_error(self, fh: int) -> int | None:
-        """``file_check_and_advance_wb_err``: the error of a writeback that failed since
-        this open's last fsync (or its open), once per open; every open is told."""
-        since = self.since.get(fh, 0)
-        if since == self.err_seq:
-            return None
-        self.since[fh] = self.err_seq
-        self.err_seen = True
-        return self.error
 
     async def wait_synced(self) -> None:
         while self.syncing:
@@ -364,6 +378,7 @@ class DeviceFS(pyfuse3.Operations):
         self.keep_cache = keep_cache
         self.caches: dict[MappedDevice, BufferCache] = {}
         self._buffered: dict[int, BufferCache] = {}     # fh -> its device's cache
+        self._wb_errors: dict[MappedDevice, WritebackErrors] = {}   # as long as the device
         self.inflight = 0                                  # read/write/fsync requests
         manager.lock_fs_hooks.append(self.lock_fs)
         self.uid = os.getuid() if uid is None else uid
@@ -439,6 +454,7 @@ class DeviceFS(pyfuse3.Operations):
             if md is not None and md.removed and md not in self._open.values():
                 del self._md_of[inode]
                 del self._ino_of[md]
+                self._wb_errors.pop(md, None)
 
     async def getattr(self, inode, ctx=None):
         return self._attr(inode)
@@ -509,6 +525,10 @@ class DeviceFS(pyfuse3.Operations):
         fh = self._next_fh
         self._next_fh += 1
         self._open[fh] = md
+        errors = self._wb_errors.get(md)
+        if errors is None:
+            errors = self._wb_errors[md] = WritebackErrors()
+        errors.open_fh(fh)
         direct = self.direct_io if self.direct_io is not None else bool(flags & os.O_DIRECT)
         if flags & os.O_DIRECT:
             self._direct_fhs.add(fh)
@@ -523,9 +543,8 @@ class DeviceFS(pyfuse3.Operations):
         if self.direct_io is None and not direct:
             cache = self.caches.get(md)
             if cache is None:
-                cache = self.caches[md] = BufferCache(md)
+                cache = self.caches[md] = BufferCache(md, errors)
             cache.opens += 1
-            cache.open_fh(fh)
             self._buffered[fh] = cache
         return pyfuse3.FileInfo(fh=fh, direct_io=direct, keep_cache=self.keep_cache)
 
@@ -601,6 +620,9 @@ class DeviceFS(pyfuse3.Operations):
 
     async def release(self, fh):
         md = self._open.pop(fh, None)
+        errors = self._wb_errors.get(md) if md is not None else None
+        if errors is not None:
+            errors.close_fh(fh)
         self._direct_fhs.discard(fh)
         self._dsync_direct.discard(fh)
         cache = self._buffered.pop(fh, None)
@@ -609,7 +631,6 @@ class DeviceFS(pyfuse3.Operations):
             self._page_cache_closed(md)
         if cache is not None:
             cache.opens -= 1
-            cache.since.pop(fh, None)
             if not cache.opens:   # last close: sync_blockdev, then kill_bdev
                 if self.caches.get(cache.md) is cache:
                     del self.caches[cache.md]
@@ -638,17 +659,23 @@ class DeviceFS(pyfuse3.Operations):
         md = self._open.get(fh)
         if md is None:
             raise FUSEError(errno.EBADF)
+        # blkdev_fsync: write back the device's buffers and wait, whichever open dirtied
+        # them (an O_DIRECT open's fsync too), report a writeback error since this open's
+        # last fsync, then flush
         cache = self._buffered.get(fh)
+        if cache is None:
+            cache = self.caches.get(md)
         if cache is not None:
             cache.syncing += 1
             if cache.syncing == 1:
                 cache.synced = trio.Event()
         try:
-            if cache is not None:   # blkdev_fsync: write back and wait, then flush
+            if cache is not None:
                 await cache.writeback()
-                err = cache.check_error(fh)
-                if err is not None:
-                    raise FUSEError(err)
+            errors = self._wb_errors.get(md)
+            err = errors.check(fh) if errors is not None else None
+            if err is not None:
+                raise FUSEError(err)
             await md.flush()
         finally:
             if cache is not None:
