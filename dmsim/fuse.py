@@ -11,13 +11,14 @@ device's page cache is dropped at last close), so reads arrive as whole pages wi
 readahead, as the block layer would send them; its writes land in a :class:`BufferCache`
 that plays the block device's buffer cache of Linux 6.1: buffers of the largest power of
 two <= 4096 bytes dividing the device size, a partial write first reads its buffer, and
-dirty buffers are written back one bio per buffer, in order, at fsync (of any open, O_DIRECT
-ones too, as blkdev_fsync), at last close, or past ``DIRTY_LIMIT_BYTES``.  (The FUSE
-writeback cache would be the obvious tool, but it reads a whole page before any partial
-write, ignores the daemon's file size once enabled, and sends fsync's flush separately; measured against the kernel's recorded outputs it got
-dust's odd-sized device and delay's held writes wrong.)  Each
-FUSE open is an open of the device (its ``Open count``), so removing an open device
-fails with EBUSY.  A suspended device simply holds the request until resume.
+dirty buffers are written back one bio per buffer, in order, at fsync (of any open,
+O_DIRECT ones too, as blkdev_fsync), at last close, or past ``DIRTY_LIMIT_BYTES``.  (The
+FUSE writeback cache would be the obvious tool, but it reads a whole page before any
+partial write, ignores the daemon's file size once enabled, and sends fsync's flush
+separately; measured against the kernel's recorded outputs it got dust's odd-sized device
+and delay's held writes wrong.)  Each FUSE open is an open of the device (its ``Open
+count``), so removing an open device fails with EBUSY.  A suspended device simply holds
+the request until resume.
 
 Entry and attribute timeouts are zero: names and sizes change under dmsetup's control
 (create, remove, rename, a resume with a new table) and the kernel must ask again.
