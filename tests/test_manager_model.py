@@ -316,7 +316,8 @@ class ManagerModel(RuleBasedStateMachine):
         name = self.pick(data)
         async def do():
             self.m.rename(name, new)
-        err = errno.ENXIO if name not in self.devs else errno.EBUSY if new in self.devs else None
+        # dm_hash_rename's order: a taken new name (EBUSY) before a missing device (ENXIO)
+        err = errno.EBUSY if new in self.devs else errno.ENXIO if name not in self.devs else None
         self.expect(err, do)
         if err is None:
             self.devs[new] = self.devs.pop(name)
