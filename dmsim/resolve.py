@@ -107,6 +107,8 @@ def resolve(name: str, cwd: str, mount: Mount | None, images: Mapping[int, str] 
     this client cannot use."""
     from .nbd_client import looks_like_uri
 
+    if "\0" in name:           # no path holds one (the kernel's string ends there): no device
+        raise DMError(errno.ENODEV)
     if looks_like_uri(name):
         return _nbd(name, cwd, mount)
     if ":" in name and "/" not in name:

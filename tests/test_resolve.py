@@ -97,6 +97,9 @@ def test_other_paths(tree):
     assert err("loop1", tmp, mnt) == errno.ENODEV                   # ELOOP
     assert res("253:7", tmp, mnt) == rs.Resolved("dm-minor", minor=7)
     assert err("x:1", tmp, mnt) == errno.ENODEV
+    # a NUL byte (the API takes any str): no such device, not a ValueError from lstat
+    assert err("a.img\0x", tmp, mnt) == errno.ENODEV
+    assert err("\0", tmp, mnt) == errno.ENODEV
 
 
 def test_the_mount_reached_by_its_identity(tree):
