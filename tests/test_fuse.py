@@ -54,6 +54,13 @@ def run(fn, *args):
     return trio.to_thread.run_sync(fn, *args)
 
 
+async def make_error(m, name, sectors=8):
+    """An ``error`` device: every bio fails (EIO), buffered writes fail at writeback."""
+    m.create(name)
+    await m.load(name, [TableLine(0, sectors, "error")])
+    await m.resume(name)
+
+
 async def make_linear(m, name, img, sectors, offset=0):
     m.create(name)
     await m.load(name, [TableLine(0, sectors, "linear", "%s %d" % (img, offset))])
@@ -155,9 +162,7 @@ async def test_suspend_holds_io_until_resume(mounted):
 
 async def test_errors_map_to_errno(mounted):
     m, mnt, img = mounted
-    m.create("err")
-    await m.load("err", [TableLine(0, 8, "error")])
-    await m.resume("err")
+    await make_error(m, "err")
     m.create("ro")
     await m.load("ro", [TableLine(0, 8, "zero")], read_only=True)
     await m.resume("ro")
@@ -275,9 +280,7 @@ async def test_buffered_reads_come_as_pages(mounted):
 async def test_writeback_error_reported_by_fsync(mounted):
     """A whole-buffer write lands in the buffer cache; the failing writeback is fsync's EIO."""
     m, mnt, img = mounted
-    m.create("err")
-    await m.load("err", [TableLine(0, 8, "error")])
-    await m.resume("err")
+    await make_error(m, "err")
 
     def io():
         fd = os.open(mnt + "/err", os.O_RDWR)
@@ -294,33 +297,6 @@ async def test_writeback_error_reported_by_fsync(mounted):
     assert await run(io) == (4096, errno.EIO)
 
 
-async def test_writeback_error_reaches_every_open_once(mounted):
-    """errseq: a failed writeback is every open's next fsync's EIO, not only the first
-    fsync's (another open of the file would be told 0 for data that is gone), and once."""
-    m, mnt, img = mounted
-    m.create("err")
-    await m.load("err", [TableLine(0, 8, "error")])
-    await m.resume("err")
-
-    def io():
-        fds = [os.open(mnt + "/err", os.O_RDWR) for _ in range(2)]
-        out = []
-        try:
-            os.pwrite(fds[0], b"x" * 4096, 0)
-            for fd in (fds[0], fds[1], fds[0], fds[1]):
-                try:
-                    os.fsync(fd)
-                    out.append(0)
-                except OSError as e:
-                    out.append(e.errno)
-            return out
-        finally:
-            for fd in fds:
-                os.close(fd)
-
-    assert await run(io) == [errno.EIO, errno.EIO, 0, 0]
-
-
 def _fsyncs(*fds):
     """fsync each of ``fds`` in turn: 0 or the errno of each."""
     out = []
@@ -331,6 +307,24 @@ def _fsyncs(*fds):
         except OSError as e:
             out.append(e.errno)
     return out
+
+
+async def test_writeback_error_reaches_every_open_once(mounted):
+    """errseq: a failed writeback is every open's next fsync's EIO, not only the first
+    fsync's (another open of the file would be told 0 for data that is gone), and once."""
+    m, mnt, img = mounted
+    await make_error(m, "err")
+
+    def io():
+        fds = [os.open(mnt + "/err", os.O_RDWR) for _ in range(2)]
+        try:
+            os.pwrite(fds[0], b"x" * 4096, 0)
+            return _fsyncs(fds[0], fds[1], fds[0], fds[1])
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    assert await run(io) == [errno.EIO, errno.EIO, 0, 0]
 
 
 async def test_direct_fsync_writes_back_other_opens_buffers(mounted):
@@ -359,9 +353,7 @@ async def test_writeback_error_reaches_direct_opens_fsync(mounted):
     """errseq covers every open of the device: the O_DIRECT open's fsync reports the
     failed writeback of another open's buffer, and each open is told once (case B)."""
     m, mnt, img = mounted
-    m.create("err")
-    await m.load("err", [TableLine(0, 8, "error")])
-    await m.resume("err")
+    await make_error(m, "err")
 
     def io():
         buffered = os.open(mnt + "/err", os.O_RDWR)
@@ -382,9 +374,7 @@ async def test_writeback_error_of_the_last_close_is_told_to_the_next_opener(moun
     fails, and the next open's first fsync reports it (buffered or O_DIRECT: cases C, D);
     once an fsync has reported an error, a later open is not told it (case E)."""
     m, mnt, img = mounted
-    m.create("err")
-    await m.load("err", [TableLine(0, 8, "error")])
-    await m.resume("err")
+    await make_error(m, "err")
 
     def io():
         fd = os.open(mnt + "/err", os.O_RDWR)
